@@ -1,0 +1,57 @@
+"""``difflab <command>``: a thin command line over the library.
+
+Each command lives next to the code it drives and registers itself through ``register(subparsers)``;
+this file only wires them together and turns ``DifflabError`` into a one-line message.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from difflab import __version__
+from difflab.errors import DifflabError
+
+# Modules that define a ``register(subparsers)`` function, in the order ``--help`` lists them.
+COMMAND_MODULES = [
+    "difflab.demo",
+    "difflab.world.cli",
+    "difflab.diffusion.cli",
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="difflab",
+        description=(
+            "difflab: diffusion, CLIP and vision-language models from scratch, trained and measured "
+            "on a procedural toy world. Run 'difflab COMMAND --help' for each command."
+        ),
+    )
+    parser.add_argument("--version", action="version", version=f"difflab {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks for input errors")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).register(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not hasattr(args, "func"):
+        # A command group ('difflab world') or no command at all: show what can be run.
+        parser.parse_args([*(argv if argv is not None else sys.argv[1:]), "--help"])
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except DifflabError as err:
+        if args.debug:
+            raise
+        print(f"difflab: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
