@@ -218,7 +218,13 @@ def placeable(cfg: WorldConfig, size: str, row: int, col: int) -> bool:
 
 
 def sample_object_in_cell(
-    rng: np.random.Generator, cfg: WorldConfig, shape: str, color: str, size: str, row: int, col: int,
+    rng: np.random.Generator,
+    cfg: WorldConfig,
+    shape: str,
+    color: str,
+    size: str,
+    row: int,
+    col: int,
     depth: float = 0.5,
 ) -> Obj:
     """An object with a continuous centre drawn uniformly from the allowed part of cell (row, col)."""
@@ -264,7 +270,9 @@ def sample_scene(rng: np.random.Generator, cfg: WorldConfig) -> Scene:
         if len(objects) == n:
             break
     else:  # pragma: no cover - only reachable with configurations far outside the presets
-        raise DifflabError(f"could not place {n} objects without overlap at {cfg.resolution}x{cfg.resolution}")
+        raise DifflabError(
+            f"could not place {n} objects without overlap at {cfg.resolution}x{cfg.resolution}"
+        )
     # Distinct depths in (0.2, 0.9), farthest first, so list order is also painter's order.
     depths = np.sort(rng.uniform(0.2, 0.9, size=n))[::-1]
     objects = [dataclasses.replace(o, depth=float(d)) for o, d in zip(objects, depths, strict=True)]

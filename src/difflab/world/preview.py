@@ -1,0 +1,46 @@
+"""A picture of the toy world: a grid of rendered scenes, each with its caption underneath."""
+
+from __future__ import annotations
+
+import math
+import textwrap
+from pathlib import Path
+
+import numpy as np
+
+from difflab.world.render import render
+from difflab.world.scene import WorldConfig, scene_at
+
+
+def save_preview(cfg: WorldConfig, n: int, seed: int, out: str | Path, field: str = "image") -> Path:
+    """Render scenes ``0..n-1`` of ``seed`` and save a captioned grid (PNG, or any format matplotlib
+    writes) to ``out``. ``field`` picks image, depth, edges or mask."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from difflab.world.language import describe
+
+    cols = math.ceil(math.sqrt(n))
+    rows = math.ceil(n / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(2.2 * cols, 2.75 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for i in range(n):
+        scene = scene_at(cfg, seed, i)
+        data = getattr(render(scene, cfg), field)
+        ax = axes.flat[i]
+        if field == "image":
+            ax.imshow(data, interpolation="nearest")
+        else:
+            vmax = max(len(scene.objects), 1) if field == "mask" else 1.0
+            ax.imshow(
+                np.asarray(data, dtype=float), cmap="viridis", vmin=0, vmax=vmax, interpolation="nearest"
+            )
+        ax.set_title("\n".join(textwrap.wrap(describe(scene), 28)), fontsize=7, y=-0.02, va="top")
+    fig.tight_layout(h_pad=2.5)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out

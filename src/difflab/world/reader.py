@@ -1,0 +1,176 @@
+"""The reader: pixels -> scene. The judge of every generative model in difflab.
+
+Given an RGB image in [0, 1], the reader recovers the shape, colour, size and position of every object
+from the pixels alone (no access to the scene that made them):
+
+1. **Background** - the median colour of the border pixels (robust to gradients, textures, noise and
+   objects touching the border).
+2. **Objects** - pixels far from the background colour, grouped into 4-connected components with
+   hysteresis (a component must contain at least one clearly-foreground pixel, so isolated noise
+   pixels never become objects).
+3. **Colour** - the mean of a component's core pixels, snapped to the nearest palette entry.
+4. **Soft mask** - each pixel's coverage by that colour, ``<img - bg, C - bg> / |C - bg|^2`` clipped to
+   [0, 1]: this undoes anti-aliasing and is independent of the colour's brightness.
+5. **Shape and size** - template matching: every (shape, size) template is rendered with the world's
+   own geometry (:func:`difflab.world.render.shape_coverage`) at the soft mask's centroid, and the one
+   with the smallest squared error wins. All shapes have their centroid at their centre, so the
+   centroid is the position.
+
+Its accuracy is measured, not assumed: ``difflab world check`` reports exact-scene and per-attribute
+accuracy on clean and noisy renders.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+import numpy as np
+
+from difflab.errors import DifflabError
+from difflab.world.render import shape_coverage
+from difflab.world.scene import COLORS, PALETTE, SHAPES, SIZES, Obj, Scene, WorldConfig
+
+_PALETTE_RGB = np.array([PALETTE[c] for c in COLORS])  # (K, 3)
+
+# Hysteresis thresholds on the distance of a pixel's colour from the background, as fractions of the
+# distance of the nearest palette colour from it (the faintest possible object): a pixel is
+# foreground above WEAK; a component is an object only if some pixel is above STRONG.
+_WEAK, _STRONG = 0.28, 0.6
+
+
+def _components(fg: np.ndarray) -> list[np.ndarray]:
+    """4-connected components of a boolean (H, W) array, each as an (n, 2) array of (row, col)."""
+    h, w = fg.shape
+    seen = np.zeros_like(fg, dtype=bool)
+    comps = []
+    for r0, c0 in zip(*np.nonzero(fg), strict=True):
+        if seen[r0, c0]:
+            continue
+        seen[r0, c0] = True
+        queue, pixels = deque([(r0, c0)]), []
+        while queue:
+            r, c = queue.popleft()
+            pixels.append((r, c))
+            for rr, cc in ((r - 1, c), (r + 1, c), (r, c - 1), (r, c + 1)):
+                if 0 <= rr < h and 0 <= cc < w and fg[rr, cc] and not seen[rr, cc]:
+                    seen[rr, cc] = True
+                    queue.append((rr, cc))
+        comps.append(np.array(pixels))
+    return comps
+
+
+def estimate_background(image: np.ndarray) -> np.ndarray:
+    """Median colour of the one-pixel border of an (H, W, 3) image."""
+    border = np.concatenate([image[0], image[-1], image[1:-1, 0], image[1:-1, -1]])
+    return np.median(border, axis=0)
+
+
+def _as_image(image) -> np.ndarray:
+    """Accept (H, W, 3) float in [0, 1], uint8, or a torch tensor (3, H, W) in [-1, 1]."""
+    if hasattr(image, "detach"):  # a torch tensor in the diffusion convention
+        image = ((image.detach().cpu().float().clamp(-1, 1) + 1) / 2).permute(1, 2, 0).numpy()
+    image = np.asarray(image)
+    if image.dtype == np.uint8:
+        image = image.astype(np.float32) / 255.0
+    if image.ndim != 3 or image.shape[-1] != 3:
+        raise DifflabError(f"reader expects an (H, W, 3) RGB image; got an array of shape {image.shape}")
+    return image.astype(np.float64)
+
+
+def read(image, cfg: WorldConfig) -> Scene:
+    """Read the scene in ``image`` ((H, W, 3) in [0, 1] or uint8, or a (3, H, W) tensor in [-1, 1]).
+
+    ``cfg`` gives the world's object radii in fractions of the image side; shapes and colours are read
+    over the whole vocabulary (not only ``cfg``'s), so a model that draws an unrequested colour is caught.
+    Depth cannot be seen in a flat render; every read object gets depth 0.5.
+    """
+    img = _as_image(image)
+    h, w, _ = img.shape
+    bg = estimate_background(img)
+    faintest = np.linalg.norm(_PALETTE_RGB - bg, axis=1).min()
+    dist = np.linalg.norm(img - bg, axis=-1)  # (H, W)
+    fg = dist > _WEAK * faintest
+    objects = []
+    min_pixels = 0.25 * (3 * np.sqrt(3) / 4) * (min(cfg.radius.values()) * h) ** 2
+    for pix in _components(fg):
+        rows, cols = pix[:, 0], pix[:, 1]
+        d = dist[rows, cols]
+        strong = d >= _STRONG * faintest
+        if not strong.any():
+            continue  # noise, or a faint smudge: no object is that faint anywhere
+        # Two touching objects of different colours form one component: split it by colour when more
+        # than one palette colour owns a sizeable share of the clearly-foreground pixels.
+        labels = _majority_3x3(_colour_labels(img[rows, cols], bg), pix, (h, w))
+        present = [k for k in np.unique(labels[strong]) if (labels[strong] == k).sum() >= min_pixels]
+        if len(present) <= 1:
+            core = d >= 0.8 * d.max()
+            mean_rgb = img[rows[core], cols[core]].mean(axis=0)
+            parts = [(int(np.argmin(np.linalg.norm(_PALETTE_RGB - mean_rgb, axis=1))), pix)]
+        else:
+            labels = _majority_3x3(_colour_labels(img[rows, cols], bg, candidates=present), pix, (h, w))
+            parts = [(k, pix[labels == k]) for k in present]
+        for k, part in parts:
+            obj = _fit_object(img, bg, part, COLORS[k], cfg, (h, w))
+            if obj is not None:
+                objects.append(obj)
+    objects.sort(key=lambda o: (o.cell, o.x, o.y))
+    return Scene(tuple(objects))
+
+
+def _colour_labels(rgb: np.ndarray, bg: np.ndarray, candidates=None) -> np.ndarray:
+    """For (n, 3) pixel colours, the palette index whose segment background -> colour passes closest:
+    an anti-aliased pixel is a mix ``bg + c (C - bg)`` and lies on its colour's segment at any coverage."""
+    ks = np.arange(len(COLORS)) if candidates is None else np.asarray(candidates)
+    dirs = _PALETTE_RGB[ks] - bg  # (K, 3)
+    rel = rgb - bg  # (n, 3)
+    cov = np.clip(rel @ dirs.T / (dirs * dirs).sum(axis=1), 0.0, 1.0)  # (n, K)
+    residual = np.linalg.norm(rel[:, None, :] - cov[..., None] * dirs[None], axis=-1)  # (n, K)
+    return ks[residual.argmin(axis=1)]
+
+
+def _majority_3x3(labels: np.ndarray, pix: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
+    """Replace each pixel's colour label by the most common label among the component's pixels in its
+    3x3 neighbourhood: noise flips isolated labels, while a real second object is a contiguous blob."""
+    ks = np.unique(labels)
+    votes = np.zeros((len(ks), hw[0] + 2, hw[1] + 2))  # one padded indicator map per label
+    votes[np.searchsorted(ks, labels), pix[:, 0] + 1, pix[:, 1] + 1] = 1.0
+    box = sum(
+        votes[:, 1 + dr : hw[0] + 1 + dr, 1 + dc : hw[1] + 1 + dc] for dr in (-1, 0, 1) for dc in (-1, 0, 1)
+    )
+    return ks[box[:, pix[:, 0], pix[:, 1]].argmax(axis=0)]
+
+
+def _fit_object(img, bg, pix, color: str, cfg: WorldConfig, hw: tuple[int, int]) -> Obj | None:
+    """Centroid, shape and size of one component by template matching on its soft mask."""
+    h, w = hw
+    direction = np.asarray(PALETTE[color]) - bg
+    rows, cols = pix[:, 0], pix[:, 1]
+    # The component grown by one pixel, so the faint anti-aliased rim below the threshold counts too.
+    region = np.zeros((h, w), dtype=bool)
+    region[rows, cols] = True
+    grown = region.copy()
+    grown[1:] |= region[:-1]
+    grown[:-1] |= region[1:]
+    grown[:, 1:] |= region[:, :-1]
+    grown[:, :-1] |= region[:, 1:]
+    soft = np.clip((img - bg) @ direction / (direction @ direction), 0.0, 1.0) * grown  # (H, W)
+    area = soft.sum()
+    smallest = min(cfg.radius.values()) * h
+    # Half the area of the smallest object the world draws (a small triangle, (3 sqrt(3) / 4) r^2): a
+    # blob of a few noisy pixels that passed the thresholds is far below it.
+    if area < 0.5 * (3 * np.sqrt(3) / 4) * smallest**2:
+        return None
+    ys, xs = np.mgrid[0:h, 0:w] + 0.5
+    cy, cx = (soft * ys).sum() / area, (soft * xs).sum() / area
+    best, best_err = None, np.inf
+    for size in SIZES:
+        r = cfg.radius[size] * h
+        for shape in SHAPES:
+            cov, (top, left) = shape_coverage(shape, cx, cy, r, h, w, cfg.supersample)
+            template = np.zeros((h, w))
+            template[top : top + cov.shape[0], left : left + cov.shape[1]] = cov
+            err = ((soft - template) ** 2).sum()
+            if err < best_err:
+                best, best_err = (shape, size), err
+    assert best is not None
+    return Obj(best[0], color, best[1], float(cx / w), float(cy / h), 0.5)

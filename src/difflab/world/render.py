@@ -1,0 +1,166 @@
+"""Rendering a toy-world scene to pixels: image, depth, edges and instance mask.
+
+Anti-aliasing is by supersampling: each pixel is the mean of ``S x S`` point samples at
+``(j + (k + 0.5) / S, i + (l + 0.5) / S)``. Objects are composited back to front (painter's order).
+Everything is plain float arithmetic on numpy arrays with no randomness except the background's,
+which is seeded by the scene itself, so the same scene gives the same bytes on every run.
+
+Shape geometry lives in :func:`shape_coverage` only; the reader renders its templates with the same
+function, so reader and renderer can never disagree about what a "triangle" is.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from difflab.errors import check_choice
+from difflab.world.scene import PALETTE, SHAPES, Scene, WorldConfig
+
+# Bump when a change alters rendered pixels: disk caches of rendered scenes are keyed by it, and the
+# pinned hash in tests/test_world_render.py must be updated with it.
+RENDERER_VERSION = 1
+
+# Cross (plus sign) proportions, relative to the bounding-circle radius r: arms of half-length 0.92 r and
+# half-width 0.36 r, so the arm corners (0.92, 0.36) stay inside the bounding circle (0.92^2 + 0.36^2 < 1).
+_CROSS_ARM, _CROSS_HALF_WIDTH = 0.92, 0.36
+
+
+def shape_inside(shape: str, dx: np.ndarray, dy: np.ndarray, r: float) -> np.ndarray:
+    """Boolean mask of points (dx, dy) (pixels from the centre, y down) inside ``shape`` whose
+    bounding circle has radius ``r``. Every shape is centred so its centroid is the centre."""
+    if shape == "circle":
+        return dx * dx + dy * dy <= r * r
+    if shape == "square":  # inscribed in the bounding circle: half-side r / sqrt(2)
+        h = r / np.sqrt(2.0)
+        return (np.abs(dx) <= h) & (np.abs(dy) <= h)
+    if shape == "diamond":  # the same square turned by 45 degrees: vertices at distance r
+        return np.abs(dx) + np.abs(dy) <= r
+    if shape == "triangle":
+        # Equilateral, pointing up, inscribed in the bounding circle: each edge is at distance r/2
+        # (the inradius) from the centre along its outward normal (0, 1), (+-sqrt(3)/2, -1/2).
+        s = np.sqrt(3.0) / 2
+        return (dy <= r / 2) & (s * dx - dy / 2 <= r / 2) & (-s * dx - dy / 2 <= r / 2)
+    if shape == "cross":
+        a, w = _CROSS_ARM * r, _CROSS_HALF_WIDTH * r
+        ax, ay = np.abs(dx), np.abs(dy)
+        return ((ax <= a) & (ay <= w)) | ((ax <= w) & (ay <= a))
+    check_choice("shape", shape, SHAPES)
+    raise AssertionError("unreachable")
+
+
+def shape_coverage(
+    shape: str, cx: float, cy: float, r: float, height: int, width: int, supersample: int
+) -> tuple[np.ndarray, tuple[int, int]]:
+    """Anti-aliased coverage in [0, 1] of a shape centred at pixel coordinates (cx, cy).
+
+    Returns ``(coverage, (top, left))``: coverage is a ``(h, w)`` window of the image (only the shape's
+    bounding box, for speed) whose top-left pixel is ``(top, left)``.
+    """
+    top, left = max(int(np.floor(cy - r)) - 1, 0), max(int(np.floor(cx - r)) - 1, 0)
+    bottom, right = min(int(np.ceil(cy + r)) + 1, height), min(int(np.ceil(cx + r)) + 1, width)
+    s = supersample
+    offsets = (np.arange(s) + 0.5) / s
+    ys = (np.arange(top, bottom)[:, None] + offsets[None, :]).reshape(-1)  # (h*S,)
+    xs = (np.arange(left, right)[:, None] + offsets[None, :]).reshape(-1)  # (w*S,)
+    inside = shape_inside(shape, xs[None, :] - cx, ys[:, None] - cy, r)  # (h*S, w*S)
+    h, w = bottom - top, right - left
+    coverage = inside.reshape(h, s, w, s).mean(axis=(1, 3))  # (h, w)
+    return coverage, (top, left)
+
+
+def background_image(scene: Scene, cfg: WorldConfig) -> np.ndarray:
+    """The (H, W, 3) background: plain, a gentle linear gradient, or a smooth low-frequency texture,
+    each within ``cfg.background_amplitude`` of ``cfg.background_color``."""
+    n = cfg.resolution
+    base = np.asarray(cfg.background_color, dtype=np.float64)
+    img = np.broadcast_to(base, (n, n, 3)).copy()
+    if scene.background == "plain":
+        return img
+    rng = np.random.default_rng(scene.background_seed)
+    coords = (np.arange(n) + 0.5) / n - 0.5  # pixel centres in [-0.5, 0.5]
+    if scene.background == "gradient":
+        angle = rng.uniform(0, 2 * np.pi)
+        ramp = np.cos(angle) * coords[None, :] + np.sin(angle) * coords[:, None]  # (H, W) in [-0.71, 0.71]
+        return img + (cfg.background_amplitude / 0.71) * ramp[..., None]
+    # 'texture': bilinear upsampling of a 5x5 grid of random values -> smooth blotches.
+    grid = rng.uniform(-1, 1, size=(5, 5))
+    pos = (coords + 0.5) * 4  # in grid units, [0, 4]
+    i0 = np.clip(np.floor(pos).astype(int), 0, 3)
+    f = pos - i0
+    rows = grid[i0] * (1 - f)[:, None] + grid[i0 + 1] * f[:, None]  # (H, 5)
+    tex = rows[:, i0] * (1 - f)[None, :] + rows[:, i0 + 1] * f[None, :]  # (H, W)
+    return img + cfg.background_amplitude * tex[..., None]
+
+
+@dataclass(frozen=True)
+class Rendering:
+    """What the world draws for one scene (or a batch, with a leading batch axis)."""
+
+    image: np.ndarray
+    """float32 (H, W, 3) RGB in [0, 1]."""
+    depth: np.ndarray
+    """float32 (H, W): distance from the camera, background 1.0, objects their ``depth`` (anti-aliased)."""
+    edges: np.ndarray
+    """float32 (H, W) in [0, 1]: object outlines (where the instance id changes), anti-aliased."""
+    mask: np.ndarray
+    """int32 (H, W): 0 for background, i + 1 where object i of the scene covers most of the pixel."""
+
+
+def render(scene: Scene, cfg: WorldConfig) -> Rendering:
+    """Draw ``scene`` at ``cfg.resolution`` with ``cfg.supersample``-fold anti-aliasing."""
+    n, s = cfg.resolution, cfg.supersample
+    image = background_image(scene, cfg)
+    depth = np.ones((n, n))
+    # Per-pixel coverage of what is visible: index 0 is the background, i + 1 is object i.
+    visible = np.zeros((len(scene.objects) + 1, n, n))
+    visible[0] = 1.0
+    for i, obj in enumerate(scene.objects):  # back to front
+        check_choice("colour", obj.color, PALETTE)
+        cov, (top, left) = shape_coverage(obj.shape, obj.x * n, obj.y * n, cfg.radius_px(obj.size), n, n, s)
+        h, w = cov.shape
+        win = (slice(top, top + h), slice(left, left + w))
+        c = cov[..., None]
+        image[win] = image[win] * (1 - c) + np.asarray(PALETTE[obj.color]) * c
+        depth[win] = depth[win] * (1 - cov) + obj.depth * cov
+        visible[(slice(None), *win)] *= 1 - cov  # what was visible is occluded by this object
+        visible[(i + 1, *win)] += cov
+    mask = visible.argmax(axis=0).astype(np.int32)
+    return Rendering(
+        image=np.clip(image, 0.0, 1.0).astype(np.float32),
+        depth=depth.astype(np.float32),
+        edges=_edges(scene, cfg).astype(np.float32),
+        mask=mask,
+    )
+
+
+def _edges(scene: Scene, cfg: WorldConfig) -> np.ndarray:
+    """Outlines: the fraction of each pixel's sub-samples that sit on an instance boundary, scaled so
+    a straight 1-sub-sample-wide boundary crossing a pixel gives 1."""
+    n, s = cfg.resolution, cfg.supersample
+    ids = np.zeros((n * s, n * s), dtype=np.int32)  # supersampled instance ids, painter's order
+    for i, obj in enumerate(scene.objects):
+        r = cfg.radius_px(obj.size)
+        cov_hi, (top, left) = shape_coverage(obj.shape, obj.x * n * s, obj.y * n * s, r * s, n * s, n * s, 1)
+        h, w = cov_hi.shape
+        region = ids[top : top + h, left : left + w]
+        region[cov_hi > 0.5] = i + 1
+    boundary = np.zeros_like(ids, dtype=bool)
+    boundary[:, :-1] |= ids[:, :-1] != ids[:, 1:]
+    boundary[:-1, :] |= ids[:-1, :] != ids[1:, :]
+    per_pixel = boundary.reshape(n, s, n, s).sum(axis=(1, 3)) / s  # (H, W)
+    return np.clip(per_pixel, 0.0, 1.0)
+
+
+def render_batch(scenes: list[Scene], cfg: WorldConfig) -> Rendering:
+    """Render several scenes and stack each field along a new leading batch axis."""
+    parts = [render(sc, cfg) for sc in scenes]
+    return Rendering(*(np.stack([getattr(p, f) for p in parts]) for f in ("image", "depth", "edges", "mask")))
+
+
+def add_noise(image: np.ndarray, sigma: float, rng: np.random.Generator) -> np.ndarray:
+    """Additive Gaussian pixel noise of standard deviation ``sigma`` (pixels in [0, 1]), clipped back
+    to [0, 1]: the 'mild noise' the reader must be robust to."""
+    noisy = image + rng.normal(0.0, sigma, size=image.shape)
+    return np.clip(noisy, 0.0, 1.0).astype(np.float32)

@@ -1,0 +1,65 @@
+"""The reader (pixels -> scene): measured accuracy floors from the foundation issue, and edge cases.
+
+Floors: exact-scene accuracy >= 0.99 on clean renders and >= 0.95 with N(0, 0.05^2) pixel noise. The
+full measurement (2,000 scenes per preset) is `difflab world check`; here a smaller sample keeps the
+suite fast while still failing if the reader regresses.
+"""
+
+import numpy as np
+import pytest
+import torch
+
+from difflab.errors import DifflabError
+from difflab.world.check import check_reader
+from difflab.world.reader import read
+from difflab.world.render import render
+from difflab.world.scene import COLORS, SHAPES, Obj, Scene, scene_at, world_preset
+
+
+@pytest.mark.parametrize("preset,n", [("tiny", 150), ("single32", 150), ("scene32", 150), ("scene64", 60)])
+@pytest.mark.parametrize("noise,floor", [(0.0, 0.99), (0.05, 0.95)])
+def test_reader_accuracy_floor(preset, n, noise, floor):
+    report = check_reader(world_preset(preset), n, seed=123, noise=noise)
+    assert report["exact_scene_accuracy"] >= floor, report["first_failures"]
+    assert set(report["attribute_accuracy"]) == {"shape", "color", "size", "position"}
+
+
+@pytest.mark.parametrize("background", ["gradient", "texture"])
+def test_reader_on_non_plain_backgrounds(background):
+    report = check_reader(world_preset("scene32", background=background), 100, seed=5, noise=0.05)
+    assert report["exact_scene_accuracy"] >= 0.95, report["first_failures"]
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("color", COLORS)
+def test_every_shape_and_colour_is_read_small(shape, color):
+    # The hardest case for each class: the small size at 32x32 (bounding radius 4 px).
+    cfg = world_preset("single32")
+    scene = Scene((Obj(shape, color, "small", 0.52, 0.47),))
+    assert read(render(scene, cfg).image, cfg).keys() == scene.keys()
+
+
+def test_touching_objects_of_different_colours_are_split():
+    cfg = world_preset("scene32", gap=-3.0)  # negative gap: the bounding circles may overlap by 3 px
+    scene = Scene((Obj("square", "red", "large", 0.30, 0.5), Obj("circle", "blue", "large", 0.68, 0.5)))
+    img = render(scene, cfg).image
+    assert read(img, cfg).keys() == scene.keys()
+
+
+def test_empty_image_reads_as_empty_scene():
+    cfg = world_preset("scene32")
+    assert read(render(Scene(()), cfg).image, cfg).objects == ()
+
+
+def test_accepts_uint8_and_diffusion_tensors():
+    cfg = world_preset("scene32")
+    scene = scene_at(cfg, 0, 1)
+    img = render(scene, cfg).image
+    as_uint8 = (img * 255).round().astype(np.uint8)
+    as_tensor = torch.from_numpy(img).permute(2, 0, 1) * 2 - 1  # (3, H, W) in [-1, 1]
+    assert read(as_uint8, cfg).keys() == read(as_tensor, cfg).keys() == scene.keys()
+
+
+def test_rejects_wrong_shape_with_clear_error():
+    with pytest.raises(DifflabError, match=r"\(H, W, 3\).*\(32, 32\)"):
+        read(np.zeros((32, 32)), world_preset("scene32"))
