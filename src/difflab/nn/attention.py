@@ -1,0 +1,75 @@
+"""Multi-head attention over feature maps: self-attention between pixels, and cross-attention from
+pixels to a context sequence (text tokens), as in Stable Diffusion's spatial transformer
+(Rombach et al. 2022, Sec. 3.3).
+
+The projections are plain ``nn.Linear`` layers named ``to_q``, ``to_k``, ``to_v``, ``to_out`` so that
+LoRA (Hu et al. 2021) can wrap them by name, and the attention itself is
+``F.scaled_dot_product_attention`` so PyTorch picks the fastest kernel for the device.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class MultiHeadAttention(nn.Module):
+    """``softmax(Q K^T / sqrt(d)) V`` with ``heads`` heads (Vaswani et al. 2017, Eq. 1).
+
+    Queries come from ``x`` (B, N, dim); keys and values from ``context`` (B, M, context_dim), or from
+    ``x`` itself for self-attention. ``mask`` (B, M) is True for context tokens that may be attended to.
+    """
+
+    def __init__(self, dim: int, heads: int, context_dim: int | None = None):
+        super().__init__()
+        if dim % heads:
+            raise ValueError(f"attention width {dim} is not divisible by heads={heads}")
+        self.heads = heads
+        context_dim = context_dim or dim
+        self.to_q = nn.Linear(dim, dim, bias=False)
+        self.to_k = nn.Linear(context_dim, dim, bias=False)
+        self.to_v = nn.Linear(context_dim, dim, bias=False)
+        self.to_out = nn.Linear(dim, dim)
+
+    def forward(
+        self, x: torch.Tensor, context: torch.Tensor | None = None, mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        context = x if context is None else context
+        b, n, d = x.shape
+        h = self.heads
+
+        def split(z: torch.Tensor) -> torch.Tensor:
+            return z.view(b, -1, h, d // h).transpose(1, 2)  # (B, heads, tokens, d/heads)
+
+        q, k, v = split(self.to_q(x)), split(self.to_k(context)), split(self.to_v(context))
+        attn_mask = (
+            None if mask is None else mask[:, None, None, :]
+        )  # (B, 1, 1, M), broadcast over heads, queries
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)  # (B, heads, N, d/heads)
+        return self.to_out(out.transpose(1, 2).reshape(b, n, d))
+
+
+class SpatialAttention(nn.Module):
+    """Attention on a feature map: GroupNorm then self-attention, and, when ``context_dim`` is given,
+    LayerNorm then cross-attention to the context; each added back residually.
+
+    (B, C, H, W) -> (B, C, H, W)
+    """
+
+    def __init__(self, channels: int, heads: int, groups: int, context_dim: int | None = None):
+        super().__init__()
+        self.norm = nn.GroupNorm(groups, channels)
+        self.self_attn = MultiHeadAttention(channels, heads)
+        self.cross_norm = nn.LayerNorm(channels) if context_dim else None
+        self.cross_attn = MultiHeadAttention(channels, heads, context_dim) if context_dim else None
+
+    def forward(
+        self, x: torch.Tensor, context: torch.Tensor | None = None, context_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        b, c, hgt, wid = x.shape
+        tokens = self.norm(x).flatten(2).transpose(1, 2)  # (B, H*W, C)
+        out = x.flatten(2).transpose(1, 2) + self.self_attn(tokens)
+        if self.cross_attn is not None and context is not None:
+            out = out + self.cross_attn(self.cross_norm(out), context, context_mask)
+        return out.transpose(1, 2).reshape(b, c, hgt, wid)

@@ -1,0 +1,179 @@
+"""The one UNet every diffusion system in difflab uses (Ronneberger et al. 2015, as adapted for
+diffusion by Ho et al. 2020 and Dhariwal & Nichol 2021; cross-attention as in Rombach et al. 2022).
+
+Seams built in from the start, so later systems need no second network:
+- ``class_labels``: a learned class embedding added to the time embedding; index ``num_classes`` is the
+  *null class* that classifier-free guidance (Ho & Salimans 2022) trains by label dropout;
+- ``context``: a token sequence that every attention block cross-attends to (text conditioning);
+- ``control``: additive residuals, one per skip connection plus one for the middle, which is how a
+  ControlNet (Zhang et al. 2023) steers a frozen UNet;
+- attention projections are ``nn.Linear`` named to_q/to_k/to_v/to_out, for LoRA.
+
+Layout (``channel_mult=(1, 2, 2)``, 32x32 input): conv_in -> [res x N (+attn)] -> down -> ... -> middle
+(res, attn, res) -> mirrored up path whose blocks each take one skip -> GroupNorm, SiLU, conv_out
+(zero-initialised, so the untrained network predicts 0).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from difflab.nn.attention import SpatialAttention
+from difflab.nn.embeddings import TimestepEmbedding
+from difflab.nn.resblock import Downsample, ResBlock, Upsample
+
+
+@dataclass(frozen=True)
+class UNetConfig:
+    """Shape of a UNet. Field docs say what each one trades off."""
+
+    in_channels: int = 3
+    out_channels: int = 3
+    image_size: int = 32
+    """Input side in pixels; used to place attention by resolution and to count FLOPs."""
+    channels: int = 64
+    """Width of the first level; level i has ``channels * channel_mult[i]``."""
+    channel_mult: tuple[int, ...] = (1, 2, 2)
+    num_res_blocks: int = 2
+    attention_resolutions: tuple[int, ...] = (16,)
+    """Feature-map sides (in pixels) at which blocks get self-attention; attention costs O((H W)^2)."""
+    heads: int = 4
+    norm_groups: int = 8
+    dropout: float = 0.0
+    num_classes: int | None = None
+    """Number of classes for class conditioning; one more embedding row is the CFG null class."""
+    context_dim: int | None = None
+    """Width of the cross-attention context (text token embeddings); None disables cross-attention."""
+
+    def __post_init__(self) -> None:
+        levels = len(self.channel_mult)
+        if self.image_size % 2 ** (levels - 1):
+            raise ValueError(
+                f"image_size {self.image_size} is not divisible by 2^{levels - 1}, "
+                f"as channel_mult {self.channel_mult} needs"
+            )
+        for m in self.channel_mult:
+            if (self.channels * m) % self.norm_groups:
+                raise ValueError(
+                    f"width {self.channels * m} is not divisible by norm_groups={self.norm_groups}"
+                )
+
+
+class UNet(nn.Module):
+    """``forward(x, t, class_labels=None, context=None, context_mask=None, control=None)``:
+    (B, C_in, H, W), (B,) -> (B, C_out, H, W)."""
+
+    def __init__(self, cfg: UNetConfig):
+        super().__init__()
+        self.cfg = cfg
+        ch, groups, emb_dim = cfg.channels, cfg.norm_groups, 4 * cfg.channels
+        self.time_embed = TimestepEmbedding(ch, emb_dim)
+        self.class_embed = nn.Embedding(cfg.num_classes + 1, emb_dim) if cfg.num_classes else None
+        self.conv_in = nn.Conv2d(cfg.in_channels, ch, 3, padding=1)
+
+        def attn(width: int, res: int) -> nn.Module | None:
+            if res not in cfg.attention_resolutions:
+                return None
+            return SpatialAttention(width, cfg.heads, groups, cfg.context_dim)
+
+        self.down = nn.ModuleList()  # entries: (resblock, attention or None) pairs, or a Downsample
+        skip_widths = [ch]
+        width, res = ch, cfg.image_size
+        for level, mult in enumerate(cfg.channel_mult):
+            for _ in range(cfg.num_res_blocks):
+                block = ResBlock(width, ch * mult, emb_dim, groups, cfg.dropout)
+                width = ch * mult
+                self.down.append(nn.ModuleList([block, attn(width, res) or nn.Identity()]))
+                skip_widths.append(width)
+            if level < len(cfg.channel_mult) - 1:
+                self.down.append(Downsample(width))
+                skip_widths.append(width)
+                res //= 2
+
+        self.mid1 = ResBlock(width, width, emb_dim, groups, cfg.dropout)
+        self.mid_attn = SpatialAttention(width, cfg.heads, groups, cfg.context_dim)
+        self.mid2 = ResBlock(width, width, emb_dim, groups, cfg.dropout)
+        self.skip_widths = tuple(skip_widths)
+
+        self.up = nn.ModuleList()
+        for level, mult in reversed(list(enumerate(cfg.channel_mult))):
+            for _ in range(cfg.num_res_blocks + 1):
+                block = ResBlock(width + skip_widths.pop(), ch * mult, emb_dim, groups, cfg.dropout)
+                width = ch * mult
+                self.up.append(nn.ModuleList([block, attn(width, res) or nn.Identity()]))
+            if level > 0:
+                self.up.append(Upsample(width))
+                res *= 2
+
+        self.norm_out = nn.GroupNorm(groups, width)
+        self.conv_out = nn.Conv2d(width, cfg.out_channels, 3, padding=1)
+        nn.init.zeros_(self.conv_out.weight)
+        nn.init.zeros_(self.conv_out.bias)
+
+    def _apply_pair(self, pair: nn.ModuleList, h, emb, context, context_mask):
+        block, att = pair
+        h = block(h, emb)
+        return h if isinstance(att, nn.Identity) else att(h, context, context_mask)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        class_labels: torch.Tensor | None = None,
+        context: torch.Tensor | None = None,
+        context_mask: torch.Tensor | None = None,
+        control: list[torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        if t.ndim == 0:
+            t = t.expand(x.shape[0])
+        emb = self.time_embed(t)  # (B, 4C)
+        if self.class_embed is not None:
+            if class_labels is None:  # unconditional call: the null class
+                class_labels = torch.full(
+                    (x.shape[0],), self.cfg.num_classes, device=x.device, dtype=torch.long
+                )
+            emb = emb + self.class_embed(class_labels)
+
+        h = self.conv_in(x)
+        skips = [h]
+        for layer in self.down:
+            h = (
+                layer(h)
+                if isinstance(layer, Downsample)
+                else self._apply_pair(layer, h, emb, context, context_mask)
+            )
+            skips.append(h)
+
+        h = self.mid2(self.mid_attn(self.mid1(h, emb), context, context_mask), emb)
+        if control is not None:  # ControlNet: one residual per skip, then one for the middle
+            if len(control) != len(skips) + 1:
+                raise ValueError(f"control has {len(control)} residuals; this UNet takes {len(skips) + 1}")
+            skips = [s + c for s, c in zip(skips, control[:-1], strict=True)]
+            h = h + control[-1]
+
+        for layer in self.up:
+            if isinstance(layer, Upsample):
+                h = layer(h)
+            else:
+                h = self._apply_pair(layer, torch.cat([h, skips.pop()], dim=1), emb, context, context_mask)
+        return self.conv_out(F.silu(self.norm_out(h)))
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def training_step_flops(model: nn.Module, example_inputs: dict, loss_fn=None) -> int:
+    """FLOPs of one forward + backward pass, counted by ``torch.utils.flop_counter`` (a multiply-add is
+    2 FLOPs; convolutions, matmuls and attention are counted, elementwise ops are not)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        out = model(**example_inputs)
+        (out.float().square().mean() if loss_fn is None else loss_fn(out)).backward()
+    model.zero_grad(set_to_none=True)
+    return counter.get_total_flops()

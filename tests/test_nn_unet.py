@@ -1,0 +1,113 @@
+"""The UNet and its parts: shapes, identities, and the conditioning seams later systems rely on."""
+
+import math
+
+import pytest
+import torch
+
+from difflab.nn.attention import MultiHeadAttention
+from difflab.nn.embeddings import sinusoidal_embedding
+from difflab.nn.unet import UNet, UNetConfig, count_parameters, training_step_flops
+
+TINY = UNetConfig(channels=16, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(8,), heads=2,
+                  image_size=16, norm_groups=4, num_classes=3, context_dim=8)  # fmt: skip
+
+
+def _randomise_output(model):
+    # conv_out and each block's last conv start at zero (every block is the identity, the untrained UNet
+    # predicts 0); give them weights so conditioning can be seen to flow through.
+    for name, p in model.named_parameters():
+        if name.endswith(("conv2.weight", "conv_out.weight")):
+            torch.nn.init.normal_(p, std=0.1)
+
+
+def test_sinusoidal_embedding_closed_form():
+    t = torch.tensor([0.0, 3.0, 250.5])
+    emb = sinusoidal_embedding(t, 8)
+    w = [10000 ** (-i / 4) for i in range(4)]
+    expected = [[math.cos(s * wi) for wi in w] + [math.sin(s * wi) for wi in w] for s in t.tolist()]
+    assert torch.allclose(emb, torch.tensor(expected), atol=1e-5)
+
+
+def test_attention_matches_explicit_softmax():
+    torch.manual_seed(0)
+    att = MultiHeadAttention(8, heads=2, context_dim=6)
+    x, ctx = torch.randn(2, 5, 8), torch.randn(2, 3, 6)
+    q = att.to_q(x).view(2, 5, 2, 4).transpose(1, 2)
+    k = att.to_k(ctx).view(2, 3, 2, 4).transpose(1, 2)
+    v = att.to_v(ctx).view(2, 3, 2, 4).transpose(1, 2)
+    w = torch.softmax(q @ k.transpose(-1, -2) / 2.0, dim=-1)  # sqrt(d_head) = 2
+    expected = att.to_out((w @ v).transpose(1, 2).reshape(2, 5, 8))
+    assert torch.allclose(att(x, ctx), expected, atol=1e-6)
+
+
+def test_masked_context_tokens_are_ignored():
+    torch.manual_seed(0)
+    att = MultiHeadAttention(8, heads=2, context_dim=6)
+    x, ctx = torch.randn(1, 4, 8), torch.randn(1, 3, 6)
+    mask = torch.tensor([[True, True, False]])
+    changed = ctx.clone()
+    changed[:, 2] = 100.0
+    assert torch.allclose(att(x, ctx, mask), att(x, changed, mask), atol=1e-6)
+
+
+def test_forward_shapes_and_zero_init():
+    model = UNet(TINY)
+    x, t = torch.randn(2, 3, 16, 16), torch.tensor([1, 500])
+    out = model(x, t, class_labels=torch.tensor([0, 2]), context=torch.randn(2, 4, 8))
+    assert out.shape == x.shape
+    assert torch.count_nonzero(out) == 0  # zero-initialised output conv: the untrained model predicts 0
+
+
+def test_conditioning_changes_output_and_null_class_is_default():
+    torch.manual_seed(0)
+    model = UNet(TINY)
+    _randomise_output(model)
+    x, t = torch.randn(2, 3, 16, 16), torch.tensor([10, 10])
+    a = model(x, t, class_labels=torch.tensor([0, 0]))
+    b = model(x, t, class_labels=torch.tensor([1, 1]))
+    null = model(x, t, class_labels=torch.tensor([3, 3]))
+    assert not torch.allclose(a, b)
+    assert torch.equal(model(x, t), null)
+    with_ctx = model(x, t, context=torch.randn(2, 4, 8))
+    assert not torch.allclose(with_ctx, null)
+
+
+def test_control_residuals_zero_is_identity_and_count_is_checked():
+    torch.manual_seed(0)
+    model = UNet(TINY)
+    _randomise_output(model)
+    x, t = torch.randn(1, 3, 16, 16), torch.tensor([5])
+    n = len(model.skip_widths) + 1
+    # One residual per skip: conv_in and the level-0 block at 16x16, then the downsample and the
+    # level-1 block at 8x8; the last residual is for the middle block (8x8).
+    sides = [16, 16, 8, 8]
+    zeros = [torch.zeros(1, w, s, s) for w, s in zip(model.skip_widths, sides, strict=True)]
+    zeros.append(torch.zeros(1, model.skip_widths[-1], 8, 8))
+    assert len(zeros) == n
+    assert torch.allclose(model(x, t, control=zeros), model(x, t), atol=1e-6)
+    with pytest.raises(ValueError, match=f"this UNet takes {n}"):
+        model(x, t, control=zeros[:-1])
+
+
+def test_gradients_reach_every_parameter():
+    torch.manual_seed(0)
+    model = UNet(TINY)
+    _randomise_output(model)
+    out = model(torch.randn(2, 3, 16, 16), torch.tensor([1, 2]), torch.tensor([0, 1]), torch.randn(2, 4, 8))
+    out.square().mean().backward()
+    # conv2 of every block starts at zero, so only parameters *before* a zero layer may see zero grads
+    # on step one; all parameters must at least be connected to the loss.
+    assert all(p.grad is not None for p in model.parameters())
+
+
+def test_parameter_and_flop_counts_are_positive_and_scale():
+    small, wide = UNet(TINY), UNet(UNetConfig(**{**TINY.__dict__, "channels": 32}))
+    assert count_parameters(wide) > 3 * count_parameters(small)  # widths double: ~4x weights
+    inputs = {"x": torch.randn(2, 3, 16, 16), "t": torch.tensor([1, 2])}
+    assert training_step_flops(wide, inputs) > 3 * training_step_flops(small, inputs)
+
+
+def test_bad_config_is_named():
+    with pytest.raises(ValueError, match="image_size 30"):
+        UNetConfig(image_size=30, channel_mult=(1, 2, 2))
