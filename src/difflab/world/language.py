@@ -1,0 +1,206 @@
+"""Language about scenes: captions and question/answer pairs, all true by construction.
+
+A caption is a structured prompt (:mod:`difflab.world.prompts`) that holds in the scene, rendered to
+English; so every caption can be checked against the scene, or against the reader's reading of the
+image, with the same ``holds``. Questions are structured too: ``answer(question, scene)`` computes the
+answer from any scene, which is how a VLM's answers are scored and how these pairs are tested against
+the reader.
+
+Captions ("a large red circle at the top left", "a blue square to the right of a small yellow
+triangle", "two green circles") train text-to-image models and CLIP; questions ("what colour is the
+square?" -> "blue", "how many circles?" -> "2") train and evaluate LLaVA-style VLMs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import numpy as np
+
+from difflab.errors import DifflabError, check_choice
+from difflab.world.prompts import (
+    RELATIONS,
+    Conjunction,
+    Count,
+    Exists,
+    ObjectSpec,
+    Prompt,
+    Relation,
+    matches,
+    refer,
+    relation_holds,
+    spec_of,
+)
+from difflab.world.scene import Scene, WorldConfig
+
+# ---------------------------------------------------------------------------------------------- captions
+
+CAPTION_STYLES = ("object", "count", "relation", "pair", "describe")
+"""object: 'a large red circle at the top left' (random detail); count: 'two green circles';
+relation: 'a red circle to the left of a small blue square'; pair: 'a red circle and a blue square';
+describe: every object with size, colour, shape and position (exact)."""
+
+
+def description(scene: Scene) -> Conjunction:
+    """Every object with all four attributes, in reading order (top left to bottom right); exact, so it
+    holds only in scenes with no other objects."""
+    objects = sorted(scene.objects, key=lambda o: o.cell)
+    return Conjunction(tuple(spec_of(o) for o in objects), exact=True)
+
+
+def describe(scene: Scene) -> str:
+    """A full, deterministic description: 'a large red circle at the top left and a small blue square at
+    the bottom right'."""
+    return description(scene).text()
+
+
+def _detail(obj, rng: np.random.Generator, position: bool) -> ObjectSpec:
+    """A spec of ``obj`` that always names its shape and names each other attribute at random."""
+    chance = {"color": 0.7, "size": 0.35, "position": 0.35 if position else 0.0}
+    return spec_of(obj, ["shape"] + [a for a, p in chance.items() if rng.random() < p])
+
+
+def _styles(scene: Scene) -> tuple[str, ...]:
+    return CAPTION_STYLES if len(scene.objects) >= 2 else ("object", "count", "describe")
+
+
+def caption(scene: Scene, rng: np.random.Generator, style: str | None = None) -> tuple[str, Prompt]:
+    """A random true caption of ``scene`` and its structured prompt; ``style`` picks one of
+    :data:`CAPTION_STYLES` (default: uniform over those the scene allows; relation and pair need two
+    objects)."""
+    if not scene.objects:
+        raise DifflabError("cannot caption an empty scene; expected at least one object")
+    if style is None:
+        allowed = _styles(scene)
+        style = allowed[int(rng.integers(len(allowed)))]
+    check_choice("caption style", style, CAPTION_STYLES)
+    if style not in _styles(scene):
+        raise DifflabError(f"caption style '{style}' needs two objects; the scene has {len(scene.objects)}")
+    objs = scene.objects
+    if style == "describe":
+        prompt: Prompt = description(scene)
+    elif style == "object":
+        prompt = Exists(_detail(objs[int(rng.integers(len(objs)))], rng, position=True))
+    elif style == "count":
+        o = objs[int(rng.integers(len(objs)))]
+        spec = spec_of(o, ("color", "shape") if rng.random() < 0.5 else ("shape",))
+        prompt = Count(spec, sum(matches(spec, p) for p in objs))
+    else:
+        i, j = rng.choice(len(objs), size=2, replace=False)
+        a, b = objs[i], objs[j]
+        sa, sb = _detail(a, rng, position=False), _detail(b, rng, position=False)
+        if style == "relation":
+            true = [r for r in RELATIONS if relation_holds(r, a, b)]  # never empty: distinct cells
+            prompt = Relation(sa, true[int(rng.integers(len(true)))], sb)
+        else:
+            if sa == sb:  # 'a circle and a circle' is true but reads badly: tell them apart
+                sa, sb = spec_of(a), spec_of(b)
+            prompt = Conjunction((sa, sb))
+    return prompt.text(), prompt
+
+
+# --------------------------------------------------------------------------------------------- questions
+
+QUESTION_KINDS = ("color", "shape", "count", "existence", "position")
+
+
+@dataclass(frozen=True)
+class Question:
+    """A question about the objects matching ``spec``: their colour, shape or position (asked only of a
+    unique object), their number, or whether there is one."""
+
+    kind: str
+    spec: ObjectSpec
+
+    def __post_init__(self) -> None:
+        check_choice("question kind", self.kind, QUESTION_KINDS)
+
+    def text(self) -> str:
+        if self.kind == "count":
+            return f"how many {self.spec.noun(None, plural_form=True)}?"
+        if self.kind == "existence":
+            return f"is there {self.spec.noun('a')}?"
+        if self.kind == "position":
+            return f"where is {self.spec.noun('the')}?"
+        return f"what {'colour' if self.kind == 'color' else 'shape'} is {self.spec.noun('the')}?"
+
+    def to_dict(self) -> dict:
+        return {"kind": self.kind, "object": self.spec.to_dict()}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Question:
+        return cls(d["kind"], ObjectSpec(**d["object"]))
+
+
+def answer(question: Question, scene: Scene) -> str | None:
+    """The answer in ``scene``: a colour, shape or position name, a count ('2'), or 'yes'/'no'. None when
+    a colour/shape/position question does not pick out exactly one object in this scene."""
+    found = [o for o in scene.objects if matches(question.spec, o)]
+    if question.kind == "count":
+        return str(len(found))
+    if question.kind == "existence":
+        return "yes" if found else "no"
+    return getattr(found[0], question.kind) if len(found) == 1 else None
+
+
+class QA(NamedTuple):
+    question: str
+    answer: str
+    kind: str
+    struct: Question
+
+
+def _pick(rng: np.random.Generator, seq):
+    return seq[int(rng.integers(len(seq)))]
+
+
+def _absent(rng, scene, vocab, attributes) -> ObjectSpec | None:
+    """A random spec over ``attributes`` that no object matches, or None after a few tries."""
+    for _ in range(20):
+        spec = ObjectSpec(**{a: _pick(rng, vocab[a]) for a in attributes})
+        if not any(matches(spec, o) for o in scene.objects):
+            return spec
+    return None
+
+
+def _question(kind: str, scene: Scene, rng: np.random.Generator, vocab: dict) -> Question | None:
+    objs = scene.objects
+    if kind in ("color", "shape", "position"):
+        refs = [s for s in (refer(o, scene, exclude=(kind,)) for o in objs) if s is not None]
+        return Question(kind, _pick(rng, refs)) if refs else None
+    if kind == "count":
+        attributes = _pick(rng, [("shape",), ("color",), ("color", "shape")])
+        spec = _absent(rng, scene, vocab, attributes) if rng.random() < 0.25 else None
+        return Question(kind, spec or spec_of(_pick(rng, objs), attributes))
+    # Existence: 'yes' and 'no' equally often; a size is named now and then.
+    attributes = ("size", "color", "shape") if rng.random() < 0.3 else ("color", "shape")
+    spec = (
+        spec_of(_pick(rng, objs), attributes)
+        if rng.random() < 0.5
+        else _absent(rng, scene, vocab, attributes)
+    )
+    return Question(kind, spec) if spec is not None else None
+
+
+def questions(
+    scene: Scene, rng: np.random.Generator, n: int, cfg: WorldConfig | None = None, kinds=QUESTION_KINDS
+) -> list[QA]:
+    """``n`` question/answer pairs about ``scene`` (distinct where the scene allows), each kind equally
+    likely. Counts and 'no' answers draw absent shapes and colours from ``cfg``'s vocabulary (default:
+    the whole world's)."""
+    if not scene.objects:
+        raise DifflabError("cannot ask about an empty scene; expected at least one object")
+    for k in kinds:
+        check_choice("question kind", k, QUESTION_KINDS)
+    world = cfg or WorldConfig()
+    vocab = {"shape": world.shapes, "color": world.colors, "size": world.sizes}
+    out: list[QA] = []
+    for attempt in range(20 * n):
+        if len(out) == n:
+            break
+        q = _question(_pick(rng, list(kinds)), scene, rng, vocab)
+        if q is None or (attempt < 10 * n and any(q == qa.struct for qa in out)):
+            continue
+        out.append(QA(q.text(), answer(q, scene), q.kind, q))
+    return out
