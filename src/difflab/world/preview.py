@@ -19,11 +19,13 @@ def save_preview(cfg: WorldConfig, n: int, seed: int, out: str | Path, field: st
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     from difflab.world.language import describe
 
     cols = math.ceil(math.sqrt(n))
     rows = math.ceil(n / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(2.2 * cols, 2.75 * rows), squeeze=False)
+    # Each cell: a 2-inch image with up to six lines of caption in the 1.3 inches under it.
+    fig, axes = plt.subplots(rows, cols, figsize=(2.4 * cols, 3.3 * rows), squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
     for i in range(n):
@@ -37,8 +39,9 @@ def save_preview(cfg: WorldConfig, n: int, seed: int, out: str | Path, field: st
             ax.imshow(
                 np.asarray(data, dtype=float), cmap="viridis", vmin=0, vmax=vmax, interpolation="nearest"
             )
-        ax.set_title("\n".join(textwrap.wrap(describe(scene), 28)), fontsize=7, y=-0.02, va="top")
-    fig.tight_layout(h_pad=2.5)
+        caption = "\n".join(textwrap.wrap(describe(scene), 32))
+        ax.text(0.5, -0.03, caption, transform=ax.transAxes, ha="center", va="top", fontsize=7)
+    fig.subplots_adjust(left=0.02, right=0.98, top=0.99, bottom=0.08, wspace=0.08, hspace=0.55)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=110)
