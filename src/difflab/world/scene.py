@@ -248,6 +248,12 @@ def fits(obj: Obj, others: tuple[Obj, ...] | list[Obj], cfg: WorldConfig) -> boo
     return all(o.cell != obj.cell and not overlaps(obj, o, cfg) for o in others)
 
 
+def sample_depths(rng: np.random.Generator, n: int) -> np.ndarray:
+    """``n`` depths drawn uniformly from (0.2, 0.9), sorted farthest first: assigned to a scene's objects
+    in list order, they make list order the painter's (back-to-front) order. Distinct with probability 1."""
+    return np.sort(rng.uniform(0.2, 0.9, size=n))[::-1]
+
+
 def sample_scene(rng: np.random.Generator, cfg: WorldConfig) -> Scene:
     """Draw a random scene: a number of objects, each with a random shape, colour and size in its own
     grid cell, placed without overlap; depths are distinct and the list is ordered back to front."""
@@ -273,8 +279,7 @@ def sample_scene(rng: np.random.Generator, cfg: WorldConfig) -> Scene:
         raise DifflabError(
             f"could not place {n} objects without overlap at {cfg.resolution}x{cfg.resolution}"
         )
-    # Distinct depths in (0.2, 0.9), farthest first, so list order is also painter's order.
-    depths = np.sort(rng.uniform(0.2, 0.9, size=n))[::-1]
+    depths = sample_depths(rng, n)
     objects = [dataclasses.replace(o, depth=float(d)) for o, d in zip(objects, depths, strict=True)]
     return Scene(tuple(objects), background=cfg.background, background_seed=int(rng.integers(2**31)))
 
