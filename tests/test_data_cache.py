@@ -1,6 +1,7 @@
 """The toy-world disk cache: bit-identical to rendering, keyed by everything the pixels depend on, and
 never trusted when it is torn or made for something else."""
 
+import dataclasses
 import warnings
 
 import numpy as np
@@ -36,9 +37,12 @@ def test_cached_items_are_bit_identical_to_rendered_ones(tmp_path):
 
 def test_a_second_dataset_reads_the_file_instead_of_rendering(tmp_path, monkeypatch):
     first = ToyWorldDataset("tiny", 6, seed=0, fields=FIELDS, cache_dir=tmp_path)
-    monkeypatch.setattr(toy, "render", lambda *a: pytest.fail("rendered although the cache exists"))
+    calls = []
+    original = toy.render
+    monkeypatch.setattr(toy, "render", lambda *a: calls.append(1) or original(*a))
     second = ToyWorldDataset("tiny", 6, seed=0, fields=FIELDS, cache_dir=tmp_path)
     assert all(_equal(first[i], second[i]) for i in range(6))
+    assert len(calls) == 1  # the key's fingerprint draws item 0; the six items come from the file
 
 
 def test_language_fields_still_work_on_a_cached_dataset(tmp_path):
@@ -58,6 +62,16 @@ def test_the_key_separates_seed_size_fields_and_world(tmp_path):
     ]:
         ToyWorldDataset(**{"fields": ("image", "label"), **kwargs}, cache_dir=tmp_path)
     assert len(_files(tmp_path)) == 5
+
+
+def test_a_change_in_drawing_without_a_version_bump_makes_a_new_cache(tmp_path, monkeypatch):
+    ToyWorldDataset("tiny", 4, seed=0, fields=("image",), cache_dir=tmp_path)
+    original = toy.render
+    monkeypatch.setattr(toy, "render", lambda scene, cfg: dataclasses.replace(
+        original(scene, cfg), image=original(scene, cfg).image * 0.5))  # fmt: skip
+    changed = ToyWorldDataset("tiny", 4, seed=0, fields=("image",), cache_dir=tmp_path)
+    assert len(_files(tmp_path)) == 2
+    assert torch.equal(changed[1]["image"], ToyWorldDataset("tiny", 4, seed=0, fields=("image",))[1]["image"])
 
 
 def test_a_torn_or_foreign_cache_file_is_rebuilt(tmp_path):

@@ -22,12 +22,17 @@ Fields (ask for any subset with ``fields=``):
 
 ``cache_dir``: render every item once into a uint8/float32 safetensors file there (see
 :mod:`difflab.data.cache`) and read items back from memory afterwards; ``benchmarks/world_throughput.py``
-measures what that buys. Cached items are bit-identical to rendered ones.
+measures what that buys. Cached items are bit-identical to rendered ones. The cache key holds the world
+config, seed, size, fields and ``RENDERER_VERSION``, and also a fingerprint of a few sampled scenes and
+one render, so that a change to scene sampling or drawing that no version number records still makes a
+new cache instead of serving stale items.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import operator
 
 import numpy as np
@@ -37,6 +42,8 @@ from torch.utils.data import Dataset, default_collate
 from difflab.data.cache import cached_arrays
 from difflab.data.images import quantize, to_signed
 from difflab.errors import DifflabError, check_choice
+from difflab.world.edits import EDIT_KINDS, edit
+from difflab.world.language import CAPTION_STYLES, caption, questions
 from difflab.world.render import RENDERER_VERSION, render
 from difflab.world.scene import Scene, WorldConfig, scene_at, world_preset
 
@@ -70,9 +77,9 @@ class ToyWorldDataset(Dataset):
         cache_dir: str | None = None,
     ):
         self.cfg = world_preset(cfg) if isinstance(cfg, str) else cfg
-        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        if isinstance(n, bool) or not isinstance(n, int | np.integer) or n < 1:
             raise DifflabError(f"dataset size n={n!r} is invalid; expected an integer >= 1")
-        self.n, self.seed = n, int(seed)
+        self.n, self.seed = int(n), int(seed)
         if isinstance(fields, str):
             fields = (fields,)
         if not fields:
@@ -84,12 +91,8 @@ class ToyWorldDataset(Dataset):
                 f"{self.cfg.max_objects} objects; use a one-object world (preset 'single32') or drop 'label'"
             )
         if caption_style is not None:
-            from difflab.world.language import CAPTION_STYLES
-
             check_choice("caption style", caption_style, CAPTION_STYLES)
         if edit_kind is not None:
-            from difflab.world.edits import EDIT_KINDS
-
             check_choice("edit kind", edit_kind, EDIT_KINDS)
         if isinstance(num_questions, bool) or not isinstance(num_questions, int) or num_questions < 1:
             raise DifflabError(f"num_questions={num_questions!r} is invalid; expected an integer >= 1")
@@ -103,10 +106,16 @@ class ToyWorldDataset(Dataset):
                 "n": self.n,
                 "fields": cache_fields,
                 "renderer_version": RENDERER_VERSION,
+                "fingerprint": self._fingerprint(),
             }
             name = f"toy-{self.cfg.resolution}px-n{self.n}-seed{self.seed}"
             self._cached = cached_arrays(
-                cache_dir, name, key, n, lambda i: self._arrays(i, self.scene(i)), desc="rendering toy world"
+                cache_dir,
+                name,
+                key,
+                self.n,
+                lambda i: self._arrays(self.scene(i)),
+                desc="rendering toy world",
             )
 
     @property
@@ -121,8 +130,17 @@ class ToyWorldDataset(Dataset):
         """The scene of item ``index``."""
         return scene_at(self.cfg, self.seed, index)
 
-    def _arrays(self, index: int, scene: Scene) -> dict[str, np.ndarray]:
-        """The cacheable fields of item ``index`` as compact arrays: what the cache stores."""
+    def _fingerprint(self) -> str:
+        """Hash of scenes 0, n/2 and n-1 and of item 0's arrays: changes whenever sampling or drawing does."""
+        h = hashlib.sha256()
+        for i in sorted({0, self.n // 2, self.n - 1}):
+            h.update(json.dumps(self.scene(i).to_dict(), sort_keys=True).encode())
+        for name, a in sorted(self._arrays(self.scene(0)).items()):
+            h.update(name.encode() + np.ascontiguousarray(a).tobytes())
+        return h.hexdigest()[:16]
+
+    def _arrays(self, scene: Scene) -> dict[str, np.ndarray]:
+        """The cacheable fields of one item as compact arrays: what the cache stores."""
         out: dict[str, np.ndarray] = {}
         if any(f in self.fields for f in RENDERED):
             r = render(scene, self.cfg)
@@ -148,7 +166,7 @@ class ToyWorldDataset(Dataset):
             arrays = {f: a[i] for f, a in self._cached.items()}
         else:
             scene = self.scene(i)
-            arrays = self._arrays(i, scene)
+            arrays = self._arrays(scene)
         item: dict = {}
         if "image" in arrays:
             item["image"] = to_signed(arrays["image"])
@@ -173,17 +191,11 @@ class ToyWorldDataset(Dataset):
         """The fields made from the scene rather than its pixels, each with its own random stream."""
         out: dict = {}
         if "caption" in self.fields:
-            from difflab.world.language import caption
-
             out["caption"], _ = caption(scene, self._rng(index, _CAPTION_STREAM), style=self.caption_style)
         if "questions" in self.fields:
-            from difflab.world.language import questions
-
             qas = questions(scene, self._rng(index, _QUESTIONS_STREAM), self.num_questions, cfg=self.cfg)
             out["questions"] = [(qa.question, qa.answer, qa.kind) for qa in qas]
         if "edit" in self.fields:
-            from difflab.world.edits import edit
-
             out["edit"], edited = edit(scene, self._rng(index, _EDIT_STREAM), self.cfg, kind=self.edit_kind)
             out["edited_image"] = to_signed(quantize(render(edited, self.cfg).image))
             out["edited_scene"] = edited.to_dict()
