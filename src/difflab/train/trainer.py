@@ -1,0 +1,491 @@
+"""One trainer for every model here: a model, a loss function over batches, and a resumable data stream.
+
+The contracts (all a model family supplies):
+
+- ``loss_fn(model, batch, generator) -> (loss, metrics)``: ``batch`` is already on the training device;
+  ``generator`` is the trainer's ``torch.Generator`` on that device, the only source of randomness the
+  loss may use (noise, timesteps, condition dropout: ``torch.randn(x.shape, generator=generator,
+  device=x.device)``); ``loss`` is a scalar tensor; ``metrics`` a dict of floats or scalar tensors
+  (averaged over the log window into ``metrics.jsonl``). Returning a bare loss tensor also works.
+- ``data``: an iterator of batches with ``state_dict()`` / ``load_state_dict()`` for an exact resume,
+  e.g. ``InfiniteLoader`` (``make_loader`` builds one from a dataset and the config).
+- ``sample_fn(model, step, run_dir)``: called every ``sample_every`` steps and at the end with the EMA
+  model (or the live one when EMA is off) in eval mode under ``torch.no_grad``; the global RNG state is
+  restored afterwards, so sampling never changes the training run. Use a fixed-seed generator of your
+  own inside it, so grids at different steps show the same noise.
+
+Steps are counted 1-based: "step 100" is the 100th optimizer step, ``checkpoints/step_0000100`` holds the
+state after it and the ``metrics.jsonl`` record with ``"step": 100`` describes it.
+
+Exact resume: the model, EMA, AdamW moments, the loss generator, the global RNGs (for ``nn.Dropout``) and
+the loader's (epoch, position) are all in the checkpoint, and the learning rate is a pure function of
+the step; so on the CPU a run resumed from step k ends bit-for-bit where the uninterrupted run ends.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import sys
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+import difflab
+from difflab.config import to_dict
+from difflab.errors import DifflabError, check_choice
+from difflab.train.checkpoint import (
+    check_compatible,
+    latest_checkpoint,
+    list_checkpoints,
+    prune_checkpoints,
+    read_checkpoint,
+    save_checkpoint,
+)
+from difflab.train.device import is_main_process, resolve_device
+from difflab.train.ema import EMA
+from difflab.train.loader import InfiniteLoader
+from difflab.train.metrics import MetricsLogger
+from difflab.train.schedule import LR_SCHEDULES, lr_factor
+from difflab.train.seeding import derive_seed, global_rng_state, make_generator, set_global_rng_state
+
+MIXED_PRECISION = ("no", "bf16")
+# Train-config keys that define the run itself: resuming with another value would not continue the same
+# run (another data stream, other random draws, optimizer settings the loaded state would override).
+# Every other key (steps, lr, cadences, device, ...) may change on resume; the change is printed.
+RESUME_MUST_MATCH = ("batch_size", "grad_accum", "seed", "betas", "eps", "weight_decay")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 1000
+    """Optimizer steps in the whole run (a resumed run continues up to this)."""
+    batch_size: int = 32
+    """Items per micro-batch (``make_loader`` uses it)."""
+    grad_accum: int = 1
+    """Micro-batches whose gradients add up to one optimizer step."""
+    lr: float = 2e-4
+    weight_decay: float = 0.0
+    """AdamW decoupled weight decay, applied to weight matrices and kernels only (not biases, norms)."""
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    warmup_steps: int = 0
+    """Linear warmup from lr/warmup_steps to lr (see ``difflab.train.schedule``)."""
+    lr_schedule: str = "constant"
+    """After warmup: 'constant' or 'cosine' (down to min_lr_ratio * lr at the last step)."""
+    min_lr_ratio: float = 0.0
+    grad_clip: float | None = 1.0
+    """Clip the global gradient norm to this; None disables clipping (the norm is still logged)."""
+    ema_decay: float | None = 0.999
+    """Decay of the EMA weights used for sampling; None disables EMA."""
+    ema_warmup: bool = True
+    """Ramp the EMA decay as min(decay, (1 + k) / (10 + k)) (see ``difflab.train.ema``)."""
+    seed: int = 0
+    log_every: int = 10
+    sample_every: int | None = None
+    """Call sample_fn every this many steps (and always at the end); None: only at the end."""
+    checkpoint_every: int | None = 500
+    """Save every this many steps (and always at the end); None: only at the end."""
+    keep_last: int = 3
+    """Checkpoints kept on disk; older ones are deleted after each save."""
+    device: str = "auto"
+    """'auto' (CUDA, then MPS, then CPU), 'cpu', 'cuda', 'cuda:N' or 'mps'."""
+    mixed_precision: str = "no"
+    """'no' or 'bf16' (autocast of the forward pass; fp16 with a grad scaler is not wired yet)."""
+    progress: bool = True
+    """Show a progress bar (only ever when stderr is a terminal)."""
+
+    def __post_init__(self):
+        positive = {"steps": self.steps, "batch_size": self.batch_size, "grad_accum": self.grad_accum}
+        positive |= {"log_every": self.log_every, "keep_last": self.keep_last}
+        positive |= {"sample_every": self.sample_every or 1, "checkpoint_every": self.checkpoint_every or 1}
+        for key, value in positive.items():
+            if value < 1:
+                raise DifflabError(f"bad {key} {value}; expected an integer >= 1")
+        if not self.lr > 0:
+            raise DifflabError(f"bad lr {self.lr}; expected a positive learning rate")
+        if self.warmup_steps < 0:
+            raise DifflabError(f"bad warmup_steps {self.warmup_steps}; expected an integer >= 0")
+        if self.grad_clip is not None and not self.grad_clip > 0:
+            raise DifflabError(f"bad grad_clip {self.grad_clip}; expected a positive max norm or None")
+        if self.ema_decay is not None and not 0.0 <= self.ema_decay < 1.0:
+            raise DifflabError(f"bad ema_decay {self.ema_decay}; expected a number in [0, 1) or None")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise DifflabError(f"bad min_lr_ratio {self.min_lr_ratio}; expected a number in [0, 1]")
+        check_choice("lr schedule", self.lr_schedule, LR_SCHEDULES)
+        check_choice("mixed precision mode", self.mixed_precision, MIXED_PRECISION)
+
+
+def make_loader(dataset, cfg: TrainConfig, *, num_workers: int = 0, collate_fn=None) -> InfiniteLoader:
+    """The run's data stream: ``cfg.batch_size`` items per batch, order seeded from ``cfg.seed``."""
+    seed = derive_seed(cfg.seed, "data")
+    return InfiniteLoader(dataset, cfg.batch_size, seed, num_workers=num_workers, collate_fn=collate_fn)
+
+
+def move_to_device(batch, device: torch.device):
+    """``batch`` with every tensor inside (dicts, lists, tuples) moved to ``device``."""
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, dict):
+        return {k: move_to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, list | tuple):
+        return type(batch)(move_to_device(v, device) for v in batch)
+    return batch
+
+
+def batch_items(batch) -> int:
+    """How many items a batch holds: the leading size of its first tensor (0 if it has none)."""
+    if isinstance(batch, torch.Tensor):
+        return batch.shape[0] if batch.ndim else 1
+    values = batch.values() if isinstance(batch, dict) else batch if isinstance(batch, list | tuple) else ()
+    for value in values:
+        n = batch_items(value)
+        if n:
+            return n
+    return 0
+
+
+def _flatten(tree, prefix: str = "") -> dict[str, Any]:
+    if isinstance(tree, dict):
+        out = {}
+        for k, v in tree.items():
+            out.update(_flatten(v, f"{prefix}{k}."))
+        return out
+    return {prefix[:-1]: tree}
+
+
+def _as_json(obj) -> Any:
+    """A config (dataclass or dict) as plain JSON values, tuples as lists, for storing and comparing."""
+    if obj is None:
+        return None
+    if dataclasses.is_dataclass(obj):
+        obj = to_dict(obj)
+    return json.loads(json.dumps(obj))
+
+
+class Trainer:
+    """Trains ``model`` on ``loss_fn`` over batches from ``data``, writing into ``run_dir``.
+
+    ``model_config`` (a dataclass or dict describing the architecture) is stored in every checkpoint;
+    resuming with a different one is an error naming the first differing key. ``extra_state`` maps
+    names to objects with ``state_dict()`` / ``load_state_dict()`` saved alongside (e.g. a stateful
+    conditioning schedule).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: Callable,
+        data: Iterable,
+        cfg: TrainConfig,
+        run_dir: str | Path,
+        *,
+        sample_fn: Callable | None = None,
+        model_config=None,
+        extra_state: dict | None = None,
+    ):
+        self.cfg = cfg
+        self.device = resolve_device(cfg.device)
+        self.model = model.to(self.device)
+        self.loss_fn = loss_fn
+        self.data = data
+        self._data_iter = data if hasattr(data, "__next__") else iter(data)
+        self.sample_fn = sample_fn
+        self.run_dir = Path(run_dir)
+        self.checkpoint_dir = self.run_dir / "checkpoints"
+        self.model_config = _as_json(model_config)
+        self.extra_state = dict(extra_state or {})
+        self.optimizer = self.configure_optimizer()
+        self.ema = (
+            EMA(self.model, cfg.ema_decay, warmup=cfg.ema_warmup) if cfg.ema_decay is not None else None
+        )
+        self.generator = make_generator(derive_seed(cfg.seed, "loss"), self.device)
+        self.metrics = MetricsLogger(self.run_dir / "metrics.jsonl")
+        self.step = 0
+        self.last_checkpoint: Path | None = None
+        self._elapsed_before = 0.0  # training seconds of earlier processes of this run
+        self._fit_start: float | None = None
+
+    # ------------------------------------------------------------------------------------------ setup
+
+    def configure_optimizer(self) -> torch.optim.Optimizer:
+        """AdamW with weight decay on tensors of rank >= 2 only: decaying biases, norm gains and scalars
+        (such as CLIP's temperature) pulls them toward 0 for no benefit (as in nanoGPT and most ViTs).
+        Frozen parameters (``requires_grad=False``, e.g. a LoRA base) are left out. Override to change."""
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        groups = [
+            {"params": [p for p in params if p.ndim >= 2], "weight_decay": self.cfg.weight_decay},
+            {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+        ]
+        groups = [g for g in groups if g["params"]]
+        if not groups:
+            raise DifflabError("the model has no trainable parameters (all have requires_grad=False)")
+        return torch.optim.AdamW(groups, lr=self.cfg.lr, betas=self.cfg.betas, eps=self.cfg.eps)
+
+    @property
+    def sampling_model(self) -> nn.Module:
+        """The weights to sample with: the EMA copy when EMA is on."""
+        return self.ema.model if self.ema is not None else self.model
+
+    def autocast(self):
+        """The forward pass's autocast context; disabled unless ``mixed_precision='bf16'``."""
+        enabled = self.cfg.mixed_precision == "bf16"
+        return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=enabled)
+
+    def lr_at(self, step: int) -> float:
+        cfg = self.cfg
+        factor = lr_factor(
+            step,
+            warmup_steps=cfg.warmup_steps,
+            total_steps=cfg.steps,
+            schedule=cfg.lr_schedule,
+            min_lr_ratio=cfg.min_lr_ratio,
+        )
+        return cfg.lr * factor
+
+    # ---------------------------------------------------------------------------------------- training
+
+    def _next_batch(self):
+        try:
+            return next(self._data_iter)
+        except StopIteration:
+            if self._data_iter is self.data:  # a one-shot iterator cannot be restarted
+                raise DifflabError(f"the data stream ran out at step {self.step + 1}") from None
+            self._data_iter = iter(self.data)  # a finite iterable (e.g. a DataLoader): next epoch
+            return next(self._data_iter)
+
+    def train_step(self) -> dict:
+        """One optimizer step over ``grad_accum`` micro-batches; returns its loss, lr, grad norm, items."""
+        cfg = self.cfg
+        step = self.step + 1
+        lr = self.lr_at(self.step)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.model.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        loss_total, items, sums = 0.0, 0, {}
+        for _ in range(cfg.grad_accum):
+            batch = move_to_device(self._next_batch(), self.device)
+            items += batch_items(batch)
+            with self.autocast():
+                out = self.loss_fn(self.model, batch, self.generator)
+            loss, extra = out if isinstance(out, tuple) else (out, {})
+            # Checked every step (one device sync): a non-finite loss would poison the AdamW moments,
+            # and stopping here names the exact step and leaves the last checkpoint clean.
+            value = loss.item()
+            if not math.isfinite(value):
+                raise DifflabError(
+                    f"loss is {value} at step {step}; stopped without saving this state "
+                    f"(last good checkpoint: {self.last_checkpoint or 'none'})"
+                )
+            (loss / cfg.grad_accum).backward()
+            loss_total += value
+            for k, v in extra.items():
+                sums[k] = sums.get(k, 0.0) + float(v)
+        params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        max_norm = cfg.grad_clip if cfg.grad_clip is not None else math.inf
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm).item()
+        if not math.isfinite(grad_norm):
+            raise DifflabError(
+                f"gradient norm is {grad_norm} at step {step} (finite loss); stopped without saving this "
+                f"state (last good checkpoint: {self.last_checkpoint or 'none'})"
+            )
+        self.optimizer.step()
+        if self.ema is not None:
+            self.ema.update(self.model)
+        self.step = step
+        metrics = {k: v / cfg.grad_accum for k, v in sums.items()}
+        return {
+            "loss": loss_total / cfg.grad_accum,
+            "lr": lr,
+            "grad_norm": grad_norm,
+            "items": items,
+            **metrics,
+        }
+
+    def fit(self, resume: bool = False) -> dict | None:
+        """Train up to ``cfg.steps``. With ``resume``, continue from the newest good checkpoint in
+        ``run_dir`` (starting fresh if there is none). Returns the last ``metrics.jsonl`` record."""
+        cfg = self.cfg
+        if resume:
+            path = latest_checkpoint(self.checkpoint_dir)
+            if path is not None:
+                self.load_checkpoint(path, verify=False)  # latest_checkpoint has just verified it
+            else:
+                self._note(f"no checkpoint to resume in '{self.checkpoint_dir}'; starting from step 0")
+                self._start_fresh()
+        else:
+            existing = list_checkpoints(self.checkpoint_dir)
+            if existing:
+                raise DifflabError(
+                    f"run dir '{self.run_dir}' already has checkpoints (newest: {existing[-1][1].name}); "
+                    "resume it (--resume) or choose a new run dir"
+                )
+            self._start_fresh()
+        # Records past this step were written after the last checkpoint by an interrupted process.
+        self.metrics.truncate_after(self.step)
+        if self.step >= cfg.steps:
+            return None
+
+        show = cfg.progress and sys.stderr.isatty() and is_main_process()
+        bar = tqdm(total=cfg.steps, initial=self.step, disable=not show, unit="step", dynamic_ncols=True)
+        self._fit_start = time.perf_counter()
+        window: dict[str, float] = {}
+        window_steps, window_start = 0, time.perf_counter()
+        record = None
+        try:
+            while self.step < cfg.steps:
+                out = self.train_step()
+                window_steps += 1
+                for k, v in out.items():
+                    window[k] = window.get(k, 0.0) + v
+                bar.update(1)
+                bar.set_postfix(loss=f"{out['loss']:.4f}", refresh=False)
+                last = self.step == cfg.steps
+                if self.step % cfg.log_every == 0 or last:
+                    now = time.perf_counter()
+                    items = window.pop("items")
+                    record = {k: v / window_steps for k, v in window.items()}
+                    record.update(
+                        step=self.step,
+                        lr=out["lr"],
+                        seconds=round(self.elapsed_seconds(), 3),
+                        items_per_s=round(items / max(now - window_start, 1e-9), 2),
+                    )
+                    self.metrics.log(record)
+                    window, window_steps, window_start = {}, 0, now
+                if (cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0) or last:
+                    self.save_checkpoint()
+                if (cfg.sample_every and self.step % cfg.sample_every == 0) or last:
+                    self.sample()
+        finally:
+            bar.close()
+        return record
+
+    def elapsed_seconds(self) -> float:
+        """Training wall time of the whole run, across resumes."""
+        running = time.perf_counter() - self._fit_start if self._fit_start is not None else 0.0
+        return self._elapsed_before + running
+
+    def sample(self) -> None:
+        """Run ``sample_fn`` on the sampling model (main process only), leaving every RNG as it was."""
+        if self.sample_fn is None or not is_main_process():
+            return
+        model = self.sampling_model
+        was_training = model.training
+        tensors, plain = global_rng_state()
+        model.eval()
+        try:
+            with torch.no_grad():
+                self.sample_fn(model, self.step, self.run_dir)
+        finally:
+            model.train(was_training)
+            set_global_rng_state(tensors, plain)
+
+    def _start_fresh(self) -> None:
+        # nn.Dropout and friends draw from the global torch RNG, which the trainer cannot hand a
+        # generator to; seeding it here makes a fresh run reproducible, and checkpoints carry its state.
+        torch.manual_seed(derive_seed(self.cfg.seed, "global"))
+
+    @staticmethod
+    def _note(message: str) -> None:
+        if is_main_process():
+            print(f"difflab: note: {message}", file=sys.stderr)
+
+    # ------------------------------------------------------------------------------------- checkpoints
+
+    def state_dict(self) -> dict:
+        """Everything a resume needs, as one nested dict (tensors anywhere; see ``checkpoint.py``)."""
+        rng_tensors, rng_plain = global_rng_state()
+        data_state = self.data.state_dict() if hasattr(self.data, "state_dict") else None
+        return {
+            "trainer": {"step": self.step, "elapsed_seconds": self.elapsed_seconds()},
+            "model": self.model.state_dict(),
+            "ema": self.ema.state_dict() if self.ema is not None else None,
+            "optimizer": self.optimizer.state_dict(),
+            "rng": {
+                "loss_generator": self.generator.get_state(),
+                "loss_generator_device": self.device.type,
+                "global": rng_tensors,
+                "global_plain": rng_plain,
+            },
+            "data": data_state,
+            "extra": {name: obj.state_dict() for name, obj in self.extra_state.items()},
+        }
+
+    def save_checkpoint(self) -> Path | None:
+        """Write ``checkpoints/step_XXXXXXX`` (main process only) and prune to ``keep_last``."""
+        if not is_main_process():
+            return None
+        meta = {
+            "difflab_version": difflab.__version__,
+            "torch_version": torch.__version__,
+            "train_config": _as_json(self.cfg),
+            "model_config": self.model_config,
+        }
+        path = save_checkpoint(self.checkpoint_dir, self.step, self.state_dict(), meta)
+        self.last_checkpoint = path
+        prune_checkpoints(self.checkpoint_dir, self.cfg.keep_last)
+        return path
+
+    def _check_resumable(self, meta: dict, path: Path) -> None:
+        saved = meta.get("model_config")
+        if saved is not None and self.model_config is not None:
+            old, new = _flatten(saved), _flatten(self.model_config)
+            for key in sorted(old.keys() | new.keys()):
+                if old.get(key, "<absent>") != new.get(key, "<absent>"):
+                    raise DifflabError(
+                        f"cannot resume from '{path}': model config key '{key}' was "
+                        f"{old.get(key, '<absent>')!r}, now {new.get(key, '<absent>')!r}"
+                    )
+        old, new = meta.get("train_config") or {}, _as_json(self.cfg)
+        for key in RESUME_MUST_MATCH:
+            if key in old and old[key] != new[key]:
+                raise DifflabError(
+                    f"cannot resume from '{path}': train config key '{key}' was {old[key]!r}, now "
+                    f"{new[key]!r}; it defines the run, so start a new run dir to change it"
+                )
+        changed = [f"{k} {old[k]!r} -> {new[k]!r}" for k in new if k in old and old[k] != new[k]]
+        if changed:
+            self._note(f"resuming '{path.name}' with a changed train config: {', '.join(changed)}")
+
+    def load_checkpoint(self, path: str | Path, *, verify: bool = True) -> None:
+        """Restore the full training state from a checkpoint directory (see ``state_dict``)."""
+        path = Path(path)
+        state, meta = read_checkpoint(path, verify=verify)
+        self._check_resumable(meta, path)
+        check_compatible(self.model, state["model"], f"checkpoint '{path}'")
+        self.model.load_state_dict(state["model"])
+        if self.ema is not None:
+            if state["ema"] is not None:
+                self.ema.load_state_dict(state["ema"])
+            else:
+                self._note(f"'{path.name}' has no EMA weights; the EMA restarts from the current weights")
+                self.ema = EMA(self.model, self.cfg.ema_decay, warmup=self.cfg.ema_warmup)
+        self.optimizer.load_state_dict(state["optimizer"])
+        rng = state["rng"]
+        if rng["loss_generator_device"] == self.device.type:
+            self.generator.set_state(rng["loss_generator"])
+        else:  # CPU and CUDA generators are different algorithms; their states do not transfer
+            self._note(f"'{path.name}' was trained on {rng['loss_generator_device']}; loss noise is reseeded")
+            self.generator.manual_seed(derive_seed(self.cfg.seed, f"loss@{state['trainer']['step']}"))
+        set_global_rng_state(rng["global"], rng["global_plain"])
+        if hasattr(self.data, "load_state_dict") and state["data"] is not None:
+            self.data.load_state_dict(state["data"])
+        else:
+            self._note("the data stream has no saved position; the resumed run sees different batches")
+        for name, obj in self.extra_state.items():
+            if name in state["extra"]:
+                obj.load_state_dict(state["extra"][name])
+            else:
+                self._note(f"'{path.name}' has no state for '{name}'; it starts fresh")
+        self.step = int(state["trainer"]["step"])
+        self._elapsed_before = float(state["trainer"]["elapsed_seconds"])
+        self.last_checkpoint = path
