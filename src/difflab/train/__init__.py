@@ -10,13 +10,14 @@ from difflab.train.checkpoint import (
     save_checkpoint,
     verify_checkpoint,
 )
+from difflab.train.config import TrainConfig
 from difflab.train.device import is_main_process, resolve_device
 from difflab.train.ema import EMA, ema_decay_at
 from difflab.train.loader import InfiniteLoader
 from difflab.train.metrics import MetricsLogger, read_metrics
 from difflab.train.schedule import lr_factor
 from difflab.train.seeding import derive_seed, seed_everything
-from difflab.train.trainer import TrainConfig, Trainer, make_loader
+from difflab.train.trainer import Trainer, make_loader
 
 __all__ = [
     "EMA",

@@ -30,7 +30,6 @@ import math
 import sys
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +39,7 @@ from tqdm.auto import tqdm
 
 import difflab
 from difflab.config import to_dict
-from difflab.errors import DifflabError, check_choice
+from difflab.errors import DifflabError
 from difflab.train.checkpoint import (
     check_compatible,
     latest_checkpoint,
@@ -49,78 +48,13 @@ from difflab.train.checkpoint import (
     read_checkpoint,
     save_checkpoint,
 )
+from difflab.train.config import RESUME_MUST_MATCH, TrainConfig
 from difflab.train.device import is_main_process, resolve_device
 from difflab.train.ema import EMA
 from difflab.train.loader import InfiniteLoader
 from difflab.train.metrics import MetricsLogger
-from difflab.train.schedule import LR_SCHEDULES, lr_factor
+from difflab.train.schedule import lr_factor
 from difflab.train.seeding import derive_seed, global_rng_state, make_generator, set_global_rng_state
-
-MIXED_PRECISION = ("no", "bf16")
-# Train-config keys that define the run itself: resuming with another value would not continue the same
-# run (another data stream, other random draws, optimizer settings the loaded state would override).
-# Every other key (steps, lr, cadences, device, ...) may change on resume; the change is printed.
-RESUME_MUST_MATCH = ("batch_size", "grad_accum", "seed", "betas", "eps", "weight_decay")
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    steps: int = 1000
-    """Optimizer steps in the whole run (a resumed run continues up to this)."""
-    batch_size: int = 32
-    """Items per micro-batch (``make_loader`` uses it)."""
-    grad_accum: int = 1
-    """Micro-batches whose gradients add up to one optimizer step."""
-    lr: float = 2e-4
-    weight_decay: float = 0.0
-    """AdamW decoupled weight decay, applied to weight matrices and kernels only (not biases, norms)."""
-    betas: tuple[float, float] = (0.9, 0.999)
-    eps: float = 1e-8
-    warmup_steps: int = 0
-    """Linear warmup from lr/warmup_steps to lr (see ``difflab.train.schedule``)."""
-    lr_schedule: str = "constant"
-    """After warmup: 'constant' or 'cosine' (down to min_lr_ratio * lr at the last step)."""
-    min_lr_ratio: float = 0.0
-    grad_clip: float | None = 1.0
-    """Clip the global gradient norm to this; None disables clipping (the norm is still logged)."""
-    ema_decay: float | None = 0.999
-    """Decay of the EMA weights used for sampling; None disables EMA."""
-    ema_warmup: bool = True
-    """Ramp the EMA decay as min(decay, (1 + k) / (10 + k)) (see ``difflab.train.ema``)."""
-    seed: int = 0
-    log_every: int = 10
-    sample_every: int | None = None
-    """Call sample_fn every this many steps (and always at the end); None: only at the end."""
-    checkpoint_every: int | None = 500
-    """Save every this many steps (and always at the end); None: only at the end."""
-    keep_last: int = 3
-    """Checkpoints kept on disk; older ones are deleted after each save."""
-    device: str = "auto"
-    """'auto' (CUDA, then MPS, then CPU), 'cpu', 'cuda', 'cuda:N' or 'mps'."""
-    mixed_precision: str = "no"
-    """'no' or 'bf16' (autocast of the forward pass; fp16 with a grad scaler is not wired yet)."""
-    progress: bool = True
-    """Show a progress bar (only ever when stderr is a terminal)."""
-
-    def __post_init__(self):
-        positive = {"steps": self.steps, "batch_size": self.batch_size, "grad_accum": self.grad_accum}
-        positive |= {"log_every": self.log_every, "keep_last": self.keep_last}
-        positive |= {"sample_every": self.sample_every or 1, "checkpoint_every": self.checkpoint_every or 1}
-        for key, value in positive.items():
-            if value < 1:
-                raise DifflabError(f"bad {key} {value}; expected an integer >= 1")
-        if not self.lr > 0:
-            raise DifflabError(f"bad lr {self.lr}; expected a positive learning rate")
-        if self.warmup_steps < 0:
-            raise DifflabError(f"bad warmup_steps {self.warmup_steps}; expected an integer >= 0")
-        if self.grad_clip is not None and not self.grad_clip > 0:
-            raise DifflabError(f"bad grad_clip {self.grad_clip}; expected a positive max norm or None")
-        if self.ema_decay is not None and not 0.0 <= self.ema_decay < 1.0:
-            raise DifflabError(f"bad ema_decay {self.ema_decay}; expected a number in [0, 1) or None")
-        if not 0.0 <= self.min_lr_ratio <= 1.0:
-            raise DifflabError(f"bad min_lr_ratio {self.min_lr_ratio}; expected a number in [0, 1]")
-        check_choice("lr schedule", self.lr_schedule, LR_SCHEDULES)
-        check_choice("mixed precision mode", self.mixed_precision, MIXED_PRECISION)
 
 
 def make_loader(dataset, cfg: TrainConfig, *, num_workers: int = 0, collate_fn=None) -> InfiniteLoader:
