@@ -1,0 +1,1 @@
+"""Assembled systems, each with one config dataclass and named presets."""
