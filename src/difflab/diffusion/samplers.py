@@ -1,0 +1,221 @@
+r"""Samplers: pure functions over one denoiser interface (:class:`difflab.diffusion.denoiser.Denoiser`).
+
+Every sampler has the same signature::
+
+    sample_x(denoiser, x_T, schedule, steps=50, *, spacing="linspace", timesteps=None, cond=None,
+             noise=None, callback=None, progress=False, **options) -> x_0
+
+- ``denoiser(x, t, **cond) -> (eps_hat, x0_hat)``; ``t`` an integer training step 0..T-1.
+- ``x_T``: the starting noise in the variance-preserving scale, ``N(0, I)`` (also for Euler and Heun,
+  which rescale internally; diffusers instead multiplies its initial noise by ``init_noise_sigma``).
+- ``spacing``/``timesteps``: which steps to visit (:mod:`difflab.diffusion.discretization`).
+- ``noise``: where stochastic samplers draw fresh noise: ``None`` (torch's global RNG), a
+  ``torch.Generator``, or a callable ``noise(i, x) -> tensor shaped like x`` for full determinism.
+- ``callback(i, x, t, pred_x0)`` after step i: ``x`` the new sample, ``t`` the timestep the network
+  was evaluated at, ``pred_x0`` its x0 estimate there.
+
+Glossary: index i runs over the plan; "t" is level i (noisier), "s" is level i + 1 (the target).
+All coefficients are Python floats computed in double precision; tensors keep ``x_T``'s dtype.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+
+from difflab.diffusion.discretization import DEFAULT_SPACING, SamplingPlan, make_plan
+from difflab.diffusion.forward import posterior_coefficients
+from difflab.diffusion.schedules import Schedule
+from difflab.errors import DifflabError, check_choice
+
+Update = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def noise_source(noise) -> Callable[[int, torch.Tensor], torch.Tensor]:
+    """Normalise the ``noise`` argument to a function ``(i, x) -> standard normal tensor like x``."""
+    if noise is None:
+        return lambda i, x: torch.randn_like(x)
+    if isinstance(noise, torch.Generator):
+        gen = noise
+        return lambda i, x: torch.randn(x.shape, generator=gen, dtype=x.dtype, device=gen.device).to(x.device)
+    if callable(noise):
+        return noise
+    raise DifflabError(f"noise {noise!r} is invalid; expected None, a torch.Generator or a callable (i, x)")
+
+
+def run_steps(
+    name: str, denoiser, x: torch.Tensor, plan: SamplingPlan, update: Update, *, cond, callback, progress
+) -> torch.Tensor:
+    """The loop every sampler shares: evaluate the denoiser at step i, apply the sampler's update,
+    report to the callback. ``update(i, x, eps_hat, x0_hat) -> x`` holds the sampler's equation."""
+    from tqdm.auto import tqdm
+
+    cond = cond or {}
+    for i in tqdm(range(len(plan)), desc=name, disable=not progress):
+        t = int(plan.timesteps[i])
+        eps, x0 = denoiser(x, t, **cond)
+        x = update(i, x, eps, x0)
+        if callback is not None:
+            callback(i, x, t, x0)
+    return x
+
+
+def sample_ddpm(
+    denoiser, x_T, schedule: Schedule, steps: int = 50, *, spacing: str = DEFAULT_SPACING, timesteps=None,
+    cond=None, noise=None, callback=None, progress: bool = False, variance: str = "fixed_small",
+) -> torch.Tensor:  # fmt: skip
+    r"""Ancestral sampling, Algorithm 2 of Ho et al. (2020): :math:`x_s \sim q(x_s | x_t, \hat x_0)`,
+    the posterior of Eqs. (6)-(7) with the model's x0 estimate, over any subsequence of steps.
+
+    ``variance``: ``"fixed_small"`` uses :math:`\tilde\beta_t` (the posterior variance),
+    ``"fixed_large"`` uses :math:`\beta_t` (both in Sec. 3.2 of Ho et al.). No noise on the last step
+    ("z = 0 if t = 1" in Algorithm 2).
+    """
+    check_choice("DDPM variance", variance, ("fixed_small", "fixed_large"))
+    plan, draw = make_plan(schedule, steps, spacing, timesteps), noise_source(noise)
+
+    def update(i, x, eps, x0):
+        ab_t, ab_s = plan.level(i).alpha_bar, plan.level(i + 1).alpha_bar
+        c0, ct, tilde_beta = posterior_coefficients(ab_t, ab_s)
+        mean = float(c0) * x0 + float(ct) * x  # Eq. (7): posterior mean given x0_hat
+        if i == len(plan) - 1:
+            return mean
+        var = float(tilde_beta) if variance == "fixed_small" else 1 - ab_t / ab_s  # beta_{t|s}
+        return mean + math.sqrt(var) * draw(i, x)
+
+    return run_steps("ddpm", denoiser, x_T, plan, update, cond=cond, callback=callback, progress=progress)
+
+
+def sample_ddim(
+    denoiser, x_T, schedule: Schedule, steps: int = 50, *, spacing: str = DEFAULT_SPACING, timesteps=None,
+    cond=None, noise=None, callback=None, progress: bool = False, eta: float = 0.0, final_alpha: str = "one",
+) -> torch.Tensor:  # fmt: skip
+    r"""DDIM update, Eq. (12) of Song et al. (2021):
+
+    .. math:: x_s = \sqrt{\bar\alpha_s}\,\hat x_0 + \sqrt{1-\bar\alpha_s-\sigma^2}\,\hat\epsilon + \sigma z,
+              \quad \sigma = \eta\sqrt{\tilde\beta_{t|s}}\ \ \text{(Eq. 16)}
+
+    ``eta = 0`` is the deterministic DDIM, ``eta = 1`` has DDPM's posterior variance.
+    ``final_alpha="first"`` ends on \bar\alpha_0 instead of 1, like diffusers' ``set_alpha_to_one=False``.
+    """
+    if eta < 0:
+        raise DifflabError(f"eta {eta} is invalid; expected eta >= 0 (0: deterministic, 1: DDPM variance)")
+    plan, draw = make_plan(schedule, steps, spacing, timesteps, final_alpha), noise_source(noise)
+
+    def update(i, x, eps, x0):
+        ab_t, ab_s = plan.level(i).alpha_bar, plan.level(i + 1).alpha_bar
+        var = eta**2 * float(posterior_coefficients(ab_t, ab_s)[2])  # sigma_t(eta)^2, Eq. (16)
+        x = math.sqrt(ab_s) * x0 + math.sqrt(max(1 - ab_s - var, 0.0)) * eps  # Eq. (12)
+        return x + math.sqrt(var) * draw(i, x) if var > 0 else x
+
+    return run_steps("ddim", denoiser, x_T, plan, update, cond=cond, callback=callback, progress=progress)
+
+
+def sample_dpmpp_2m(
+    denoiser, x_T, schedule: Schedule, steps: int = 50, *, spacing: str = DEFAULT_SPACING, timesteps=None,
+    cond=None, noise=None, callback=None, progress: bool = False,
+) -> torch.Tensor:  # fmt: skip
+    r"""DPM-Solver++(2M), Algorithm 2 of Lu et al. (2022, "DPM-Solver++"): multistep second order in
+    the data prediction :math:`\hat x_0`, with :math:`h = \lambda_s - \lambda_t`:
+
+    .. math:: x_s = \frac{\sigma_s}{\sigma_t} x_t - \alpha_s (e^{-h} - 1) D,\quad
+              D = \big(1 + \tfrac{1}{2r}\big)\hat x_0^{(i)} - \tfrac{1}{2r}\hat x_0^{(i-1)},\quad
+              r = h_{i-1} / h_i
+
+    The first step is first order (:math:`D = \hat x_0`, no history yet); so is the last, which
+    lands on \sigma = 0 where h is infinite and the update returns :math:`\hat x_0` (as in
+    k-diffusion and diffusers' ``final_sigmas_type="zero"``). Deterministic: ``noise`` is unused.
+    """
+    plan = make_plan(schedule, steps, spacing, timesteps)
+    prev_x0, prev_h = None, None  # the multistep history lives here, not in an object
+
+    def update(i, x, eps, x0):
+        nonlocal prev_x0, prev_h
+        t, s = plan.level(i), plan.level(i + 1)
+        h = s.lam - t.lam
+        if prev_x0 is None or s.sigma == 0:
+            d = x0
+        else:
+            r = prev_h / h
+            d = (1 + 1 / (2 * r)) * x0 - (1 / (2 * r)) * prev_x0
+        prev_x0, prev_h = x0, h
+        return (s.sigma / t.sigma) * x - s.alpha * math.expm1(-h) * d
+
+    return run_steps("dpmpp_2m", denoiser, x_T, plan, update, cond=cond, callback=callback, progress=progress)
+
+
+def _karras_plan(schedule, steps, spacing, timesteps, name) -> SamplingPlan:
+    plan = make_plan(schedule, steps, spacing, timesteps)
+    if plan.level(0).alpha == 0:
+        raise DifflabError(
+            f"sampler '{name}' steps in sigma = sigma_t/alpha_t, which is infinite at timestep "
+            f"{int(plan.timesteps[0])} (zero terminal SNR); use ddim, ddpm or dpmpp_2m for this schedule"
+        )
+    return plan
+
+
+def _ode_slope(x: torch.Tensor, x0: torch.Tensor, level) -> torch.Tensor:
+    """Slope of the probability-flow ODE in Karras et al.'s coordinates (x/alpha, sigma/alpha):
+    d = (x/alpha - D(x)) / sigma (Algorithm 1, line 4), with D(x) = x0_hat."""
+    return (x / level.alpha - x0) / level.ve_sigma
+
+
+def _euler_step(x: torch.Tensor, d: torch.Tensor, t, s) -> torch.Tensor:
+    """x/alpha moves by (sigma_s - sigma_t) * d; returned in the VP scale of level s."""
+    return (x / t.alpha + (s.ve_sigma - t.ve_sigma) * d) * s.alpha
+
+
+def sample_euler(
+    denoiser, x_T, schedule: Schedule, steps: int = 50, *, spacing: str = DEFAULT_SPACING, timesteps=None,
+    cond=None, noise=None, callback=None, progress: bool = False,
+) -> torch.Tensor:  # fmt: skip
+    r"""Euler's method, Algorithm 1 of Karras et al. (2022) with :math:`\gamma = 0` (deterministic), over
+    the discrete schedule's sigmas :math:`\sigma_i = \sqrt{(1-\bar\alpha)/\bar\alpha}` ending at 0:
+    :math:`d = (x - D(x;\sigma_i))/\sigma_i,\ x_{i+1} = x_i + (\sigma_{i+1}-\sigma_i) d`.
+    (Since :math:`d = \hat\epsilon`, this is algebraically DDIM with eta = 0.) ``noise`` is unused."""
+    plan = _karras_plan(schedule, steps, spacing, timesteps, "euler")
+
+    def update(i, x, eps, x0):
+        t, s = plan.level(i), plan.level(i + 1)
+        return _euler_step(x, _ode_slope(x, x0, t), t, s)
+
+    return run_steps("euler", denoiser, x_T, plan, update, cond=cond, callback=callback, progress=progress)
+
+
+def sample_heun(
+    denoiser, x_T, schedule: Schedule, steps: int = 50, *, spacing: str = DEFAULT_SPACING, timesteps=None,
+    cond=None, noise=None, callback=None, progress: bool = False,
+) -> torch.Tensor:  # fmt: skip
+    r"""Heun's second-order method, Algorithm 2 of Karras et al. (2022) with :math:`\gamma = 0`: an Euler
+    step to :math:`\sigma_{i+1}`, then, unless :math:`\sigma_{i+1} = 0`, a correction with the average
+    of the slopes at both ends. The second evaluation is at timestep :math:`t_{i+1}`, so n steps cost
+    2n - 1 network calls. ``noise`` is unused."""
+    plan = _karras_plan(schedule, steps, spacing, timesteps, "heun")
+    cond_kwargs = cond or {}
+
+    def update(i, x, eps, x0):
+        t, s = plan.level(i), plan.level(i + 1)
+        d = _ode_slope(x, x0, t)
+        x_euler = _euler_step(x, d, t, s)
+        if s.ve_sigma == 0:
+            return x_euler
+        _, x0_s = denoiser(x_euler, int(plan.timesteps[i + 1]), **cond_kwargs)
+        return _euler_step(x, (d + _ode_slope(x_euler, x0_s, s)) / 2, t, s)  # trapezoid rule
+
+    return run_steps("heun", denoiser, x_T, plan, update, cond=cond, callback=callback, progress=progress)
+
+
+SAMPLERS: dict[str, Callable[..., torch.Tensor]] = {
+    "ddpm": sample_ddpm,
+    "ddim": sample_ddim,
+    "dpmpp_2m": sample_dpmpp_2m,
+    "euler": sample_euler,
+    "heun": sample_heun,
+}
+
+
+def get_sampler(name: str) -> Callable[..., torch.Tensor]:
+    """Look a sampler up by name: ``get_sampler("ddim")(denoiser, x_T, schedule, steps=50)``."""
+    return SAMPLERS[check_choice("sampler", name, SAMPLERS)]
