@@ -23,6 +23,7 @@ import math
 from dataclasses import dataclass
 from typing import NamedTuple
 
+import numpy as np
 import torch
 
 from difflab.diffusion.schedules import Schedule
@@ -45,14 +46,15 @@ def timestep_spacing(
     T = num_train_timesteps
     if not isinstance(steps, int) or not 1 <= steps <= T:
         raise DifflabError(f"steps {steps!r} is invalid; expected an integer from 1 to {T} (training steps)")
-    i = torch.arange(steps, dtype=torch.float64)
+    # numpy float64 arange/linspace and round-half-to-even, as diffusers computes them, so the two libraries
+    # visit the same steps even where T/n rounding hits an exact .5 tie (e.g. trailing, n = 48).
     if spacing == "linspace":
-        t = torch.linspace(0, T - 1, steps, dtype=torch.float64).round().flip(0)
+        t = np.linspace(0, T - 1, steps).round()[::-1]
     elif spacing == "leading":
-        t = (i * (T // steps) + steps_offset).flip(0)
+        t = (np.arange(steps) * (T // steps) + steps_offset)[::-1]
     else:
-        t = (T - i * (T / steps)).round() - 1
-    t = t.long()
+        t = np.arange(T, 0, -T / steps)[:steps].round() - 1  # arange may overshoot by one element
+    t = torch.from_numpy(t.astype(np.int64).copy())
     if int(t.max()) >= T:
         raise DifflabError(f"steps_offset {steps_offset} pushes timestep {int(t.max())} past {T - 1}")
     return t

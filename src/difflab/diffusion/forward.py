@@ -19,23 +19,23 @@ from __future__ import annotations
 
 import torch
 
-from difflab.diffusion.schedules import Schedule, broadcast_like, per_sample
+from difflab.diffusion.schedules import Schedule, broadcast_like
 
 
 def q_sample(schedule: Schedule, x0: torch.Tensor, t, noise: torch.Tensor) -> torch.Tensor:
     r"""Sample :math:`x_t \sim q(x_t|x_0)` in closed form, Eq. (4) of Ho et al. (2020):
     :math:`x_t = \sqrt{\bar\alpha_t}\,x_0 + \sqrt{1-\bar\alpha_t}\,\epsilon`.
 
-    x0, noise: (B, ...); t: int or (B,) -> (B, ...)
+    x0, noise: (B, ...); t: int, 0-d or (B,) -> (B, ...)
     """
-    alpha, sigma = schedule.alpha_sigma(per_sample(t, x0.shape[0]))
+    alpha, sigma = schedule.alpha_sigma(t)  # a scalar t stays one coefficient and broadcasts
     return broadcast_like(alpha, x0) * x0 + broadcast_like(sigma, x0) * noise
 
 
 def q_step(schedule: Schedule, x_prev: torch.Tensor, t, noise: torch.Tensor) -> torch.Tensor:
     r"""One step of the forward chain, Eq. (2) of Ho et al. (2020):
     :math:`x_t = \sqrt{1-\beta_t}\,x_{t-1} + \sqrt{\beta_t}\,\epsilon`."""
-    beta = schedule.betas[schedule.check_timesteps(per_sample(t, x_prev.shape[0]))]
+    beta = schedule.betas[schedule.check_timesteps(t)]
     return broadcast_like((1 - beta).sqrt(), x_prev) * x_prev + broadcast_like(beta.sqrt(), x_prev) * noise
 
 
@@ -71,7 +71,7 @@ def q_posterior(
 
     x0, x_t: (B, ...); t: int or (B,) -> mean (B, ...), variance (B, 1, ...) broadcastable
     """
-    t = schedule.check_timesteps(per_sample(t, x_t.shape[0]))
+    t = schedule.check_timesteps(t)
     ab_t = schedule.alphas_cumprod[t]
     ab_prev = torch.where(t > 0, schedule.alphas_cumprod[(t - 1).clamp(min=0)], torch.ones_like(ab_t))
     c0, ct, variance = posterior_coefficients(ab_t, ab_prev)

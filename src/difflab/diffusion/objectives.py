@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import torch
 
-from difflab.diffusion.schedules import Schedule, broadcast_like, per_sample
+from difflab.diffusion.schedules import Schedule, broadcast_like
 from difflab.errors import check_choice
 
 PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
@@ -88,9 +88,8 @@ def diffusion_loss(
     non-batch dims), where ``model_output`` is the network's prediction at
     :math:`x_t = \alpha_t x_0 + \sigma_t \epsilon` (:func:`difflab.diffusion.forward.q_sample`).
 
-    x0, noise, model_output: (B, ...); t: (B,) int -> (B,)
+    x0, noise, model_output: (B, ...); t: (B,) or one int for all -> (B,)
     """
-    t = per_sample(t, x0.shape[0])
     alpha, sigma = schedule.alpha_sigma(t)
     target = from_eps_x0(
         prediction_type, noise, x0, broadcast_like(alpha, model_output), broadcast_like(sigma, model_output)

@@ -37,7 +37,8 @@ def append_dims(v: torch.Tensor, ndim: int) -> torch.Tensor:
 
 
 def broadcast_like(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """Per-sample float64 CPU coefficients ``(B,)`` -> ``(B, 1, ..., 1)`` in ``like``'s dtype and device.
+    """Per-sample float64 CPU coefficients ``(B,)`` (or one, 0-d) -> ``(B, 1, ..., 1)`` in ``like``'s dtype
+    and device.
     The cast happens on the CPU first, so float64 schedules also serve devices without float64 (MPS)."""
     return append_dims(values.to(like.dtype), like.ndim).to(like.device)
 
