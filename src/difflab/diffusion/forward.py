@@ -10,7 +10,7 @@ Glossary (0-based index t; "s" is any earlier step, s < t, or the clean end wher
         \tilde\beta = \frac{1-\bar\alpha_{t-1}}{1-\bar\alpha_t}\beta_t                   Eq. (7)
 
 The posterior holds for any pair s < t once \beta_t and \alpha_t are read as the *strided* step
-\alpha_{t|s} = \bar\alpha_t / \bar\alpha_s, \beta_{t|s} = 1 - \alpha_{t|s} (Kingma et al. 2021, Eq. 23);
+\alpha_{t|s} = \bar\alpha_t / \bar\alpha_s, \beta_{t|s} = 1 - \alpha_{t|s} (as in Kingma et al. 2021);
 that is how DDPM sampling with fewer than T steps reuses the same formula
 (:func:`posterior_coefficients`).
 """

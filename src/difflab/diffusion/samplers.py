@@ -158,7 +158,7 @@ def _karras_plan(schedule, steps, spacing, timesteps, name) -> SamplingPlan:
 
 def _ode_slope(x: torch.Tensor, x0: torch.Tensor, level) -> torch.Tensor:
     """Slope of the probability-flow ODE in Karras et al.'s coordinates (x/alpha, sigma/alpha):
-    d = (x/alpha - D(x)) / sigma (Algorithm 1, line 4), with D(x) = x0_hat."""
+    d = (x/alpha - D(x)) / sigma: Algorithm 1's slope for sigma(t) = t, s(t) = 1, with D(x) = x0_hat."""
     return (x / level.alpha - x0) / level.ve_sigma
 
 
@@ -171,10 +171,11 @@ def sample_euler(
     denoiser, x_T, schedule: Schedule, steps: int = 50, *, spacing: str = DEFAULT_SPACING, timesteps=None,
     cond=None, noise=None, callback=None, progress: bool = False,
 ) -> torch.Tensor:  # fmt: skip
-    r"""Euler's method, Algorithm 1 of Karras et al. (2022) with :math:`\gamma = 0` (deterministic), over
-    the discrete schedule's sigmas :math:`\sigma_i = \sqrt{(1-\bar\alpha)/\bar\alpha}` ending at 0:
+    r"""Euler's method: the first-order step of Algorithm 1 of Karras et al. (2022) without its correction
+    (the Euler step of their Algorithm 2 with :math:`S_\mathrm{churn} = 0`), over the discrete schedule's
+    sigmas :math:`\sigma_i = \sqrt{(1-\bar\alpha)/\bar\alpha}` ending at 0:
     :math:`d = (x - D(x;\sigma_i))/\sigma_i,\ x_{i+1} = x_i + (\sigma_{i+1}-\sigma_i) d`.
-    (Since :math:`d = \hat\epsilon`, this is algebraically DDIM with eta = 0.) ``noise`` is unused."""
+    Since :math:`d = \hat\epsilon`, this is algebraically DDIM with eta = 0. ``noise`` is unused."""
     plan = _karras_plan(schedule, steps, spacing, timesteps, "euler")
 
     def update(i, x, eps, x0):
@@ -188,10 +189,10 @@ def sample_heun(
     denoiser, x_T, schedule: Schedule, steps: int = 50, *, spacing: str = DEFAULT_SPACING, timesteps=None,
     cond=None, noise=None, callback=None, progress: bool = False,
 ) -> torch.Tensor:  # fmt: skip
-    r"""Heun's second-order method, Algorithm 2 of Karras et al. (2022) with :math:`\gamma = 0`: an Euler
-    step to :math:`\sigma_{i+1}`, then, unless :math:`\sigma_{i+1} = 0`, a correction with the average
-    of the slopes at both ends. The second evaluation is at timestep :math:`t_{i+1}`, so n steps cost
-    2n - 1 network calls. ``noise`` is unused."""
+    r"""Heun's second-order method, Algorithm 1 of Karras et al. (2022) (their Algorithm 2 with
+    :math:`S_\mathrm{churn} = 0`): an Euler step to :math:`\sigma_{i+1}`, then, unless
+    :math:`\sigma_{i+1} = 0`, a correction with the average of the slopes at both ends. The second
+    evaluation is at timestep :math:`t_{i+1}`, so n steps cost 2n - 1 network calls. ``noise`` is unused."""
     plan = _karras_plan(schedule, steps, spacing, timesteps, "heun")
     cond_kwargs = cond or {}
 

@@ -7,7 +7,7 @@ so index ``t`` is step ``t + 1`` of Ho et al. (2020)):
     \alpha_t = 1 - \beta_t                   alphas
     \bar\alpha_t = \prod_{s<=t} \alpha_s     alphas_cumprod    signal fraction left at step t (Eq. 4)
     \alpha_t, \sigma_t (continuous, VP)      alpha_sigma(t)    sqrt(\bar\alpha_t), sqrt(1 - \bar\alpha_t)
-    SNR(t) = \alpha_t^2 / \sigma_t^2         snr               Kingma et al. (2021, Eq. 2)
+    SNR(t) = \alpha_t^2 / \sigma_t^2         snr               signal-to-noise ratio (Kingma et al. 2021)
     \log SNR(t) = 2\lambda_t                log_snr           \lambda_t = \log(\alpha_t/\sigma_t): DPM-Solver
     \sigma^{VE}_t = \sigma_t / \alpha_t      sigmas            Karras et al. (2022) noise level of x/\alpha
 
