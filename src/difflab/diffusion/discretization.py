@@ -39,7 +39,7 @@ DEFAULT_SPACING = "linspace"
 
 def timestep_spacing(
     num_train_timesteps: int, steps: int, spacing: str = DEFAULT_SPACING, steps_offset: int = 0
-):
+) -> torch.Tensor:
     """The n sampling timesteps, descending, as an int64 tensor (Lin et al. 2024, Table 2).
     ``steps_offset`` shifts the leading spacing (Stable Diffusion uses 1), as in diffusers."""
     check_choice("timestep spacing", spacing, SPACINGS)
@@ -71,7 +71,7 @@ class Level(NamedTuple):
 
 
 def noise_level(alpha_bar: float) -> Level:
-    """Convert \bar\alpha to (alpha, sigma, sigma/alpha, log(alpha/sigma)), keeping the two ends exact."""
+    """Convert alpha_bar to (alpha, sigma, sigma/alpha, log(alpha/sigma)), keeping the two ends exact."""
     alpha, sigma = math.sqrt(alpha_bar), math.sqrt(1.0 - alpha_bar)
     ve_sigma = sigma / alpha if alpha > 0 else math.inf
     if alpha == 0:
@@ -108,7 +108,7 @@ def make_plan(
     timesteps=None,
     final_alpha: str = "one",
 ) -> SamplingPlan:
-    """Choose the timesteps (``spacing``, or explicit descending ``timesteps``) and the end level:
+    r"""Choose the timesteps (``spacing``, or explicit descending ``timesteps``) and the end level:
     ``final_alpha="one"`` ends on the data (\bar\alpha = 1, Ho et al. 2020; Song et al. 2021);
     ``"first"`` ends on \bar\alpha of training step 0, diffusers' DDIM ``set_alpha_to_one=False``."""
     check_choice("final alpha", final_alpha, FINAL_ALPHAS)

@@ -39,6 +39,13 @@ def q_step(schedule: Schedule, x_prev: torch.Tensor, t, noise: torch.Tensor) -> 
     return broadcast_like((1 - beta).sqrt(), x_prev) * x_prev + broadcast_like(beta.sqrt(), x_prev) * noise
 
 
+def strided_beta(alpha_bar_t, alpha_bar_s) -> torch.Tensor:
+    r"""Variance added from step s to a later step t, :math:`\beta_{t|s} = 1 - \bar\alpha_t/\bar\alpha_s`
+    (:math:`\beta_t` itself when s = t - 1). Float64."""
+    ab_t = torch.as_tensor(alpha_bar_t, dtype=torch.float64)
+    return 1 - ab_t / torch.as_tensor(alpha_bar_s, dtype=torch.float64)
+
+
 def posterior_coefficients(
     alpha_bar_t: torch.Tensor | float, alpha_bar_s: torch.Tensor | float
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -55,8 +62,8 @@ def posterior_coefficients(
     """
     ab_t = torch.as_tensor(alpha_bar_t, dtype=torch.float64)
     ab_s = torch.as_tensor(alpha_bar_s, dtype=torch.float64)
-    alpha_ts = ab_t / ab_s
-    beta_ts = 1 - alpha_ts
+    beta_ts = strided_beta(ab_t, ab_s)
+    alpha_ts = 1 - beta_ts
     c0 = ab_s.sqrt() * beta_ts / (1 - ab_t)
     ct = alpha_ts.sqrt() * (1 - ab_s) / (1 - ab_t)
     variance = (1 - ab_s) / (1 - ab_t) * beta_ts

@@ -26,7 +26,7 @@ from collections.abc import Callable
 import torch
 
 from difflab.diffusion.discretization import DEFAULT_SPACING, SamplingPlan, make_plan
-from difflab.diffusion.forward import posterior_coefficients
+from difflab.diffusion.forward import posterior_coefficients, strided_beta
 from difflab.diffusion.schedules import Schedule
 from difflab.errors import DifflabError, check_choice
 
@@ -82,7 +82,7 @@ def sample_ddpm(
         mean = float(c0) * x0 + float(ct) * x  # Eq. (7): posterior mean given x0_hat
         if i == len(plan) - 1:
             return mean
-        var = float(tilde_beta) if variance == "fixed_small" else 1 - ab_t / ab_s  # beta_{t|s}
+        var = float(tilde_beta if variance == "fixed_small" else strided_beta(ab_t, ab_s))
         return mean + math.sqrt(var) * draw(i, x)
 
     return run_steps("ddpm", denoiser, x_T, plan, update, cond=cond, callback=callback, progress=progress)

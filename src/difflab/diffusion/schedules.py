@@ -38,14 +38,14 @@ def append_dims(v: torch.Tensor, ndim: int) -> torch.Tensor:
 
 def broadcast_like(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """Per-sample float64 CPU coefficients ``(B,)`` (or one, 0-d) -> ``(B, 1, ..., 1)`` in ``like``'s dtype
-    and device.
-    The cast happens on the CPU first, so float64 schedules also serve devices without float64 (MPS)."""
+    and device. The cast happens on the CPU first, so float64 schedules also serve devices without
+    float64 (MPS)."""
     return append_dims(values.to(like.dtype), like.ndim).to(like.device)
 
 
 def per_sample(t, batch: int) -> torch.Tensor:
     """A timestep given as an int, a 0-d tensor or a ``(B,)`` tensor -> ``(B,)`` tensor on the CPU."""
-    t = torch.as_tensor(t, device="cpu") if not isinstance(t, torch.Tensor) else t.cpu()
+    t = torch.as_tensor(t).cpu()
     return t.expand(batch) if t.ndim == 0 else t
 
 
