@@ -16,6 +16,7 @@ from difflab.errors import DifflabError
 # Modules that define a ``register(subparsers)`` function, in the order ``--help`` lists them.
 COMMAND_MODULES = [
     "difflab.demo",
+    "difflab.models.cli",
     "difflab.world.cli",
     "difflab.diffusion.cli",
 ]
