@@ -295,50 +295,25 @@ register_preset(
         sample=SampleConfig(steps=10, grid=16),
     ),
 )  # fmt: skip
+# The CPU presets (demo, digits) share one network and one training recipe; only the data differs.
+_CPU_UNET = UNetConfig(channels=32, channel_mult=(1, 2, 2), num_res_blocks=1, attention_resolutions=(8,), heads=4)
+_CPU_TRAIN = TrainConfig(steps=1500, batch_size=32, lr=1e-3, warmup_steps=50, ema_decay=0.995, log_every=25,
+                         checkpoint_every=250, sample_every=500)  # fmt: skip
+
 register_preset(
     "demo",
     "pixel",
     "32x32 one-object toy world, class-conditional on shape x colour (40 classes): minutes on a 2-core CPU",
-    lambda: _preset(
-        data=DataConfig(world="single32", image_size=32),
-        unet=UNetConfig(
-            channels=32, channel_mult=(1, 2, 2), num_res_blocks=1, attention_resolutions=(8,), heads=4
-        ),
-        train=TrainConfig(
-            steps=1500,
-            batch_size=32,
-            lr=1e-3,
-            warmup_steps=50,
-            ema_decay=0.995,
-            log_every=25,
-            checkpoint_every=250,
-            sample_every=500,
-        ),
-        sample=SampleConfig(steps=20),
-    ),
-)
+    lambda: _preset(data=DataConfig(world="single32", image_size=32), unet=_CPU_UNET, train=_CPU_TRAIN,
+                    sample=SampleConfig(steps=20)),
+)  # fmt: skip
 register_preset(
     "digits",
     "pixel",
     "scikit-learn handwritten digits upsampled to 32x32 (bilinear), class-conditional 0-9: minutes on a CPU",
-    lambda: _preset(
-        data=DataConfig(dataset="digits", image_size=32),
-        unet=UNetConfig(
-            channels=32, channel_mult=(1, 2, 2), num_res_blocks=1, attention_resolutions=(8,), heads=4
-        ),
-        train=TrainConfig(
-            steps=1500,
-            batch_size=32,
-            lr=1e-3,
-            warmup_steps=50,
-            ema_decay=0.995,
-            log_every=25,
-            checkpoint_every=250,
-            sample_every=500,
-        ),
-        sample=SampleConfig(steps=20),
-    ),
-)
+    lambda: _preset(data=DataConfig(dataset="digits", image_size=32), unet=_CPU_UNET, train=_CPU_TRAIN,
+                    sample=SampleConfig(steps=20)),
+)  # fmt: skip
 register_preset(
     "base",
     "pixel",
