@@ -33,11 +33,14 @@ from difflab.world.scene import world_preset
 
 VARIANTS: dict[str, list[str]] = {
     "demo": [],
+    "unfactorized": ["data.factorized_labels=false"],
+    "narrow_unfactorized": ["unet.channels=16", "unet.channel_mult=1,2,4", "data.factorized_labels=false"],
     "narrow_top": ["unet.channels=16", "unet.channel_mult=1,2,4"],
     "eps_uniform": ["diffusion.prediction=epsilon", "diffusion.loss_weighting=uniform"],
     "batch64": ["train.batch_size=64"],
     "lr3e-3": ["train.lr=3e-3"],
-    "diffusers_naive": ["diffusion.prediction=epsilon", "diffusion.loss_weighting=uniform", "train.lr=2e-4",
+    "diffusers_naive": ["data.factorized_labels=false",
+                        "diffusion.prediction=epsilon", "diffusion.loss_weighting=uniform", "train.lr=2e-4",
                         "train.ema_decay=none", "sample.steps=30", "train.grad_clip=none"],
 }  # fmt: skip
 

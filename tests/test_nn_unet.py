@@ -111,3 +111,23 @@ def test_parameter_and_flop_counts_are_positive_and_scale():
 def test_bad_config_is_named():
     with pytest.raises(ValueError, match="image_size 30"):
         UNetConfig(image_size=30, channel_mult=(1, 2, 2))
+
+
+def test_factorised_class_embedding_is_a_sum_of_digit_embeddings():
+    from difflab.nn.unet import ClassEmbedding
+
+    torch.manual_seed(0)
+    emb = ClassEmbedding(40, 6, factors=(5, 8))
+    shape_table, colour_table = emb.tables
+    labels = torch.tensor([0, 13, 39, 40])  # 13 = shape 1, colour 5; 40 is the null class
+    out = emb(labels)
+    assert torch.allclose(out[1], shape_table.weight[1] + colour_table.weight[5])
+    assert torch.allclose(out[2], shape_table.weight[4] + colour_table.weight[7])
+    assert torch.allclose(out[3], shape_table.weight[5] + colour_table.weight[8])  # the null rows
+    # Shared digits share parameters: classes 8 and 13 (shape 1) differ only in their colour row.
+    assert torch.allclose(emb(torch.tensor([8]))[0] - colour_table.weight[0], out[1] - colour_table.weight[5])
+
+
+def test_class_factors_must_multiply_to_num_classes():
+    with pytest.raises(ValueError, match=r"class_factors \(5, 7\) do not multiply to num_classes=40"):
+        UNetConfig(num_classes=40, class_factors=(5, 7))

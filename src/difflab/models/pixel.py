@@ -48,6 +48,9 @@ class DataConfig:
     image_size: int = 32
     conditional: bool = True
     """Class-conditional (toy: shape x colour, digits: 0-9) with a null class for CFG; folders are not."""
+    factorized_labels: bool = True
+    """Toy world: embed shape and colour separately and add them (``UNetConfig.class_factors``), so every
+    red circle also teaches the model about blue circles. False: one embedding per (shape, colour)."""
 
     def __post_init__(self) -> None:
         check_choice("dataset", self.dataset, DATASETS)
@@ -105,7 +108,7 @@ class PixelDiffusionConfig:
         c = data_channels(self.data)
         derived = dataclasses.replace(
             self.unet, in_channels=c, out_channels=c, image_size=self.data.image_size,
-            num_classes=num_classes(self.data),
+            num_classes=num_classes(self.data), class_factors=class_factors(self.data),
         )  # fmt: skip
         object.__setattr__(self, "unet", derived)
 
@@ -126,6 +129,16 @@ def num_classes(data: DataConfig) -> int | None:
     from difflab.world.scene import world_preset
 
     return world_preset(data.world).num_classes
+
+
+def class_factors(data: DataConfig) -> tuple[int, ...]:
+    """(shapes, colours) for a factorised toy-world label, else () (one embedding per class)."""
+    if data.dataset != "toy" or not data.conditional or not data.factorized_labels:
+        return ()
+    from difflab.world.scene import world_preset
+
+    w = world_preset(data.world)
+    return (len(w.shapes), len(w.colors))
 
 
 def make_dataset(data: DataConfig, split: str = "train"):

@@ -16,6 +16,7 @@ Layout (``channel_mult=(1, 2, 2)``, 32x32 input): conv_in -> [res x N (+attn)] -
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -46,6 +47,10 @@ class UNetConfig:
     dropout: float = 0.0
     num_classes: int | None = None
     """Number of classes for class conditioning; one more embedding row is the CFG null class."""
+    class_factors: tuple[int, ...] = ()
+    """Factorised class embedding: a label is read as mixed-radix digits (e.g. (5, 8): shape * 8 + colour)
+    and the embedding is the sum of one learned embedding per digit, so what is learned about "circle"
+    from red circles serves blue ones too. Empty: one embedding per class."""
     context_dim: int | None = None
     """Width of the cross-attention context (text token embeddings); None disables cross-attention."""
 
@@ -61,6 +66,32 @@ class UNetConfig:
                 raise ValueError(
                     f"width {self.channels * m} is not divisible by norm_groups={self.norm_groups}"
                 )
+        if self.class_factors and math.prod(self.class_factors) != self.num_classes:
+            raise ValueError(f"class_factors {self.class_factors} do not multiply to num_classes={self.num_classes}")
+
+
+class ClassEmbedding(nn.Module):
+    """Class label -> (B, emb_dim). Label ``num_classes`` is the null class of classifier-free guidance.
+
+    With ``factors`` (f_1, ..., f_k), label y = ((d_1 f_2 + d_2) f_3 + ...) + d_k is split into its digits
+    and the embedding is ``sum_i E_i[d_i]``; the null class uses each table's extra null row.
+    """
+
+    def __init__(self, num_classes: int, emb_dim: int, factors: tuple[int, ...] = ()):
+        super().__init__()
+        self.num_classes = num_classes
+        self.factors = tuple(factors) or (num_classes,)
+        self.tables = nn.ModuleList(nn.Embedding(f + 1, emb_dim) for f in self.factors)
+
+    def forward(self, labels: torch.Tensor) -> torch.Tensor:
+        null = labels == self.num_classes
+        rest = labels.clamp(max=self.num_classes - 1)
+        out = 0
+        for f, table in reversed(list(zip(self.factors, self.tables, strict=True))):
+            digit = torch.where(null, torch.full_like(rest, f), rest % f)
+            out = out + table(digit)
+            rest = rest // f
+        return out
 
 
 class UNet(nn.Module):
@@ -72,7 +103,7 @@ class UNet(nn.Module):
         self.cfg = cfg
         ch, groups, emb_dim = cfg.channels, cfg.norm_groups, 4 * cfg.channels
         self.time_embed = TimestepEmbedding(ch, emb_dim)
-        self.class_embed = nn.Embedding(cfg.num_classes + 1, emb_dim) if cfg.num_classes else None
+        self.class_embed = ClassEmbedding(cfg.num_classes, emb_dim, cfg.class_factors) if cfg.num_classes else None
         self.conv_in = nn.Conv2d(cfg.in_channels, ch, 3, padding=1)
 
         def attn(width: int, res: int) -> nn.Module | None:
