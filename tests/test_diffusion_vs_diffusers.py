@@ -25,7 +25,7 @@ import torch
 from difflab.diffusion.denoiser import Denoiser
 from difflab.diffusion.discretization import timestep_spacing
 from difflab.diffusion.objectives import PREDICTION_TYPES
-from difflab.diffusion.samplers import get_sampler
+from difflab.diffusion.samplers import HEUN_MAX_SIGMA, get_sampler
 from difflab.diffusion.schedules import make_schedule
 from tests.test_diffusion_helpers import mixture, rel_err, single_thread  # noqa: F401
 
@@ -185,9 +185,16 @@ def run_ours(case: str, schedule: str, prediction_type: str, net, x_T, steps: in
     return xs
 
 
+def comparable(cases) -> list[tuple[str, str]]:
+    """(case, schedule) pairs where ours must equal diffusers. Not Heun on a schedule that starts above
+    HEUN_MAX_SIGMA (cosine): there ours takes an Euler first step on purpose, and
+    test_heun_is_second_order_on_the_cosine_schedule shows why."""
+    return [(c, s) for c in cases for s in SCHEDULES
+            if CASES[c][0] != "heun" or float(make_schedule(s).sigmas[-1]) <= HEUN_MAX_SIGMA]  # fmt: skip
+
+
 @pytest.mark.parametrize("prediction_type", PREDICTION_TYPES)
-@pytest.mark.parametrize("schedule", list(SCHEDULES))
-@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("case, schedule", comparable(CASES))
 def test_every_step_matches_given_the_same_model_outputs(case, schedule, prediction_type):
     sampler, options = CASES[case][:2]
     steps = 10
@@ -212,8 +219,9 @@ def test_every_step_matches_given_the_same_model_outputs(case, schedule, predict
 
 
 @pytest.mark.parametrize("prediction_type", PREDICTION_TYPES)
-@pytest.mark.parametrize("schedule", list(SCHEDULES))
-@pytest.mark.parametrize("case", [c for c in CASES if c not in ("ddim-final-alpha-first", "ddim-eta")])
+@pytest.mark.parametrize(
+    "case, schedule", comparable([c for c in CASES if c not in ("ddim-final-alpha-first", "ddim-eta")])
+)
 def test_whole_trajectories_with_an_analytic_model_match(case, schedule, prediction_type):
     steps = 25
     data = mixture(dim=6, std=0.3)

@@ -185,6 +185,11 @@ def sample_euler(
     return run_steps("euler", denoiser, x_T, plan, update, cond=cond, callback=callback, progress=progress)
 
 
+HEUN_MAX_SIGMA = 1000.0
+"""Above this sigma Heun takes plain Euler steps: far above Karras et al.'s sigma_max = 80 and the linear
+and scaled-linear schedules' 157 and 14.6 (so Heun still equals diffusers' there), far below cosine's ~2e4."""
+
+
 def sample_heun(
     denoiser, x_T, schedule: Schedule, steps: int = 50, *, spacing: str = DEFAULT_SPACING, timesteps=None,
     cond=None, noise=None, callback=None, progress: bool = False,
@@ -192,7 +197,14 @@ def sample_heun(
     r"""Heun's second-order method, Algorithm 1 of Karras et al. (2022) (their Algorithm 2 with
     :math:`S_\mathrm{churn} = 0`): an Euler step to :math:`\sigma_{i+1}`, then, unless
     :math:`\sigma_{i+1} = 0`, a correction with the average of the slopes at both ends. The second
-    evaluation is at timestep :math:`t_{i+1}`, so n steps cost 2n - 1 network calls. ``noise`` is unused."""
+    evaluation is at timestep :math:`t_{i+1}`, so n steps cost 2n - 1 network calls. ``noise`` is unused.
+
+    One departure: a step that starts above :data:`HEUN_MAX_SIGMA` takes the Euler step alone (one call
+    fewer). The trapezoid moves x/alpha by :math:`(\sigma_{i+1}-\sigma_i)(d_i + d_{i+1})/2`, so any
+    disagreement between the two slopes is multiplied by the step's length in sigma. Karras et al. start
+    at sigma = 80; the cosine schedule's clipped last beta puts its first sigma near 2e4, where this
+    product swamps the image (on Gaussian data, 18 trailing steps: W2 error 0.83 instead of Euler's
+    0.04). Diffusers' HeunDiscreteScheduler has no such guard."""
     plan = _karras_plan(schedule, steps, spacing, timesteps, "heun")
     cond_kwargs = cond or {}
 
@@ -200,7 +212,7 @@ def sample_heun(
         t, s = plan.level(i), plan.level(i + 1)
         d = _ode_slope(x, x0, t)
         x_euler = _euler_step(x, d, t, s)
-        if s.ve_sigma == 0:
+        if s.ve_sigma == 0 or t.ve_sigma > HEUN_MAX_SIGMA:
             return x_euler
         _, x0_s = denoiser(x_euler, int(plan.timesteps[i + 1]), **cond_kwargs)
         return _euler_step(x, (d + _ode_slope(x_euler, x0_s, s)) / 2, t, s)  # trapezoid rule
