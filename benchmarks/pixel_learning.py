@@ -36,6 +36,7 @@ VARIANTS: dict[str, list[str]] = {
     "unfactorized": ["data.factorized_labels=false"],
     "narrow_unfactorized": ["unet.channels=16", "unet.channel_mult=1,2,4", "data.factorized_labels=false"],
     "narrow_top": ["unet.channels=16", "unet.channel_mult=1,2,4"],
+    "narrow_lr2e-3": ["unet.channels=16", "unet.channel_mult=1,2,4", "train.lr=2e-3"],
     "eps_uniform": ["diffusion.prediction=epsilon", "diffusion.loss_weighting=uniform"],
     "batch64": ["train.batch_size=64"],
     "lr3e-3": ["train.lr=3e-3"],

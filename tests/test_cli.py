@@ -51,12 +51,21 @@ def test_world_preview_writes_png(tmp_path):
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_demo_writes_report_and_picture(tmp_path, capsys):
-    assert main(["demo", "--out", str(tmp_path), "--n", "20"]) == 0
+def test_demo_trains_samples_and_scores(tmp_path, capsys):
+    """The main job end to end on the tiny preset (seconds): a trained run, a grid, and a report whose
+    class accuracy is the reader's verdict on fresh samples (4 classes, so chance is 0.25)."""
+    assert main(["demo", "--out", str(tmp_path), "--preset", "tiny", "--n", "40"]) == 0
     report = json.loads((tmp_path / "report.json").read_text())
-    assert (tmp_path / "world.png").is_file()
-    assert all(v["exact_scene_accuracy"] >= 0.95 for v in report["reader"].values())
+    for name in ("world.png", "samples.png", "run/config.json", "run/metrics.jsonl"):
+        assert (tmp_path / name).is_file(), name
+    assert report["reader"]["exact_scene_accuracy"] >= 0.95
+    assert report["eval"]["n"] == 40 and report["eval"]["judge"] == "toy-world reader"
+    assert report["eval"]["class_accuracy"] > 0.5
+    assert report["train"]["steps"] == 150
+    assert set(report["timings"]) >= {"train_seconds", "eval_seconds", "total_seconds"}
     assert str(tmp_path / "report.json") in capsys.readouterr().out
+    # a second demo into the same directory would overwrite a trained run: refused
+    assert main(["demo", "--out", str(tmp_path), "--preset", "tiny"]) == 2
 
 
 @pytest.mark.parametrize(
@@ -69,6 +78,7 @@ def test_demo_writes_report_and_picture(tmp_path, capsys):
         (["world", "check", "--n", "0"], "--n 0 is invalid"),
         (["world", "check", "--noise", "-1"], "--noise -1.0 is invalid"),
         (["demo", "--n", "0"], "--n 0 is invalid"),
+        (["demo", "--preset", "demoo"], "unknown preset 'demoo'"),
     ],
 )
 def test_bad_input_is_one_line(argv, message, capsys):

@@ -309,7 +309,12 @@ register_preset(
     ),
 )  # fmt: skip
 # The CPU presets (demo, digits) share one network and one training recipe; only the data differs.
-_CPU_UNET = UNetConfig(channels=32, channel_mult=(1, 2, 2), num_res_blocks=1, attention_resolutions=(8,), heads=4)
+# A narrow 32x32 level (16 channels) and wide 8x8 level (64) learned fastest per second of the variants in
+# benchmarks/pixel_learning.py (docs/benchmarks.md): most FLOPs are spent at full resolution, while
+# shapes at this size are decided at 16x16 and 8x8.
+_CPU_UNET = UNetConfig(
+    channels=16, channel_mult=(1, 2, 4), num_res_blocks=1, attention_resolutions=(8,), heads=4
+)
 _CPU_TRAIN = TrainConfig(steps=1500, batch_size=32, lr=1e-3, warmup_steps=50, ema_decay=0.995, log_every=25,
                          checkpoint_every=250, sample_every=500)  # fmt: skip
 

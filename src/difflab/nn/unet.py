@@ -67,7 +67,9 @@ class UNetConfig:
                     f"width {self.channels * m} is not divisible by norm_groups={self.norm_groups}"
                 )
         if self.class_factors and math.prod(self.class_factors) != self.num_classes:
-            raise ValueError(f"class_factors {self.class_factors} do not multiply to num_classes={self.num_classes}")
+            raise ValueError(
+                f"class_factors {self.class_factors} do not multiply to num_classes={self.num_classes}"
+            )
 
 
 class ClassEmbedding(nn.Module):
@@ -103,7 +105,9 @@ class UNet(nn.Module):
         self.cfg = cfg
         ch, groups, emb_dim = cfg.channels, cfg.norm_groups, 4 * cfg.channels
         self.time_embed = TimestepEmbedding(ch, emb_dim)
-        self.class_embed = ClassEmbedding(cfg.num_classes, emb_dim, cfg.class_factors) if cfg.num_classes else None
+        self.class_embed = (
+            ClassEmbedding(cfg.num_classes, emb_dim, cfg.class_factors) if cfg.num_classes else None
+        )
         self.conv_in = nn.Conv2d(cfg.in_channels, ch, 3, padding=1)
 
         def attn(width: int, res: int) -> nn.Module | None:
