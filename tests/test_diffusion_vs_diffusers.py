@@ -22,7 +22,7 @@ import math
 import pytest
 import torch
 
-from difflab.diffusion.denoiser import Denoiser
+from difflab.diffusion.denoiser import Denoiser, clip_denoised
 from difflab.diffusion.discretization import timestep_spacing
 from difflab.diffusion.objectives import PREDICTION_TYPES
 from difflab.diffusion.samplers import HEUN_MAX_SIGMA, get_sampler
@@ -260,3 +260,30 @@ def test_zero_terminal_snr_schedules_match(sampler, prediction_type):
         noise=lambda i, x: torch.randn(x.shape, generator=g, dtype=x.dtype),
     )  # fmt: skip
     assert rel_err(ours, theirs[-1]) < 1e-4
+
+
+@pytest.mark.parametrize("prediction_type", PREDICTION_TYPES)
+def test_clipped_ddim_matches_clip_sample(prediction_type):
+    """clip_denoised + our DDIM = diffusers' DDIM with clip_sample=True and use_clipped_model_output=True,
+    step by step, with random network outputs large enough that the clamp is active at most steps."""
+    steps = 10
+    s = make_schedule("cosine")
+    g = torch.Generator().manual_seed(0)
+    x_T = torch.randn(2, 3, 4, 4, generator=g, dtype=torch.float64)
+    outputs = [2 * torch.randn(x_T.shape, generator=g, dtype=torch.float64) for _ in range(steps)]
+    ours, x0s = [], []
+    denoiser = clip_denoised(Denoiser(Replay(outputs), s, prediction_type), s)
+    get_sampler("ddim")(denoiser, x_T, s, steps, spacing="leading",
+                        callback=lambda i, x, t, x0: (ours.append(x), x0s.append(x0)))  # fmt: skip
+    assert all(float(x0.abs().max()) <= 1.0 for x0 in x0s)
+    assert sum(float(x0.abs().max()) == 1.0 for x0 in x0s) >= steps // 2  # the clamp did something
+    ref = diffusers.DDIMScheduler(
+        num_train_timesteps=1000, prediction_type=prediction_type, beta_schedule="squaredcos_cap_v2",
+        clip_sample=True, set_alpha_to_one=True,
+    )  # fmt: skip
+    ref.set_timesteps(steps)
+    ref.alphas_cumprod = s.alphas_cumprod.clone()
+    for i, t in enumerate(ref.timesteps):
+        start = x_T if i == 0 else ours[i - 1]
+        theirs = ref.step(outputs[i], t, start, use_clipped_model_output=True).prev_sample
+        assert rel_err(ours[i], theirs) < 1e-6, i

@@ -42,6 +42,17 @@ def test_tiny_model_learns_colour_far_above_chance(tiny_run):
     assert hits / n >= 0.9
 
 
+def test_clip_x0_bounds_every_guided_x0(tiny_run):
+    model, cfg = load_model(tiny_run)
+    x0s = []
+    clipped = apply_overrides(cfg, ["sample.clip_x0=true"])
+    generate(model, clipped, 8, cfg_scale=8.0, seed=0, callback=lambda i, x, t, x0: x0s.append(x0))
+    assert len(x0s) == cfg.sample.steps and all(float(x0.abs().max()) <= 1.0 for x0 in x0s)
+    free = []
+    generate(model, cfg, 8, cfg_scale=8.0, seed=0, callback=lambda i, x, t, x0: free.append(x0))
+    assert max(float(x0.abs().max()) for x0 in free) > 1.0  # w = 8 overshoots without the clamp
+
+
 def test_resume_is_bit_exact(tmp_path):
     cfg = apply_overrides(
         get_preset("tiny").build(), ["train.steps=12", "train.checkpoint_every=6", "sample.grid=4"]

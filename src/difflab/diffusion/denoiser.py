@@ -68,3 +68,24 @@ class Denoiser:
         """Read an output in this network's prediction type as (eps, x0) at (x, t)."""
         _, alpha, sigma = self.coefficients(x, t)
         return to_eps_x0(self.prediction_type, out, x, alpha, sigma)
+
+
+def clip_denoised(denoiser, schedule: Schedule, bound: float = 1.0):
+    r"""Wrap a denoiser (plain or guided) so that :math:`\hat x_0` is clamped to ``[-bound, bound]`` and
+    :math:`\hat\epsilon` recomputed from it, :math:`\hat\epsilon = (x_t - \alpha_t \hat x_0)/\sigma_t`,
+    keeping the pair consistent. This is ``clip_denoised`` of Ho et al.'s (2020) sampler and
+    ``clip_sample=True`` of diffusers' DDPM and DDIM schedulers (their default; their DDIM recomputes
+    epsilon only with ``use_clipped_model_output=True``).
+
+    It rescues epsilon-prediction near alpha_t = 0, where :math:`\hat x_0 = (x_t - \sigma_t\hat\epsilon)
+    /\alpha_t` multiplies the network's error by :math:`\sigma_t/\alpha_t` (about 2e4 at the cosine
+    schedule's last step); v- and x0-prediction do not need it."""
+
+    def clipped(x: torch.Tensor, t, **cond) -> tuple[torch.Tensor, torch.Tensor]:
+        _, x0 = denoiser(x, t, **cond)
+        x0 = x0.clamp(-bound, bound)
+        alpha, sigma = schedule.alpha_sigma(schedule.check_timesteps(per_sample(t, x.shape[0])))
+        alpha, sigma = broadcast_like(alpha, x), broadcast_like(sigma, x)
+        return (x - alpha * x0) / sigma, x0
+
+    return clipped
