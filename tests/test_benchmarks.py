@@ -1,0 +1,47 @@
+"""Smoke tests: every benchmark script runs end to end with its smallest setting and prints what its
+docs say it prints. They assert structure, never speed (speed lives in docs/benchmarks.md)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_script(name: str, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "benchmarks" / name), *args], capture_output=True,
+                          text=True, timeout=300, check=True)  # fmt: skip
+
+
+def json_lines(text: str) -> list[dict]:
+    return [json.loads(line) for line in text.splitlines() if line.startswith("{")]
+
+
+@pytest.mark.parametrize("variant", ["demo", "diffusers_naive"])
+def test_pixel_learning_smallest_setting(variant):
+    """Two training steps on digits, one evaluation of one sample per class, then the summary table."""
+    out = run_script("pixel_learning.py", "--preset", "digits", "--variants", variant, "--minutes", "0",
+                     "--eval-every", "2", "--per-class", "1")  # fmt: skip
+    header, record = json_lines(out.stdout)
+    assert {"machine", "threads", "torch", "date"} <= set(header)
+    assert record["variant"] == variant and record["step"] == 2 and record["n"] == 10
+    assert 0.0 <= record["class_accuracy"] <= 1.0 and 0.0 <= record["class_accuracy_cfg1"] <= 1.0
+    assert f"| {variant} |" in out.stderr
+
+
+def test_sampler_convergence_smallest_setting():
+    out = run_script("sampler_convergence.py", "--steps", "5,10", "--spacings", "trailing")
+    result = json_lines(out.stdout)[0]
+    assert "trailing" in json.dumps(result) and "| ddim |" in out.stdout.replace("`", "")
+
+
+def test_world_throughput_smallest_setting():
+    out = run_script("world_throughput.py", "--n", "16", "--batch-size", "8", "--workers", "0")
+    result = json.loads(out.stdout[out.stdout.index("{") :])
+    assert set(result["presets"]) >= {"single32", "scene32", "scene64"}
+    assert all(p["render_scenes_per_s"] > 0 for p in result["presets"].values())
