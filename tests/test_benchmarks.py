@@ -45,3 +45,14 @@ def test_world_throughput_smallest_setting():
     result = json.loads(out.stdout[out.stdout.index("{") :])
     assert set(result["presets"]) >= {"single32", "scene32", "scene64"}
     assert all(p["render_scenes_per_s"] > 0 for p in result["presets"].values())
+
+
+def test_train_throughput_smallest_setting():
+    out = run_script("train_throughput.py", "--cases", "latent8", "--rounds", "1", "--steps", "1")
+    result = json.loads(out.stdout)
+    (case,) = result["cases"]
+    assert result["matmul_fp32_gflop_s"] > 0 and case["case"] == "latent8"
+    # the comparison is only meaningful if the two networks are the same size and do the same work
+    assert abs(case["parameter_ratio"] - 1) < 0.05
+    assert case["difflab"]["gflop_per_step"] == case["diffusers"]["gflop_per_step"]
+    assert case["difflab"]["images_per_s"] > 0 and case["diffusers"]["images_per_s"] > 0
