@@ -56,3 +56,12 @@ def test_train_throughput_smallest_setting():
     assert abs(case["parameter_ratio"] - 1) < 0.05
     assert case["difflab"]["gflop_per_step"] == case["diffusers"]["gflop_per_step"]
     assert case["difflab"]["images_per_s"] > 0 and case["diffusers"]["images_per_s"] > 0
+
+
+def test_attention_kernels_smallest_setting():
+    out = run_script("attention_kernels.py", "--side", "4", "--channels", "16", "--batch", "2", "--heads", "2,1",
+                     "--reps", "1")  # fmt: skip
+    result = json_lines(out.stdout)[0]
+    assert [r["heads"] for r in result["rows"]] == [2, 1] and result["tokens"] == 16
+    assert all(r[k] > 0 for r in result["rows"] for k in ("sdpa_flash", "sdpa_math", "textbook"))
+    assert "| 2 x 8 |" in out.stdout
