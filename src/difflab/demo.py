@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 from difflab.errors import DifflabError
+from difflab.models.cli import add_preset_args
 
 
 def register(subparsers) -> None:
@@ -28,11 +29,7 @@ def register(subparsers) -> None:
         "class into DIR/samples.png, and write the scores and timings to DIR/report.json.",
     )
     p.add_argument("--out", default="demo_out", help="output directory (default: demo_out)")
-    p.add_argument("--preset", default="demo", help="pixel preset to train (default: demo; tiny: seconds)")
-    p.add_argument(
-        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-        help="override a config key, e.g. --set train.steps=3000 (repeatable)",
-    )  # fmt: skip
+    add_preset_args(p, "train.steps=3000")  # any pixel preset; tiny finishes in seconds
     p.add_argument("--n", type=int, default=400, help="samples to evaluate (default: 400)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
     p.add_argument("--device", default=None, help="auto (default), cpu, cuda, mps")
@@ -61,27 +58,22 @@ def _sample_grid(run_dir: Path, path: Path, seed: int) -> Path:
 def run_demo(args) -> int:
     import torch
 
-    from difflab.config import apply_overrides
-    from difflab.models.pixel import train
+    from difflab.models.cli import check_n, config_from_args
+    from difflab.models.pixel import has_checkpoints, train
     from difflab.models.pixel_eval import evaluate
     from difflab.presets import get_preset
     from difflab.world.check import check_reader
     from difflab.world.preview import save_preview
     from difflab.world.scene import world_preset
 
-    if args.n < 1:
-        raise DifflabError(f"--n {args.n} is invalid; expected a positive number of samples")
-    preset = get_preset(args.preset)
-    if preset.family != "pixel":
-        raise DifflabError(
-            f"--preset {args.preset} is a {preset.family} preset; the demo trains a pixel preset"
-        )
-    cfg = apply_overrides(preset.build(), args.overrides)
-    if args.device:
-        cfg = apply_overrides(cfg, [f"train.device={args.device}"])
+    check_n(args.n)
+    family = get_preset(args.preset).family
+    if family != "pixel":
+        raise DifflabError(f"--preset {args.preset} is a {family} preset; the demo trains a pixel preset")
+    cfg = config_from_args(args)
     out = Path(args.out)
     run_dir = out / "run"
-    if (run_dir / "checkpoints").is_dir() and any((run_dir / "checkpoints").iterdir()):
+    if has_checkpoints(run_dir):  # refused before any work, with a message that fits the demo
         raise DifflabError(f"'{run_dir}' already holds a trained run; pick a new --out or delete it")
     out.mkdir(parents=True, exist_ok=True)
     report: dict = {

@@ -18,6 +18,14 @@ from difflab.diffusion.schedules import Schedule, broadcast_like, per_sample
 from difflab.errors import DifflabError, check_choice
 
 
+def coefficients(schedule: Schedule, x: torch.Tensor, t) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(t, alpha_t, sigma_t)``: t as ``(B,)`` int64 on x's device, alpha and sigma shaped to
+    broadcast against ``x`` in its dtype."""
+    t = schedule.check_timesteps(per_sample(t, x.shape[0]))
+    alpha, sigma = schedule.alpha_sigma(t)
+    return t.to(x.device), broadcast_like(alpha, x), broadcast_like(sigma, x)
+
+
 class Denoiser:
     """Wrap ``net(x, t, **cond)`` (t: ``(B,)`` int64 on x's device) and its prediction type.
 
@@ -43,11 +51,7 @@ class Denoiser:
         self.prediction_type = prediction_type
 
     def coefficients(self, x: torch.Tensor, t) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``(t, alpha_t, sigma_t)``: t as ``(B,)`` int64 on x's device, alpha and sigma shaped to
-        broadcast against ``x`` in its dtype."""
-        t = self.schedule.check_timesteps(per_sample(t, x.shape[0]))
-        alpha, sigma = self.schedule.alpha_sigma(t)
-        return t.to(x.device), broadcast_like(alpha, x), broadcast_like(sigma, x)
+        return coefficients(self.schedule, x, t)
 
     def __call__(self, x: torch.Tensor, t, **cond) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, ...) noisy input at timestep t (int or (B,)) -> (eps_hat, x0_hat), both (B, ...)."""
@@ -83,9 +87,7 @@ def clip_denoised(denoiser, schedule: Schedule, bound: float = 1.0):
 
     def clipped(x: torch.Tensor, t, **cond) -> tuple[torch.Tensor, torch.Tensor]:
         _, x0 = denoiser(x, t, **cond)
-        x0 = x0.clamp(-bound, bound)
-        alpha, sigma = schedule.alpha_sigma(schedule.check_timesteps(per_sample(t, x.shape[0])))
-        alpha, sigma = broadcast_like(alpha, x), broadcast_like(sigma, x)
-        return (x - alpha * x0) / sigma, x0
+        _, alpha, sigma = coefficients(schedule, x, t)
+        return to_eps_x0("sample", x0.clamp(-bound, bound), x, alpha, sigma)
 
     return clipped

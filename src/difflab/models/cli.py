@@ -13,6 +13,13 @@ from pathlib import Path
 from difflab.errors import DifflabError
 
 
+def add_preset_args(p, example: str) -> None:
+    """``--preset NAME`` and repeatable ``--set KEY=VALUE``, read back by :func:`config_from_args`."""
+    p.add_argument("--preset", default="demo", help="preset name (see 'difflab presets'); default: demo")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help=f"override a config key, e.g. --set {example} (repeatable)")  # fmt: skip
+
+
 def register(subparsers) -> None:
     p = subparsers.add_parser(
         "presets", help="list every named preset", description="List every named preset."
@@ -25,9 +32,7 @@ def register(subparsers) -> None:
         description="Build a preset's network and print its parameter count and the FLOPs of one training "
         "step (forward + backward, counted by torch.utils.flop_counter at the preset's batch size).",
     )
-    p.add_argument("--preset", default="demo", help="preset name (see 'difflab presets'); default: demo")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config key, e.g. --set unet.channels=64 (repeatable)")  # fmt: skip
+    add_preset_args(p, "unet.channels=64")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=_info)
 
@@ -38,9 +43,7 @@ def register(subparsers) -> None:
         "checkpoints (safetensors + JSON, atomic, last 3 kept), metrics.jsonl, sample grids and a "
         "trajectory strip. --resume continues exactly where the latest good checkpoint left off.",
     )
-    p.add_argument("--preset", default="demo", help="preset name (see 'difflab presets'); default: demo")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config key, e.g. --set train.steps=3000 (repeatable)")  # fmt: skip
+    add_preset_args(p, "train.steps=3000")
     p.add_argument("--out", required=True, help="run directory")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
     p.add_argument("--device", default=None, help="auto (default: CUDA, then MPS, then CPU), cpu, cuda, mps")
@@ -90,7 +93,8 @@ def _presets(args) -> int:
     return 0
 
 
-def _config(args):
+def config_from_args(args):
+    """The config of ``--preset`` with ``--set`` overrides (and ``--device``, where the command has it)."""
     from difflab.config import apply_overrides
     from difflab.presets import get_preset
 
@@ -106,7 +110,7 @@ def _info(args) -> int:
     from difflab.models.pixel import build_unet
     from difflab.nn.unet import count_parameters, training_step_flops
 
-    cfg = _config(args)
+    cfg = config_from_args(args)
     model = build_unet(cfg)
     b, u = cfg.train.batch_size, cfg.unet
     inputs = {
@@ -132,13 +136,13 @@ def _info(args) -> int:
 def _train(args) -> int:
     from difflab.models.pixel import train
 
-    cfg = _config(args)
+    cfg = config_from_args(args)
     run_dir = train(cfg, args.out, resume=args.resume)
     print(f"trained '{args.preset}' into {run_dir}: samples.png, trajectory.png, metrics.jsonl, checkpoints/")
     return 0
 
 
-def _check_n(n: int) -> None:
+def check_n(n: int) -> None:
     if n < 1:
         raise DifflabError(f"--n {n} is invalid; expected a positive number of samples")
 
@@ -149,7 +153,7 @@ def _sample(args) -> int:
     from difflab.models.pixel import generate, load_model
     from difflab.viz import TrajectoryRecorder, save_grid
 
-    _check_n(args.n)
+    check_n(args.n)
     model, cfg = load_model(args.run_dir)
     labels = None if args.klass is None else torch.full((args.n,), args.klass)
     steps = args.steps or cfg.sample.steps
@@ -169,7 +173,7 @@ def _sample(args) -> int:
 def _eval(args) -> int:
     from difflab.models.pixel_eval import evaluate
 
-    _check_n(args.n)
+    check_n(args.n)
     report = evaluate(Path(args.run_dir), args.n, sampler=args.sampler, steps=args.steps, cfg_scale=args.cfg,
                       seed=args.seed)  # fmt: skip
     if args.json:

@@ -382,6 +382,12 @@ register_preset(
 # ------------------------------------------------------------------------------------------- training
 
 
+def has_checkpoints(run_dir: str | Path) -> bool:
+    """Whether ``run_dir`` already holds a trained run (anything under checkpoints/)."""
+    checkpoints = Path(run_dir) / "checkpoints"
+    return checkpoints.is_dir() and any(checkpoints.iterdir())
+
+
 def train(cfg: PixelDiffusionConfig, run_dir: str | Path, *, resume: bool = False) -> Path:
     """Train a pixel diffusion model into ``run_dir`` (config.json, checkpoints/, metrics.jsonl,
     samples/step_*.png, trajectory.png). ``resume=True`` continues from the latest good checkpoint."""
@@ -389,7 +395,7 @@ def train(cfg: PixelDiffusionConfig, run_dir: str | Path, *, resume: bool = Fals
     from difflab.viz import TrajectoryRecorder, save_grid
 
     run_dir = Path(run_dir)
-    if not resume and (run_dir / "checkpoints").is_dir() and any((run_dir / "checkpoints").iterdir()):
+    if not resume and has_checkpoints(run_dir):
         raise DifflabError(
             f"run directory '{run_dir}' already has checkpoints; pass --resume or pick a new --out"
         )
