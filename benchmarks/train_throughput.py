@@ -26,6 +26,7 @@ import time
 
 import torch
 import torch.nn.functional as F
+from diffusers_baseline import DiffusersUNet
 
 from difflab.nn.unet import UNet, UNetConfig, count_parameters, training_step_flops
 
@@ -36,27 +37,6 @@ CASES: dict[str, tuple[int, int, int, tuple[int, ...], int, int]] = {
 }
 
 
-class DiffusersUNet(torch.nn.Module):
-    """diffusers' UNet2DModel behind our signature ``net(x, t) -> tensor``."""
-
-    def __init__(self, side: int, cin: int, widths: tuple[int, ...], attn_level: int):
-        super().__init__()
-        from diffusers import UNet2DModel
-
-        down = ["AttnDownBlock2D" if i == attn_level else "DownBlock2D" for i in range(len(widths))]
-        up = [
-            "AttnUpBlock2D" if i == len(widths) - 1 - attn_level else "UpBlock2D" for i in range(len(widths))
-        ]
-        self.net = UNet2DModel(
-            sample_size=side, in_channels=cin, out_channels=cin, block_out_channels=widths, layers_per_block=2,
-            down_block_types=tuple(down), up_block_types=tuple(up), norm_num_groups=8,
-            resnet_time_scale_shift="scale_shift", attention_head_dim=8,
-        )  # fmt: skip
-
-    def forward(self, x, t):
-        return self.net(x, t).sample
-
-
 def build(case: str, ours_head_dim: int = 8) -> tuple[torch.nn.Module, torch.nn.Module, int, int, int]:
     side, cin, base, mult, attn_level, batch = CASES[case]
     widths = tuple(base * m for m in mult)
@@ -64,7 +44,7 @@ def build(case: str, ours_head_dim: int = 8) -> tuple[torch.nn.Module, torch.nn.
                      num_res_blocks=2, attention_resolutions=(side // 2**attn_level,),
                      heads=max(1, widths[attn_level] // ours_head_dim))  # fmt: skip
     torch.manual_seed(0)
-    return UNet(cfg), DiffusersUNet(side, cin, widths, attn_level), side, cin, batch
+    return UNet(cfg), DiffusersUNet(side, cin, widths, attn_level, scale_shift=True), side, cin, batch
 
 
 def make_step(model: torch.nn.Module, side: int, cin: int, batch: int):

@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import functools
 import time
 from pathlib import Path
 
@@ -30,6 +31,15 @@ def real_images(cfg: PixelDiffusionConfig, n: int) -> torch.Tensor:
     return torch.stack([dataset[i % len(dataset)]["image"] for i in range(n)])
 
 
+@functools.lru_cache(maxsize=4)
+def _digits_judge(size: int, seed: int):
+    """The digits judge, trained once per (size, seed) in a process (about 2 s): a benchmark scores
+    the same run many times."""
+    from difflab.eval.conditional import DigitsJudge
+
+    return DigitsJudge(size=size, seed=seed)
+
+
 def score_samples(cfg: PixelDiffusionConfig, images: torch.Tensor, labels: torch.Tensor | None) -> dict:
     """Class accuracy of conditional samples by the dataset's judge (empty for unconditional runs)."""
     if labels is None:
@@ -40,9 +50,7 @@ def score_samples(cfg: PixelDiffusionConfig, images: torch.Tensor, labels: torch
 
         hits = toy_class_hits(images, labels, world_preset(cfg.data.world))
         return {"class_accuracy": float(hits.mean()), "judge": "toy-world reader"}
-    from difflab.eval.conditional import DigitsJudge
-
-    judge = DigitsJudge(size=cfg.data.image_size, seed=cfg.data.seed)
+    judge = _digits_judge(cfg.data.image_size, cfg.data.seed)
     acc = float((judge.predict(images) == labels.numpy()).mean())
     return {"class_accuracy": acc, "judge": "SVC on real digits", "judge_heldout_accuracy": judge.heldout_accuracy,
             "judge_heldout_n": judge.heldout_n}  # fmt: skip
