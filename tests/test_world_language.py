@@ -14,8 +14,10 @@ from difflab.world.language import (
     Question,
     answer,
     caption,
+    contrast,
     describe,
     description,
+    object_specs,
     questions,
 )
 from difflab.world.prompts import ObjectSpec, holds
@@ -121,3 +123,36 @@ def test_errors_name_the_problem():
         questions(SCENE, np.random.default_rng(0), 3, kinds=("why",))
     with pytest.raises(DifflabError, match="empty scene"):
         caption(Scene(()), np.random.default_rng(0))
+
+
+@pytest.mark.parametrize("world", ["scene32", "scene64"])
+def test_contrast_captions_are_false_and_one_edit_away(world):
+    """NegCLIP-style negatives: false in the scene, same kind of prompt, and (unless the edit swapped two
+    colours or reversed a relation) exactly one attribute of one object changed."""
+    cfg = world_preset(world)
+    kinds = Counter()
+    for i in range(300):
+        scene = scene_at(cfg, 5, i)
+        rng = np.random.default_rng(i)
+        _, prompt = caption(scene, rng)
+        negative = contrast(prompt, scene, rng, cfg)
+        if negative is None:
+            continue
+        assert type(negative) is type(prompt) and not negative.holds(scene) and prompt.holds(scene)
+        before, after = object_specs(prompt), object_specs(negative)
+        changed = [
+            (a, x, y)
+            for p, q in zip(before, after, strict=True)
+            for a, x, y in ((a, getattr(p, a), getattr(q, a)) for a in ("shape", "color", "size", "position"))
+            if x != y
+        ]
+        if len(changed) == 1:
+            kinds[changed[0][0]] += 1
+        elif changed:  # a colour swap: two objects exchanged their colours
+            assert len(changed) == 2 and {c[0] for c in changed} == {"color"}
+            assert (changed[0][1], changed[0][2]) == (changed[1][2], changed[1][1])
+            kinds["swap"] += 1
+        else:  # a reversed relation
+            assert negative.relation != prompt.relation
+            kinds["relation"] += 1
+    assert sum(kinds.values()) > 280 and set(kinds) >= {"shape", "color", "size", "swap", "relation"}, kinds

@@ -12,8 +12,10 @@ from dataclasses import dataclass
 
 from difflab.errors import check_choice
 
-# Modules that register presets when imported.
-PRESET_MODULES = ("difflab.models.pixel",)
+# The module of each model family: it registers the family's presets when imported and provides
+# ``train(cfg, run_dir, resume=...)`` and ``load_config(run_dir)``.
+FAMILY_MODULES = {"pixel": "difflab.models.pixel", "clip": "difflab.models.clip"}
+PRESET_MODULES = tuple(FAMILY_MODULES.values())
 
 
 @dataclass(frozen=True)
@@ -44,3 +46,25 @@ def get_preset(name: str) -> Preset:
     presets = all_presets()
     check_choice("preset", name, presets)
     return presets[name]
+
+
+def family_module(family: str):
+    """The module of a model family (``check_choice`` on the name)."""
+    return importlib.import_module(FAMILY_MODULES[check_choice("model family", family, FAMILY_MODULES)])
+
+
+def run_kind(run_dir) -> str:
+    """The model family of a run directory, read from its config.json ("kind")."""
+    import json
+    from pathlib import Path
+
+    from difflab.errors import DifflabError
+
+    path = Path(run_dir) / "config.json"
+    if not path.is_file():
+        raise DifflabError(f"'{run_dir}' is not a difflab run directory (no config.json)")
+    try:
+        kind = json.loads(path.read_text()).get("kind", "pixel")
+    except (json.JSONDecodeError, AttributeError) as err:
+        raise DifflabError(f"'{path}' is not a valid run config ({err})") from None
+    return check_choice("model family", kind, FAMILY_MODULES)

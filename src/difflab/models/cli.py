@@ -69,9 +69,12 @@ def register(subparsers) -> None:
     p = subparsers.add_parser(
         "eval",
         help="score a trained run with the project's own judges",
-        description="Sample N images and score them: on the toy world, the reader's class accuracy (one "
-        "object with the requested shape and colour); on digits, an SVC trained on real digits (its own "
-        "held-out accuracy is reported too); plus the Fréchet distance to real data in the pixels8 space.",
+        description="Diffusion runs: sample N images and score them: on the toy world, the reader's class "
+        "accuracy (one object with the requested shape and colour); on digits, an SVC trained on real digits "
+        "(its own held-out accuracy is reported too); plus the Fréchet distance to real data in the pixels8 "
+        "space. CLIP runs: zero-shot colour and shape accuracy on N held-out one-object scenes, text<->image "
+        "recall@1/@5 in groups of 100 held-out scenes, CLIP score, and attribute binding on N two-object "
+        "scenes.",
     )
     p.add_argument("run_dir", help="run directory made by 'difflab train'")
     p.add_argument("--n", type=int, default=500, help="number of samples (default: 500)")
@@ -83,6 +86,17 @@ def register(subparsers) -> None:
     p.add_argument("--seed", type=int, default=0, help="noise seed (default: 0)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=_eval)
+
+    p = subparsers.add_parser(
+        "export-text-encoder",
+        help="save a CLIP run's text tower + tokenizer as a frozen conditioning encoder",
+        description="Write the text transformer, its projection and the tokenizer of a trained CLIP run into "
+        "DIR (text_encoder.safetensors, text_encoder.json, tokenizer.json). A text-to-image model loads it "
+        "frozen: per-token features for cross-attention, a pooled embedding for global conditioning.",
+    )
+    p.add_argument("run_dir", help="CLIP run directory made by 'difflab train --preset clip_*'")
+    p.add_argument("--out", required=True, help="output directory")
+    p.set_defaults(func=_export_text_encoder)
 
 
 def _presets(args) -> int:
@@ -109,21 +123,32 @@ def _info(args) -> int:
 
     from difflab.models.pixel import build_unet
     from difflab.nn.unet import count_parameters, training_step_flops
+    from difflab.presets import get_preset
 
     cfg = config_from_args(args)
-    model = build_unet(cfg)
-    b, u = cfg.train.batch_size, cfg.unet
-    inputs = {
-        "x": torch.randn(b, u.in_channels, u.image_size, u.image_size),
-        "t": torch.randint(0, 1000, (b,)),
-    }
-    if u.num_classes:
-        inputs["class_labels"] = torch.randint(0, u.num_classes, (b,))
+    b = cfg.train.batch_size
+    if get_preset(args.preset).family == "clip":
+        from difflab.models.clip import CLIP, clip_loss
+
+        model, loss_fn = CLIP(cfg), lambda out: clip_loss(*out)
+        v, t = cfg.vision, cfg.text
+        ids = torch.randint(0, t.vocab_size, (b, t.context_length))
+        inputs = {"images": torch.randn(b, v.in_channels, v.image_size, v.image_size), "ids": ids,
+                  "mask": torch.ones_like(ids, dtype=torch.bool)}  # fmt: skip
+    else:
+        model, loss_fn = build_unet(cfg), None
+        u = cfg.unet
+        inputs = {
+            "x": torch.randn(b, u.in_channels, u.image_size, u.image_size),
+            "t": torch.randint(0, 1000, (b,)),
+        }
+        if u.num_classes:
+            inputs["class_labels"] = torch.randint(0, u.num_classes, (b,))
     report = {
         "preset": args.preset,
         "parameters": count_parameters(model),
         "batch_size": b,
-        "flops_per_training_step": training_step_flops(model, inputs),
+        "flops_per_training_step": training_step_flops(model, inputs, loss_fn),
     }
     if args.json:
         print(json.dumps(report))
@@ -134,11 +159,13 @@ def _info(args) -> int:
 
 
 def _train(args) -> int:
-    from difflab.models.pixel import train
+    from difflab.presets import family_module, get_preset
 
+    family = get_preset(args.preset).family
     cfg = config_from_args(args)
-    run_dir = train(cfg, args.out, resume=args.resume)
-    print(f"trained '{args.preset}' into {run_dir}: samples.png, trajectory.png, metrics.jsonl, checkpoints/")
+    run_dir = family_module(family).train(cfg, args.out, resume=args.resume)
+    wrote = "samples.png, trajectory.png, " if family == "pixel" else "tokenizer.json, "
+    print(f"trained '{args.preset}' into {run_dir}: {wrote}metrics.jsonl, checkpoints/")
     return 0
 
 
@@ -171,14 +198,34 @@ def _sample(args) -> int:
 
 
 def _eval(args) -> int:
-    from difflab.models.pixel_eval import evaluate
+    from difflab.presets import run_kind
 
     check_n(args.n)
-    report = evaluate(Path(args.run_dir), args.n, sampler=args.sampler, steps=args.steps, cfg_scale=args.cfg,
-                      seed=args.seed)  # fmt: skip
+    if run_kind(args.run_dir) == "clip":
+        from difflab.models.clip_eval import evaluate as evaluate_clip
+
+        given = [f"--{k}" for k in ("sampler", "steps", "cfg") if getattr(args, k) is not None]
+        if given:
+            raise DifflabError(f"{', '.join(given)} apply to diffusion runs; '{args.run_dir}' is a CLIP run")
+        report = evaluate_clip(Path(args.run_dir), args.n, seed=args.seed)
+    else:
+        from difflab.models.pixel_eval import evaluate
+
+        report = evaluate(Path(args.run_dir), args.n, sampler=args.sampler, steps=args.steps,
+                          cfg_scale=args.cfg, seed=args.seed)  # fmt: skip
     if args.json:
         print(json.dumps(report))
     else:
         for key, value in report.items():
             print(f"{key}: {value}")
+    return 0
+
+
+def _export_text_encoder(args) -> int:
+    from difflab.models.text_encoder import export_text_encoder, load_text_encoder
+
+    out = export_text_encoder(args.run_dir, args.out)
+    encoder = load_text_encoder(out)  # read back: what was written loads
+    print(f"wrote the frozen text encoder ({sum(p.numel() for p in encoder.parameters()) / 1e6:.2f} M parameters, "
+          f"token width {encoder.width}, embedding {encoder.embed_dim}) to {out}")  # fmt: skip
     return 0

@@ -271,10 +271,11 @@ def save_config(cfg: PixelDiffusionConfig, run_dir: Path) -> None:
 def load_config(run_dir: str | Path) -> PixelDiffusionConfig:
     import json
 
-    path = Path(run_dir) / "config.json"
-    if not path.is_file():
-        raise DifflabError(f"'{run_dir}' is not a difflab run directory (no config.json)")
-    return from_dict(PixelDiffusionConfig, json.loads(path.read_text()))
+    from difflab.presets import run_kind
+
+    if (kind := run_kind(run_dir)) != "pixel":
+        raise DifflabError(f"'{run_dir}' holds a '{kind}' run; expected a pixel diffusion run")
+    return from_dict(PixelDiffusionConfig, json.loads((Path(run_dir) / "config.json").read_text()))
 
 
 def load_model(

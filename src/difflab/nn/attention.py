@@ -18,7 +18,9 @@ class MultiHeadAttention(nn.Module):
     """``softmax(Q K^T / sqrt(d)) V`` with ``heads`` heads (Vaswani et al. 2017, Eq. 1).
 
     Queries come from ``x`` (B, N, dim); keys and values from ``context`` (B, M, context_dim), or from
-    ``x`` itself for self-attention. ``mask`` (B, M) is True for context tokens that may be attended to.
+    ``x`` itself for self-attention. ``mask`` is True where attending is allowed: (B, M) for which context
+    tokens every query may see (padding), or (B, N, M) per query (a causal text mask, see
+    :mod:`difflab.nn.transformer`).
     """
 
     def __init__(self, dim: int, heads: int, context_dim: int | None = None):
@@ -43,9 +45,9 @@ class MultiHeadAttention(nn.Module):
             return z.view(b, -1, h, d // h).transpose(1, 2)  # (B, heads, tokens, d/heads)
 
         q, k, v = split(self.to_q(x)), split(self.to_k(context)), split(self.to_v(context))
-        attn_mask = (
-            None if mask is None else mask[:, None, None, :]
-        )  # (B, 1, 1, M), broadcast over heads, queries
+        attn_mask = None
+        if mask is not None:  # broadcast over heads (and over queries for a (B, M) mask)
+            attn_mask = mask[:, None, None, :] if mask.ndim == 2 else mask[:, None]  # (B, 1, 1|N, M)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)  # (B, heads, N, d/heads)
         return self.to_out(out.transpose(1, 2).reshape(b, n, d))
 

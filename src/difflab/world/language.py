@@ -13,6 +13,7 @@ square?" -> "blue", "how many circles?" -> "2") train and evaluate LLaVA-style V
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -32,7 +33,7 @@ from difflab.world.prompts import (
     relation_holds,
     spec_of,
 )
-from difflab.world.scene import Scene, WorldConfig
+from difflab.world.scene import POSITIONS, Scene, WorldConfig
 
 # ---------------------------------------------------------------------------------------------- captions
 
@@ -98,6 +99,72 @@ def caption(scene: Scene, rng: np.random.Generator, style: str | None = None) ->
                 sa, sb = spec_of(a), spec_of(b)
             prompt = Conjunction((sa, sb))
     return prompt.text(), prompt
+
+
+# ------------------------------------------------------------------------------------- contrast captions
+
+_OPPOSITE = {"left_of": "right_of", "right_of": "left_of", "above": "below", "below": "above"}
+# How often :func:`contrast` edits each attribute (among those the object names). Shape is favoured: it
+# is the attribute a contrastive model learns last, since colour, size and position already tell most
+# scenes of a batch apart. Position is rare because an edited position can break the reading order of a
+# full description, a tell that the text alone gives away.
+CONTRAST_WEIGHTS = {"shape": 0.5, "color": 0.3, "size": 0.1, "position": 0.1}
+
+
+def object_specs(prompt: Prompt) -> tuple[ObjectSpec, ...]:
+    """The object descriptions a prompt names, in order ('a red circle left of a square': two)."""
+    if isinstance(prompt, Exists | Count):
+        return (prompt.spec,)
+    if isinstance(prompt, Relation):
+        return (prompt.a, prompt.b)
+    return prompt.parts
+
+
+def _with_specs(prompt: Prompt, specs: tuple[ObjectSpec, ...]) -> Prompt:
+    if isinstance(prompt, Exists | Count):
+        return dataclasses.replace(prompt, spec=specs[0])
+    if isinstance(prompt, Relation):
+        return dataclasses.replace(prompt, a=specs[0], b=specs[1])
+    return dataclasses.replace(prompt, parts=specs)
+
+
+def contrast(prompt: Prompt, scene: Scene, rng: np.random.Generator, cfg: WorldConfig | None = None):
+    """A caption one edit away from ``prompt`` that is false in ``scene``, or None if none was found.
+
+    The edit changes one named attribute of one object ('a red circle' -> 'a red square'), swaps the
+    colours of two named objects ('a red circle and a blue square' -> 'a blue circle and a red square':
+    the same words, bound differently) or reverses a relation. These are the hard negatives of NegCLIP
+    (Yuksekgonul et al. 2023): a caption that differs in one word from a true one can only be told apart
+    by reading that word against the image, which in-batch negatives rarely force.
+    """
+    world = cfg or WorldConfig()
+    values = {"shape": world.shapes, "color": world.colors, "size": world.sizes, "position": POSITIONS}
+    for _ in range(20):
+        specs = list(object_specs(prompt))
+        coloured = [i for i, sp in enumerate(specs) if sp.color is not None]
+        swappable = len(coloured) >= 2 and specs[coloured[0]].color != specs[coloured[1]].color
+        move = rng.random()
+        if swappable and move < 0.25:
+            i, j = coloured[0], coloured[1]
+            specs[i], specs[j] = (dataclasses.replace(specs[i], color=specs[j].color),
+                                  dataclasses.replace(specs[j], color=specs[i].color))  # fmt: skip
+            candidate = _with_specs(prompt, tuple(specs))
+        elif isinstance(prompt, Relation) and move < 0.4:
+            candidate = dataclasses.replace(prompt, relation=_OPPOSITE[prompt.relation])
+        else:
+            i = int(rng.integers(len(specs)))
+            # Attributes this object names and that have another value in this world (one size: none).
+            named = [a for a in sorted(specs[i].fields()) if len(values[a]) > 1]
+            if not named:
+                continue
+            weights = np.array([CONTRAST_WEIGHTS[a] for a in named])
+            attribute = named[int(rng.choice(len(named), p=weights / weights.sum()))]
+            others = [v for v in values[attribute] if v != getattr(specs[i], attribute)]
+            specs[i] = dataclasses.replace(specs[i], **{attribute: others[int(rng.integers(len(others)))]})
+            candidate = _with_specs(prompt, tuple(specs))
+        if not candidate.holds(scene):
+            return candidate
+    return None
 
 
 # --------------------------------------------------------------------------------------------- questions

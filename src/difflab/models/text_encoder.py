@@ -1,0 +1,119 @@
+"""CLIP's text tower, frozen, as the conditioning encoder of a text-to-image model.
+
+Stable Diffusion conditions its UNet on a frozen CLIP text encoder (Rombach et al. 2022, Sec. 3.3 and
+4.3.2): the per-token features of the last layer are the keys and values of cross-attention, and a pooled
+sentence embedding can condition globally (as SDXL adds it to the timestep embedding). This module cuts
+those two outputs out of a trained difflab CLIP run:
+
+    texts -> tokenizer -> TextTransformer -> tokens (B, L, width)   cross-attention context (+ mask (B, L))
+                                          -> [EOS] state -> W_t -> pooled (B, embed_dim), unit length
+
+``export_text_encoder(RUN, DIR)`` writes a self-contained folder (text_encoder.safetensors,
+text_encoder.json, tokenizer.json); ``load_text_encoder`` reads that folder or a CLIP run directly.
+Nothing is unpickled; the weights are frozen (``requires_grad=False``) and the module stays in eval mode.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from difflab.config import from_dict, save_json, to_dict
+from difflab.errors import DifflabError
+from difflab.nn.text_transformer import TextTransformer, TextTransformerConfig
+from difflab.text.tokenizer import load_tokenizer
+
+WEIGHTS, CONFIG, TOKENIZER = "text_encoder.safetensors", "text_encoder.json", "tokenizer.json"
+
+
+class TextEncoding(NamedTuple):
+    tokens: torch.Tensor
+    """(B, L, width): last-layer features of every token (cross-attention keys/values)."""
+    mask: torch.Tensor
+    """(B, L), True on real tokens: the cross-attention mask."""
+    pooled: torch.Tensor
+    """(B, embed_dim): the CLIP text embedding, unit length (global conditioning, CLIP score)."""
+
+
+class FrozenTextEncoder(nn.Module):
+    """texts -> :class:`TextEncoding`; frozen, and always in eval mode."""
+
+    def __init__(self, cfg: TextTransformerConfig, embed_dim: int, tokenizer):
+        super().__init__()
+        self.cfg, self.embed_dim, self.tokenizer = cfg, embed_dim, tokenizer
+        self.text = TextTransformer(cfg)
+        self.text_proj = nn.Linear(cfg.width, embed_dim, bias=False)
+        self.requires_grad_(False)
+        self.eval()
+
+    @property
+    def width(self) -> int:
+        """Feature size of ``tokens``: the ``context_dim`` of a UNet's cross-attention."""
+        return self.cfg.width
+
+    def train(self, mode: bool = True) -> FrozenTextEncoder:
+        return super().train(False)  # frozen: a parent's .train() must not switch on dropout here
+
+    @torch.no_grad()
+    def forward(self, texts: str | list[str]) -> TextEncoding:
+        ids, mask = self.tokenizer.encode(texts)
+        device = self.text_proj.weight.device
+        ids, mask = ids.to(device), mask.to(device)
+        pooled, tokens = self.text(ids, mask)
+        return TextEncoding(tokens, mask, F.normalize(self.text_proj(pooled), dim=-1))
+
+
+def export_text_encoder(run_dir: str | Path, out_dir: str | Path) -> Path:
+    """Write the text tower, projection and tokenizer of CLIP run ``run_dir`` into ``out_dir``."""
+    from difflab.models.clip import load_model
+
+    model, cfg = load_model(run_dir)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    weights = {f"text.{k}": v for k, v in model.text.state_dict().items()}
+    weights["text_proj.weight"] = model.text_proj.weight.detach()
+    tmp = out / (WEIGHTS + ".tmp")
+    save_file({k: v.contiguous() for k, v in weights.items()}, str(tmp))
+    with open(tmp, "rb") as f:  # durable before it becomes visible under its real name
+        os.fsync(f.fileno())
+    os.replace(tmp, out / WEIGHTS)
+    save_json({"text": to_dict(cfg.text), "embed_dim": cfg.embed_dim, "source": str(run_dir)}, out / CONFIG)
+    load_tokenizer(Path(run_dir) / TOKENIZER).save(out / TOKENIZER)
+    return out
+
+
+def load_text_encoder(path: str | Path, *, device: str = "cpu") -> FrozenTextEncoder:
+    """A frozen text encoder from an exported folder or from a CLIP run directory."""
+    path = Path(path)
+    if (path / CONFIG).is_file():
+        meta = json.loads((path / CONFIG).read_text())
+        encoder = FrozenTextEncoder(
+            from_dict(TextTransformerConfig, meta["text"]),
+            meta["embed_dim"],
+            load_tokenizer(path / TOKENIZER),
+        )
+        from difflab.train.checkpoint import check_compatible, check_safetensors_header
+
+        check_safetensors_header(path / WEIGHTS)
+        weights = load_file(str(path / WEIGHTS))
+        check_compatible(encoder, weights, f"text encoder '{path}'")
+        encoder.load_state_dict(weights)
+        return encoder.to(device)
+    if (path / "config.json").is_file():
+        from difflab.models.clip import load_model
+
+        model, cfg = load_model(path)
+        encoder = FrozenTextEncoder(cfg.text, cfg.embed_dim, load_tokenizer(path / TOKENIZER))
+        encoder.text.load_state_dict(model.text.state_dict())
+        encoder.text_proj.load_state_dict(model.text_proj.state_dict())
+        return encoder.to(device)
+    raise DifflabError(
+        f"'{path}' is neither an exported text encoder ({CONFIG}) nor a CLIP run directory (config.json)"
+    )

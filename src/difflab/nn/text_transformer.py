@@ -1,0 +1,66 @@
+"""The text tower of CLIP (Radford et al. 2021, Sec. 2.4): a causal transformer over token ids.
+
+    ids (B, L), mask (B, L)
+      -> token embedding + learned positions                  (B, L, D)
+      -> pre-norm blocks with a causal + padding mask, LayerNorm
+      -> tokens (B, L, D): per-token features (cross-attention context for text-to-image)
+      -> pooled (B, D): the features at each row's [EOS] token
+
+Why causal and pooled at [EOS]: CLIP kept GPT-2's masked self-attention (to allow initialising from, or
+adding, a language-modelling objective), so only the last token has read the whole caption; its state
+is the sentence embedding.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from difflab.errors import DifflabError
+from difflab.nn.transformer import Transformer, causal_padding_mask
+
+
+@dataclass(frozen=True)
+class TextTransformerConfig:
+    vocab_size: int = 64
+    """Set from the tokenizer (a CLIP config derives it)."""
+    context_length: int = 32
+    width: int = 128
+    depth: int = 4
+    heads: int = 4
+    mlp_ratio: float = 4.0
+    causal: bool = True
+    """Causal attention as in CLIP; False gives a bidirectional encoder (padding is always masked)."""
+
+    def __post_init__(self) -> None:
+        if self.width % self.heads:
+            raise DifflabError(f"text width {self.width} is not divisible by heads={self.heads}")
+
+
+class TextTransformer(nn.Module):
+    """(ids (B, L), mask (B, L)) -> (pooled (B, width), tokens (B, L, width))."""
+
+    def __init__(self, cfg: TextTransformerConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.token_embed = nn.Embedding(cfg.vocab_size, cfg.width)
+        self.pos_embed = nn.Parameter(0.01 * torch.randn(cfg.context_length, cfg.width))
+        nn.init.normal_(self.token_embed.weight, std=0.02)  # CLIP's initialisation
+        self.transformer = Transformer(cfg.width, cfg.depth, cfg.heads, cfg.mlp_ratio)
+        self.norm = nn.LayerNorm(cfg.width)
+
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        b, length = ids.shape
+        if length > self.cfg.context_length:
+            raise DifflabError(
+                f"{length} tokens exceed the text encoder's context length {self.cfg.context_length}"
+            )
+        mask = mask.bool()
+        x = self.token_embed(ids) + self.pos_embed[:length]  # (B, L, D)
+        attn_mask = causal_padding_mask(mask) if self.cfg.causal else mask
+        tokens = self.norm(self.transformer(x, attn_mask))
+        eos = mask.sum(dim=1) - 1  # (B,): tokenizers put [EOS] at the last real position
+        pooled = tokens[torch.arange(b, device=ids.device), eos]  # (B, D)
+        return pooled, tokens
