@@ -248,6 +248,8 @@ register_preset(
                           log_every=10, checkpoint_every=None, progress=False),
     ),
 )  # fmt: skip
+# clip_demo: zero-shot colour 1.0 and shape 0.998, text->image recall@1 1.0 (docs/clip.md) after 2,000 of its
+# 3,000 steps (12 minutes here); the whole run takes about 19 minutes on 2 CPU cores.
 register_preset(
     "clip_demo",
     "clip",
@@ -257,7 +259,7 @@ register_preset(
         vision=ViTConfig(patch_size=4, width=64, depth=4, heads=2, stem="conv", pool="max"),
         text=TextTransformerConfig(context_length=24, width=64, depth=2, heads=2),
         embed_dim=64,
-        train=TrainConfig(steps=1500, batch_size=128, lr=2e-3, warmup_steps=100, weight_decay=0.1, ema_decay=None,
+        train=TrainConfig(steps=3000, batch_size=128, lr=2e-3, warmup_steps=100, weight_decay=0.1, ema_decay=None,
                           lr_schedule="cosine", min_lr_ratio=0.1, log_every=25, checkpoint_every=250),
     ),
 )  # fmt: skip

@@ -176,8 +176,8 @@ class HFCLIPEncoder:
     def _text_features(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Projected (unnormalised) text features (B, E), read at each row's <eos>.
 
-        <eos> is the last attended column in both tokenizers' layouts. ``transformers`` (since v4.31, PR
-        #24773; still so in 5.x) does not look at the mask to find it: when the config's
+        <eos> is the last attended column in both tokenizers' layouts. ``transformers`` (read in 5.24's
+        ``CLIPTextTransformer.forward``) does not look at the mask to find it: when the config's
         ``eos_token_id`` is 2 - the value in OpenAI's original configs, which is not their real <eos> id
         - it takes ``argmax`` of the ids, as OpenAI's code does, because CLIP's <eos> (49407) is the
         largest id of its vocabulary; otherwise it takes the first occurrence of ``eos_token_id``.
