@@ -311,3 +311,23 @@ def test_unknown_prompt_words_are_named(tiny_run):
 
     with pytest.raises(DifflabError, match="purple"):
         load_text_encoder(tiny_run)(["a purple circle"])
+
+
+def test_resume_is_exact(tmp_path):
+    """Stopped at step 12 and resumed to 24, CLIP ends bit for bit where an uninterrupted run ends."""
+    from difflab.models.clip import load_model, train
+
+    cfg = tiny_cfg(hard_negatives=True)
+
+    def with_steps(n):
+        return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, steps=n, checkpoint_every=6))
+
+    train(with_steps(24), tmp_path / "straight")
+    train(with_steps(12), tmp_path / "split")
+    train(with_steps(24), tmp_path / "split", resume=True)
+    a, _ = load_model(tmp_path / "straight")
+    b, _ = load_model(tmp_path / "split")
+    for (name, p), q in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
+        assert torch.equal(p, q), name
+    with pytest.raises(DifflabError, match="already has checkpoints"):
+        train(with_steps(24), tmp_path / "split")

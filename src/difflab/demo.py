@@ -59,8 +59,9 @@ def run_demo(args) -> int:
     import torch
 
     from difflab.models.cli import check_n, config_from_args
-    from difflab.models.pixel import has_checkpoints, train
+    from difflab.models.pixel import train
     from difflab.models.pixel_eval import evaluate
+    from difflab.models.runs import has_checkpoints
     from difflab.presets import get_preset
     from difflab.world.check import check_reader
     from difflab.world.preview import save_preview

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,9 +30,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
 
-from difflab.config import from_dict, save_json, to_dict
+from difflab.config import to_dict
 from difflab.data.toy import ToyWorldDataset
 from difflab.errors import DifflabError, check_choice
+from difflab.models.runs import load_latest_weights, load_run_config, prepare_run_dir
 from difflab.nn.text_transformer import TextTransformer, TextTransformerConfig
 from difflab.nn.vit import VisionTransformer, ViTConfig
 from difflab.presets import register_preset
@@ -282,28 +282,14 @@ register_preset(
 # ------------------------------------------------------------------------------------------- run dirs
 
 
-def save_config(cfg: CLIPConfig, run_dir: Path) -> None:
-    save_json(to_dict(cfg), Path(run_dir) / "config.json")
-
-
 def load_config(run_dir: str | Path) -> CLIPConfig:
-    from difflab.presets import run_kind
-
-    if (kind := run_kind(run_dir)) != "clip":
-        raise DifflabError(f"'{run_dir}' holds a '{kind}' run; expected a CLIP run")
-    return from_dict(CLIPConfig, json.loads((Path(run_dir) / "config.json").read_text()))
+    return load_run_config(run_dir, CLIPConfig, "clip", "a CLIP run")
 
 
 def load_model(run_dir: str | Path, *, device: str = "cpu") -> tuple[CLIP, CLIPConfig]:
     """The trained CLIP of a run (its newest good checkpoint) and its config, in eval mode."""
-    from difflab.train.checkpoint import latest_checkpoint, load_model_weights
-
     cfg = load_config(run_dir)
-    model = CLIP(cfg)
-    ckpt = latest_checkpoint(Path(run_dir) / "checkpoints")
-    if ckpt is None:
-        raise DifflabError(f"run '{run_dir}' has no checkpoint yet (train it first)")
-    load_model_weights(ckpt, model)
+    model = load_latest_weights(run_dir, CLIP(cfg))
     return model.to(device).eval(), cfg
 
 
@@ -348,18 +334,9 @@ def load_encoder(run_dir: str | Path, *, device: str = "cpu") -> tuple[ImageText
 
 def train(cfg: CLIPConfig, run_dir: str | Path, *, resume: bool = False) -> Path:
     """Train CLIP into ``run_dir`` (config.json, tokenizer.json, checkpoints/, metrics.jsonl)."""
-    from difflab.models.pixel import has_checkpoints
     from difflab.train.trainer import Trainer, make_loader
 
-    run_dir = Path(run_dir)
-    if not resume and has_checkpoints(run_dir):
-        raise DifflabError(
-            f"run directory '{run_dir}' already has checkpoints; pass --resume or pick a new --out"
-        )
-    if resume and (run_dir / "config.json").is_file() and load_config(run_dir).data != cfg.data:
-        raise DifflabError(f"cannot resume '{run_dir}': it was trained on other data")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, run_dir)
+    run_dir = prepare_run_dir(run_dir, cfg, resume, load_config)
     tokenizer = make_tokenizer(cfg)
     tokenizer.save(run_dir / "tokenizer.json")
     torch.manual_seed(cfg.train.seed)  # the initial weights

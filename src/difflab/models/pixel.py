@@ -19,7 +19,6 @@ from pathlib import Path
 
 import torch
 
-from difflab.config import from_dict, to_dict
 from difflab.diffusion.denoiser import Denoiser, clip_denoised
 from difflab.diffusion.forward import q_sample
 from difflab.diffusion.guidance import classifier_free_guidance
@@ -27,6 +26,7 @@ from difflab.diffusion.objectives import LOSS_WEIGHTINGS, PREDICTION_TYPES, diff
 from difflab.diffusion.samplers import get_sampler
 from difflab.diffusion.schedules import Schedule, make_schedule
 from difflab.errors import DifflabError, check_choice
+from difflab.models.runs import load_latest_weights, load_run_config, prepare_run_dir
 from difflab.nn.unet import UNet, UNetConfig
 from difflab.presets import register_preset
 from difflab.train.trainer import TrainConfig
@@ -262,34 +262,16 @@ def generate(
 # ------------------------------------------------------------------------------------------ run dirs
 
 
-def save_config(cfg: PixelDiffusionConfig, run_dir: Path) -> None:
-    from difflab.config import save_json
-
-    save_json(to_dict(cfg), Path(run_dir) / "config.json")
-
-
 def load_config(run_dir: str | Path) -> PixelDiffusionConfig:
-    import json
-
-    from difflab.presets import run_kind
-
-    if (kind := run_kind(run_dir)) != "pixel":
-        raise DifflabError(f"'{run_dir}' holds a '{kind}' run; expected a pixel diffusion run")
-    return from_dict(PixelDiffusionConfig, json.loads((Path(run_dir) / "config.json").read_text()))
+    return load_run_config(run_dir, PixelDiffusionConfig, "pixel", "a pixel diffusion run")
 
 
 def load_model(
     run_dir: str | Path, *, ema: bool = True, device: str = "cpu"
 ) -> tuple[UNet, PixelDiffusionConfig]:
     """The trained network of a run (EMA weights by default) and its config."""
-    from difflab.train.checkpoint import latest_checkpoint, load_model_weights
-
     cfg = load_config(run_dir)
-    model = build_unet(cfg)
-    ckpt = latest_checkpoint(Path(run_dir) / "checkpoints")
-    if ckpt is None:
-        raise DifflabError(f"run '{run_dir}' has no checkpoint yet (train it first)")
-    load_model_weights(ckpt, model, ema=ema)
+    model = load_latest_weights(run_dir, build_unet(cfg), ema=ema)
     return model.to(device).eval(), cfg
 
 
@@ -383,29 +365,13 @@ register_preset(
 # ------------------------------------------------------------------------------------------- training
 
 
-def has_checkpoints(run_dir: str | Path) -> bool:
-    """Whether ``run_dir`` already holds a trained run (anything under checkpoints/)."""
-    checkpoints = Path(run_dir) / "checkpoints"
-    return checkpoints.is_dir() and any(checkpoints.iterdir())
-
-
 def train(cfg: PixelDiffusionConfig, run_dir: str | Path, *, resume: bool = False) -> Path:
     """Train a pixel diffusion model into ``run_dir`` (config.json, checkpoints/, metrics.jsonl,
     samples/step_*.png, trajectory.png). ``resume=True`` continues from the latest good checkpoint."""
     from difflab.train.trainer import Trainer, make_loader
     from difflab.viz import TrajectoryRecorder, save_grid
 
-    run_dir = Path(run_dir)
-    if not resume and has_checkpoints(run_dir):
-        raise DifflabError(
-            f"run directory '{run_dir}' already has checkpoints; pass --resume or pick a new --out"
-        )
-    if resume and (run_dir / "config.json").is_file():
-        saved = load_config(run_dir)  # the trainer checks the network; the data is checked here
-        if saved.data != cfg.data:
-            raise DifflabError(f"cannot resume '{run_dir}': it was trained on other data ({saved.data})")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, run_dir)
+    run_dir = prepare_run_dir(run_dir, cfg, resume, load_config)
     torch.manual_seed(cfg.train.seed)  # the initial weights
     model = build_unet(cfg)
     schedule = cfg.diffusion.make_schedule()

@@ -1,0 +1,63 @@
+"""Run directories, the same for every model family: ``config.json`` (whose ``kind`` names the family),
+``checkpoints/`` and the checks made before training into one.
+
+A family module (``pixel``, ``clip``) keeps its own config class and network; everything about where they
+live on disk is here, so ``difflab train/eval`` treat every family alike.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from torch import nn
+
+from difflab.config import from_dict, save_json, to_dict
+from difflab.errors import DifflabError
+
+
+def has_checkpoints(run_dir: str | Path) -> bool:
+    """Whether ``run_dir`` already holds a trained run (anything under checkpoints/)."""
+    checkpoints = Path(run_dir) / "checkpoints"
+    return checkpoints.is_dir() and any(checkpoints.iterdir())
+
+
+def load_run_config(run_dir: str | Path, cls, kind: str, what: str):
+    """The ``cls`` config stored in ``run_dir``; an error naming both when the run is of another kind."""
+    from difflab.presets import run_kind
+
+    if (found := run_kind(run_dir)) != kind:
+        raise DifflabError(f"'{run_dir}' holds a '{found}' run; expected {what}")
+    return from_dict(cls, json.loads((Path(run_dir) / "config.json").read_text()))
+
+
+def prepare_run_dir(run_dir: str | Path, cfg, resume: bool, load_config) -> Path:
+    """Check that training ``cfg`` into ``run_dir`` is what the user meant, then write its config.json.
+
+    A fresh run refuses a directory that already has checkpoints; a resumed one refuses a run trained on
+    other data (the trainer itself checks the network and the run-defining train settings).
+    """
+    run_dir = Path(run_dir)
+    if not resume and has_checkpoints(run_dir):
+        raise DifflabError(
+            f"run directory '{run_dir}' already has checkpoints; pass --resume or pick a new --out"
+        )
+    if resume and (run_dir / "config.json").is_file():
+        saved = load_config(run_dir)
+        if saved.data != cfg.data:
+            raise DifflabError(f"cannot resume '{run_dir}': it was trained on other data ({saved.data})")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_json(to_dict(cfg), run_dir / "config.json")
+    return run_dir
+
+
+def load_latest_weights(run_dir: str | Path, model: nn.Module, *, ema: bool = True) -> nn.Module:
+    """Load the newest good checkpoint of ``run_dir`` into ``model`` (its EMA weights when it has them
+    and ``ema``); an error when the run has none yet."""
+    from difflab.train.checkpoint import latest_checkpoint, load_model_weights
+
+    ckpt = latest_checkpoint(Path(run_dir) / "checkpoints")
+    if ckpt is None:
+        raise DifflabError(f"run '{run_dir}' has no checkpoint yet (train it first)")
+    load_model_weights(ckpt, model, ema=ema)
+    return model
