@@ -276,6 +276,9 @@ def test_eval_cli_json(tiny_run, capsys):
     assert set(report["retrieval"]) >= {"text_to_image_r1", "image_to_text_r5", "clip_score", "groups"}
     assert report["retrieval"]["clip_score"] > report["retrieval"]["clip_score_mismatched"]
     assert report["binding"]["n"] == 0  # the tiny world has one object and two colours: nothing to bind
+    assert main(["eval", str(tiny_run), "--n", "100", "--plot", str(tiny_run / "search.png")]) == 0
+    assert (tiny_run / "search.png").stat().st_size > 1000
+    capsys.readouterr()
     assert main(["eval", str(tiny_run), "--sampler", "ddim"]) == 2
     assert "apply to diffusion runs" in capsys.readouterr().err
     assert main(["sample", str(tiny_run)]) == 2

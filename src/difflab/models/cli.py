@@ -85,6 +85,8 @@ def register(subparsers) -> None:
     )
     p.add_argument("--seed", type=int, default=0, help="noise seed (default: 0)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--plot", default=None, metavar="FILE",
+                   help="CLIP runs: also draw text -> image search among 100 held-out scenes into FILE")  # fmt: skip
     p.set_defaults(func=_eval)
 
     p = subparsers.add_parser(
@@ -207,8 +209,10 @@ def _eval(args) -> int:
         given = [f"--{k}" for k in ("sampler", "steps", "cfg") if getattr(args, k) is not None]
         if given:
             raise DifflabError(f"{', '.join(given)} apply to diffusion runs; '{args.run_dir}' is a CLIP run")
-        report = evaluate_clip(Path(args.run_dir), args.n, seed=args.seed)
+        report = evaluate_clip(Path(args.run_dir), args.n, seed=args.seed, plot=args.plot)
     else:
+        if args.plot:
+            raise DifflabError(f"--plot applies to CLIP runs; '{args.run_dir}' is a diffusion run")
         from difflab.models.pixel_eval import evaluate
 
         report = evaluate(Path(args.run_dir), args.n, sampler=args.sampler, steps=args.steps,

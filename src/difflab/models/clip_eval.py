@@ -26,6 +26,7 @@ world is the run's training world (for zero-shot, its one-object version).
 from __future__ import annotations
 
 import dataclasses
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -179,12 +180,17 @@ def binding(encoder, world: WorldConfig, n: int, seed: int = 0) -> dict:
     }
 
 
-def evaluate(run_dir: str | Path, n: int = 500, seed: int = 0, device: str = "cpu") -> dict:
-    """Every CLIP measurement of a trained run, as one JSON-able dict."""
+def evaluate(
+    run_dir: str | Path, n: int = 500, seed: int = 0, device: str = "cpu", plot: str | Path | None = None
+) -> dict:
+    """Every CLIP measurement of a trained run, as one JSON-able dict (and the retrieval figure at
+    ``plot``, when given)."""
     from difflab.models.clip import load_encoder
 
     encoder, cfg = load_encoder(run_dir, device=device)
     world = world_preset(cfg.data.world)
+    if plot is not None:
+        retrieval_figure(encoder, world, plot, seed)
     return {
         "run": str(run_dir),
         "world": cfg.data.world,
@@ -193,3 +199,54 @@ def evaluate(run_dir: str | Path, n: int = 500, seed: int = 0, device: str = "cp
         "retrieval": retrieval(encoder, world, n, seed),
         "binding": binding(encoder, world, n, seed),
     }
+
+
+def retrieval_figure(encoder, world: WorldConfig, out: str | Path, seed: int = 0, k: int = 5) -> Path:
+    """Text -> image search among 100 held-out scenes, drawn: one row per query (three full descriptions
+    and three short captions of other styles), its ``k`` most similar scenes left to right with their
+    cosines, framed green where the query holds in the scene (the world's own truth) and red where not."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from difflab.world.language import caption, description
+
+    scenes = held_out_scenes(world, GROUP, seed + 1)
+    image_emb = encoder.embed_images(images_of(scenes, world))
+    rng = np.random.default_rng(seed)
+    prompts = [description(s) for s in scenes[:3]]
+    styles = ("count", "relation", "pair") if world.max_objects >= 2 else ("object", "count", "object")
+    for j, style in enumerate(styles):
+        candidates = [
+            s for s in scenes[3 + j :] if len(s.objects) >= (2 if style in ("relation", "pair") else 1)
+        ]
+        prompts.append(caption(candidates[0], rng, style=style)[1])
+    sims = encoder.embed_texts([p.text() for p in prompts]) @ image_emb.T  # (queries, 100)
+    fig, axes = plt.subplots(len(prompts), k + 1, figsize=(1.5 * (k + 1) + 1.5, 1.6 * len(prompts)),
+                             gridspec_kw={"width_ratios": [2.5] + [1] * k}, squeeze=False)  # fmt: skip
+    for row, prompt in enumerate(prompts):
+        text_ax = axes[row, 0]
+        text_ax.axis("off")
+        text_ax.text(0, 0.5, "\n".join(textwrap.wrap(prompt.text(), 30)), va="center", fontsize=8)
+        top = sims[row].topk(k)
+        for col, (value, index) in enumerate(zip(top.values, top.indices, strict=True), start=1):
+            ax = axes[row, col]
+            scene = scenes[int(index)]
+            ax.imshow(render(scene, world).image, interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            colour = "tab:green" if prompt.holds(scene) else "tab:red"
+            for spine in ax.spines.values():
+                spine.set_edgecolor(colour)
+                spine.set_linewidth(3)
+            ax.set_title(f"{float(value):.2f}", fontsize=7)
+    fig.suptitle(
+        f"text -> image among {GROUP} held-out scenes (green: the text holds in the scene)", fontsize=9
+    )
+    fig.tight_layout()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
