@@ -51,20 +51,3 @@ def get_preset(name: str) -> Preset:
 def family_module(family: str):
     """The module of a model family (``check_choice`` on the name)."""
     return importlib.import_module(FAMILY_MODULES[check_choice("model family", family, FAMILY_MODULES)])
-
-
-def run_kind(run_dir) -> str:
-    """The model family of a run directory, read from its config.json ("kind")."""
-    import json
-    from pathlib import Path
-
-    from difflab.errors import DifflabError
-
-    path = Path(run_dir) / "config.json"
-    if not path.is_file():
-        raise DifflabError(f"'{run_dir}' is not a difflab run directory (no config.json)")
-    try:
-        kind = json.loads(path.read_text()).get("kind", "pixel")
-    except (json.JSONDecodeError, AttributeError) as err:
-        raise DifflabError(f"'{path}' is not a valid run config ({err})") from None
-    return check_choice("model family", kind, FAMILY_MODULES)

@@ -200,7 +200,7 @@ def _sample(args) -> int:
 
 
 def _eval(args) -> int:
-    from difflab.presets import run_kind
+    from difflab.models.runs import run_kind
 
     check_n(args.n)
     if run_kind(args.run_dir) == "clip":

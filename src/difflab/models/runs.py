@@ -13,7 +13,7 @@ from pathlib import Path
 from torch import nn
 
 from difflab.config import from_dict, save_json, to_dict
-from difflab.errors import DifflabError
+from difflab.errors import DifflabError, check_choice
 
 
 def has_checkpoints(run_dir: str | Path) -> bool:
@@ -22,13 +22,32 @@ def has_checkpoints(run_dir: str | Path) -> bool:
     return checkpoints.is_dir() and any(checkpoints.iterdir())
 
 
+def _read_run_config(run_dir: str | Path) -> tuple[str, dict]:
+    """The model family ("kind", checked) and the raw config dict of ``run_dir``'s config.json."""
+    from difflab.presets import FAMILY_MODULES
+
+    path = Path(run_dir) / "config.json"
+    if not path.is_file():
+        raise DifflabError(f"'{run_dir}' is not a difflab run directory (no config.json)")
+    try:
+        data = json.loads(path.read_text())
+        kind = data.get("kind", "pixel")
+    except (json.JSONDecodeError, AttributeError) as err:
+        raise DifflabError(f"'{path}' is not a valid run config ({err})") from None
+    return check_choice("model family", kind, FAMILY_MODULES), data
+
+
+def run_kind(run_dir: str | Path) -> str:
+    """The model family of a run directory, read from its config.json ("kind")."""
+    return _read_run_config(run_dir)[0]
+
+
 def load_run_config(run_dir: str | Path, cls, kind: str, what: str):
     """The ``cls`` config stored in ``run_dir``; an error naming both when the run is of another kind."""
-    from difflab.presets import run_kind
-
-    if (found := run_kind(run_dir)) != kind:
+    found, data = _read_run_config(run_dir)
+    if found != kind:
         raise DifflabError(f"'{run_dir}' holds a '{found}' run; expected {what}")
-    return from_dict(cls, json.loads((Path(run_dir) / "config.json").read_text()))
+    return from_dict(cls, data)
 
 
 def prepare_run_dir(run_dir: str | Path, cfg, resume: bool, load_config) -> Path:
