@@ -143,3 +143,11 @@ def test_collate_batches_tensors_and_keeps_text_as_lists():
 def test_bad_arguments_are_one_line_errors_naming_the_value(kwargs, message):
     with pytest.raises(DifflabError, match=message):
         ToyWorldDataset(**kwargs)
+
+
+def test_scene_image_is_the_image_field():
+    from difflab.data.toy import scene_image
+
+    ds = ToyWorldDataset("scene32", 8, seed=3, fields=("image",))
+    for i in range(8):
+        assert torch.equal(scene_image(ds.scene(i), ds.cfg), ds[i]["image"])

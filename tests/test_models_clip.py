@@ -213,6 +213,7 @@ def test_captioned_scenes_are_deterministic_and_mixed():
     assert 15 < described < 60  # about half are full descriptions (with positions), the rest vary
     item = data[0]
     assert item["image"].shape == (3, 32, 32) and item["ids"].shape == item["mask"].shape == (24,)
+    assert torch.equal(item["image"], data.scenes[0]["image"])  # the toy dataset's own pixels
 
 
 def test_every_clip_preset_builds_and_takes_one_step():

@@ -56,6 +56,12 @@ CACHEABLE = (*RENDERED, "label")
 _CAPTION_STREAM, _QUESTIONS_STREAM, _EDIT_STREAM = 1, 2, 3
 
 
+def scene_image(scene: Scene, cfg: WorldConfig) -> torch.Tensor:
+    """A scene drawn as the ``image`` field draws it: float32 ``(3, H, W)`` in [-1, 1] on the 8-bit grid.
+    For code that already holds the scene (captions, evaluation sets), so it need not be drawn again."""
+    return to_signed(quantize(render(scene, cfg).image))
+
+
 class ToyWorldDataset(Dataset):
     """``n`` toy-world items of world ``cfg`` (a :class:`WorldConfig` or a preset name) with ``seed``.
 
@@ -197,7 +203,7 @@ class ToyWorldDataset(Dataset):
             out["questions"] = [(qa.question, qa.answer, qa.kind) for qa in qas]
         if "edit" in self.fields:
             out["edit"], edited = edit(scene, self._rng(index, _EDIT_STREAM), self.cfg, kind=self.edit_kind)
-            out["edited_image"] = to_signed(quantize(render(edited, self.cfg).image))
+            out["edited_image"] = scene_image(edited, self.cfg)
             out["edited_scene"] = edited.to_dict()
         if "scene" in self.fields:
             out["scene"] = scene.to_dict()

@@ -31,7 +31,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from difflab.config import to_dict
-from difflab.data.toy import ToyWorldDataset
+from difflab.data.toy import ToyWorldDataset, scene_image
 from difflab.errors import DifflabError, check_choice
 from difflab.models.runs import load_latest_weights, load_run_config, prepare_run_dir
 from difflab.nn.text_transformer import TextTransformer, TextTransformerConfig
@@ -41,7 +41,7 @@ from difflab.text.tokenizer import WordTokenizer, load_tokenizer
 from difflab.train.distributed import all_gather_with_grad
 from difflab.train.trainer import TrainConfig
 from difflab.world.language import caption, contrast, description
-from difflab.world.scene import world_preset
+from difflab.world.scene import Scene, world_preset
 
 UNKNOWN_WORDS = ("strict", "lenient")
 _CAPTION_STREAM = 11  # the per-item random stream of CLIP captions (ToyWorldDataset uses 1-3)
@@ -203,9 +203,10 @@ class CaptionedScenes(Dataset):
     def __len__(self) -> int:
         return len(self.scenes)
 
-    def captions(self, index: int) -> tuple[str, str | None]:
-        """The true caption of item ``index`` and, with ``hard_negatives``, a false one an edit away."""
-        scene = self.scenes.scene(index)
+    def captions(self, index: int, scene: Scene | None = None) -> tuple[str, str | None]:
+        """The true caption of item ``index`` (whose ``scene`` may be passed in when already drawn) and,
+        with ``hard_negatives``, a false one an edit away."""
+        scene = scene if scene is not None else self.scenes.scene(index)
         rng = np.random.default_rng([self.data.seed, index, _CAPTION_STREAM])
         prompt = description(scene) if rng.random() < self.data.describe_prob else caption(scene, rng)[1]
         if not self.data.hard_negatives:
@@ -219,9 +220,10 @@ class CaptionedScenes(Dataset):
         return prompt.text(), negative.text()
 
     def __getitem__(self, index: int) -> dict:
-        text, negative = self.captions(index)
+        scene = self.scenes.scene(index)
+        text, negative = self.captions(index, scene)
         ids, mask = self.tokenizer.encode(text)
-        item = {"image": self.scenes[index]["image"], "ids": ids[0], "mask": mask[0]}
+        item = {"image": scene_image(scene, self.scenes.cfg), "ids": ids[0], "mask": mask[0]}
         if negative is not None:
             ids, mask = self.tokenizer.encode(negative)
             item.update(neg_ids=ids[0], neg_mask=mask[0])

@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from difflab.data.images import quantize, to_signed
+from difflab.data.toy import scene_image
 from difflab.errors import DifflabError
 from difflab.world.language import describe
 from difflab.world.prompts import Conjunction, ObjectSpec
@@ -45,7 +45,7 @@ GROUP = 100
 
 def images_of(scenes: list[Scene], cfg: WorldConfig) -> torch.Tensor:
     """(N, 3, H, W) in [-1, 1], rendered exactly as the training set is."""
-    return torch.stack([to_signed(quantize(render(s, cfg).image)) for s in scenes])
+    return torch.stack([scene_image(s, cfg) for s in scenes])
 
 
 def held_out_scenes(cfg: WorldConfig, n: int, seed: int, keep=None) -> list[Scene]:
