@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from difflab.errors import DifflabError
+from difflab.text.tokenizer import eos_positions
 
 if TYPE_CHECKING:
     import transformers
@@ -187,7 +188,7 @@ class HFCLIPEncoder:
         the output at the text's highest-numbered word. So when the ids are not ones ``transformers``
         pools correctly, the wrapper reads the last hidden state at <eos> itself and applies the text
         projection, which is exactly what ``get_text_features`` does at the right position."""
-        eos = mask.long().sum(dim=1) - 1
+        eos = eos_positions(mask)
         eos_token_id = self.model.config.text_config.eos_token_id
         rows = torch.arange(len(ids), device=ids.device)
         if eos_token_id == 2:

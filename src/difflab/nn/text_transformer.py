@@ -20,6 +20,7 @@ from torch import nn
 
 from difflab.errors import DifflabError
 from difflab.nn.transformer import Transformer, causal_padding_mask
+from difflab.text.tokenizer import eos_positions
 
 
 @dataclass(frozen=True)
@@ -61,6 +62,5 @@ class TextTransformer(nn.Module):
         x = self.token_embed(ids) + self.pos_embed[:length]  # (B, L, D)
         attn_mask = causal_padding_mask(mask) if self.cfg.causal else mask
         tokens = self.norm(self.transformer(x, attn_mask))
-        eos = mask.sum(dim=1) - 1  # (B,): tokenizers put [EOS] at the last real position
-        pooled = tokens[torch.arange(b, device=ids.device), eos]  # (B, D)
+        pooled = tokens[torch.arange(b, device=ids.device), eos_positions(mask)]  # (B, D)
         return pooled, tokens

@@ -1,5 +1,5 @@
 """text: tokenizers (and later the text encoder)."""
 
-from difflab.text.tokenizer import BPETokenizer, WordTokenizer, load_tokenizer, normalize
+from difflab.text.tokenizer import BPETokenizer, WordTokenizer, eos_positions, load_tokenizer, normalize
 
-__all__ = ["BPETokenizer", "WordTokenizer", "load_tokenizer", "normalize"]
+__all__ = ["BPETokenizer", "WordTokenizer", "eos_positions", "load_tokenizer", "normalize"]

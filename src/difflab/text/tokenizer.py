@@ -160,6 +160,15 @@ def _check_kind(d: Any, kind: str) -> None:
         raise DifflabError(f"expected a '{kind}' tokenizer dict; got kind {d.get('kind')!r}")
 
 
+def eos_positions(mask: torch.Tensor) -> torch.Tensor:
+    """Column of ``<eos>`` in each row, ``(B,)`` long: the last True of the mask (both tokenizers' layout),
+    where a text encoder's output is pooled into one embedding per text."""
+    if not isinstance(mask, torch.Tensor) or mask.dim() != 2:
+        shape = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
+        raise DifflabError(f"mask must be a (batch, context_length) tensor; got {shape}")
+    return mask.to(torch.long).sum(1) - 1
+
+
 class _Tokenizer:
     """The CLIP layout, shared by both tokenizers: a subclass turns one text into token ids
     (:meth:`_tokens`) and back (:meth:`decode`); this class pads, masks, saves and loads."""
@@ -209,12 +218,8 @@ class _Tokenizer:
         return ids.reshape(len(rows), pad), mask.reshape(len(rows), pad)
 
     def eos_positions(self, mask: torch.Tensor) -> torch.Tensor:
-        """Column of ``<eos>`` in each row, ``(B,)`` long: the last True of the mask, where the text
-        encoder's output is pooled into one embedding per text."""
-        if not isinstance(mask, torch.Tensor) or mask.dim() != 2:
-            shape = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
-            raise DifflabError(f"mask must be a (batch, context_length) tensor; got {shape}")
-        return mask.to(torch.long).sum(1) - 1
+        """See the module-level :func:`eos_positions`."""
+        return eos_positions(mask)
 
     def decode(self, ids: Sequence[int] | torch.Tensor) -> str:
         raise NotImplementedError
