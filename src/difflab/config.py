@@ -7,9 +7,11 @@ unet.channel_mult=1,2,2`` a tuple of ints; an unknown key names the valid ones a
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
 import json
+import os
 import types
 import typing
 from pathlib import Path
@@ -137,14 +139,19 @@ def from_dict(cls, data: dict):
     return cls(**kwargs)
 
 
-def save_json(obj: dict, path: Path) -> None:
-    """Write JSON atomically (temporary file, fsync, rename): a crash never leaves a half-written file."""
-    import os
-
+@contextlib.contextmanager
+def atomic_path(path: Path):
+    """Write a file atomically: the block writes the yielded temporary path, which is then fsynced and
+    renamed onto ``path``, so a crash never leaves a half-written file under the real name."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-        f.flush()
+    yield tmp
+    with open(tmp, "rb") as f:
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def save_json(obj: dict, path: Path) -> None:
+    """Write JSON atomically (see :func:`atomic_path`)."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2))

@@ -16,7 +16,6 @@ Nothing is unpickled; the weights are frozen (``requires_grad=False``) and the m
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import NamedTuple
 
@@ -25,7 +24,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from difflab.config import from_dict, save_json, to_dict
+from difflab.config import atomic_path, from_dict, save_json, to_dict
 from difflab.errors import DifflabError
 from difflab.nn.text_transformer import TextTransformer, TextTransformerConfig
 from difflab.text.tokenizer import load_tokenizer
@@ -79,11 +78,8 @@ def export_text_encoder(run_dir: str | Path, out_dir: str | Path) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     weights = {f"text.{k}": v for k, v in model.text.state_dict().items()}
     weights["text_proj.weight"] = model.text_proj.weight.detach()
-    tmp = out / (WEIGHTS + ".tmp")
-    save_file({k: v.contiguous() for k, v in weights.items()}, str(tmp))
-    with open(tmp, "rb") as f:  # durable before it becomes visible under its real name
-        os.fsync(f.fileno())
-    os.replace(tmp, out / WEIGHTS)
+    with atomic_path(out / WEIGHTS) as tmp:
+        save_file({k: v.contiguous() for k, v in weights.items()}, str(tmp))
     save_json({"text": to_dict(cfg.text), "embed_dim": cfg.embed_dim, "source": str(run_dir)}, out / CONFIG)
     load_tokenizer(Path(run_dir) / TOKENIZER).save(out / TOKENIZER)
     return out
