@@ -14,7 +14,12 @@ from difflab.errors import check_choice
 
 # The module of each model family: it registers the family's presets when imported and provides
 # ``train(cfg, run_dir, resume=...)`` and ``load_config(run_dir)``.
-FAMILY_MODULES = {"pixel": "difflab.models.pixel", "clip": "difflab.models.clip"}
+FAMILY_MODULES = {
+    "pixel": "difflab.models.pixel",
+    "vae": "difflab.models.vae",
+    "ldm": "difflab.models.ldm",
+    "clip": "difflab.models.clip",
+}
 PRESET_MODULES = tuple(FAMILY_MODULES.values())
 
 

@@ -81,12 +81,20 @@ def cached_arrays(
     name: str,
     key: dict,
     n: int,
-    make_item: Callable[[int], dict[str, np.ndarray]],
+    make_item: Callable[[int], dict[str, np.ndarray]] | None = None,
     desc: str = "building cache",
+    *,
+    make_batch: Callable[[int, int], dict[str, np.ndarray]] | None = None,
+    batch_size: int = 256,
 ) -> dict[str, np.ndarray]:
     """``{field: (n, ...) array}`` stacked from ``make_item(0 .. n-1)``, read from the cache file for
     ``key`` under ``cache_dir`` or computed once and written there. ``name`` is a readable file-name
-    prefix; ``key`` must be JSON-serialisable and determine the items completely."""
+    prefix; ``key`` must be JSON-serialisable and determine the items completely.
+
+    ``make_batch(start, stop)`` instead of ``make_item`` returns the stacked arrays of items start..stop-1
+    at once (``batch_size`` at a time): for a network that encodes a whole batch per call."""
+    if (make_item is None) == (make_batch is None):
+        raise ValueError("cached_arrays needs exactly one of make_item and make_batch")
     path, key_json = cache_file(cache_dir, name, key)
     arrays = _read(path, key_json)
     if arrays is not None:
@@ -95,8 +103,15 @@ def cached_arrays(
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise DifflabError(f"cannot create cache folder '{path.parent}': {e.strerror}") from None
-    items = [make_item(i) for i in tqdm(range(n), desc=desc, leave=False, disable=None)]
-    arrays = {f: np.stack([it[f] for it in items]) for f in items[0]}
+    if make_batch is not None:
+        starts = range(0, n, batch_size)
+        parts = [
+            make_batch(s, min(s + batch_size, n)) for s in tqdm(starts, desc=desc, leave=False, disable=None)
+        ]
+        arrays = {f: np.concatenate([p[f] for p in parts]) for f in parts[0]}
+    else:
+        items = [make_item(i) for i in tqdm(range(n), desc=desc, leave=False, disable=None)]
+        arrays = {f: np.stack([it[f] for it in items]) for f in items[0]}
     try:
         write_atomic(path, save_arrays(arrays, metadata={"key": key_json}))
     except OSError as e:

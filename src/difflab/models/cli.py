@@ -74,7 +74,8 @@ def register(subparsers) -> None:
         "(its own held-out accuracy is reported too); plus the Fréchet distance to real data in the pixels8 "
         "space. CLIP runs: zero-shot colour and shape accuracy on N held-out one-object scenes, text<->image "
         "recall@1/@5 in groups of 100 held-out scenes, CLIP score, and attribute binding on N two-object "
-        "scenes.",
+        "scenes. Autoencoder (vae) runs: reconstruction PSNR on N held-out images and, on the toy world, the "
+        "reader's exact-scene accuracy on the reconstructions beside its accuracy on the originals.",
     )
     p.add_argument("run_dir", help="run directory made by 'difflab train'")
     p.add_argument("--n", type=int, default=500, help="number of samples (default: 500)")
@@ -129,7 +130,14 @@ def _info(args) -> int:
 
     cfg = config_from_args(args)
     b = cfg.train.batch_size
-    if get_preset(args.preset).family == "clip":
+    family = get_preset(args.preset).family
+    if family == "vae":
+        from difflab.models.vae import VAETrainee
+
+        model, loss_fn = VAETrainee(cfg).autoencoder, lambda out: out[0].square().mean()
+        v = cfg.vae
+        inputs = {"x": torch.randn(b, v.in_channels, v.image_size, v.image_size)}
+    elif family == "clip":
         from difflab.models.clip import CLIP, clip_loss
 
         model, loss_fn = CLIP(cfg), lambda out: clip_loss(*out)
@@ -137,7 +145,7 @@ def _info(args) -> int:
         ids = torch.randint(0, t.vocab_size, (b, t.context_length))
         inputs = {"images": torch.randn(b, v.in_channels, v.image_size, v.image_size), "ids": ids,
                   "mask": torch.ones_like(ids, dtype=torch.bool)}  # fmt: skip
-    else:
+    else:  # pixel and latent diffusion: the UNet (for ldm, at the preset's latent shape)
         model, loss_fn = build_unet(cfg), None
         u = cfg.unet
         inputs = {
@@ -166,7 +174,8 @@ def _train(args) -> int:
     family = get_preset(args.preset).family
     cfg = config_from_args(args)
     run_dir = family_module(family).train(cfg, args.out, resume=args.resume)
-    wrote = "samples.png, trajectory.png, " if family == "pixel" else "tokenizer.json, "
+    wrote = {"pixel": "samples.png, trajectory.png, ", "ldm": "samples.png, trajectory.png, ",
+             "vae": "reconstructions.png, latent_stats.json, ", "clip": "tokenizer.json, "}[family]  # fmt: skip
     print(f"trained '{args.preset}' into {run_dir}: {wrote}metrics.jsonl, checkpoints/")
     return 0
 
@@ -179,15 +188,22 @@ def check_n(n: int) -> None:
 def _sample(args) -> int:
     import torch
 
-    from difflab.models.pixel import generate, load_model
+    from difflab.models.runs import run_kind
+    from difflab.presets import family_module
     from difflab.viz import TrajectoryRecorder, save_grid
 
     check_n(args.n)
-    model, cfg = load_model(args.run_dir)
+    kind = run_kind(args.run_dir)
+    if kind not in ("pixel", "ldm"):
+        raise DifflabError(
+            f"'{args.run_dir}' is a {kind} run; difflab sample draws from diffusion runs (pixel, ldm)"
+        )
+    family = family_module(kind)
+    model, cfg = family.load_model(args.run_dir)
     labels = None if args.klass is None else torch.full((args.n,), args.klass)
     steps = args.steps or cfg.sample.steps
     recorder = TrajectoryRecorder(steps) if args.trajectory else None
-    images = generate(model, cfg, args.n, labels=labels, sampler=args.sampler, steps=steps, cfg_scale=args.cfg,
+    images = family.generate(model, cfg, args.n, labels=labels, sampler=args.sampler, steps=steps, cfg_scale=args.cfg,
                       seed=args.seed, callback=recorder, progress=sys.stderr.isatty())  # fmt: skip
     save_grid(images, args.out)
     if recorder is not None:
@@ -203,12 +219,22 @@ def _eval(args) -> int:
     from difflab.models.runs import run_kind
 
     check_n(args.n)
-    if run_kind(args.run_dir) == "clip":
-        from difflab.models.clip_eval import evaluate as evaluate_clip
-
+    kind = run_kind(args.run_dir)
+    if kind in ("clip", "vae"):
         given = [f"--{k}" for k in ("sampler", "steps", "cfg") if getattr(args, k) is not None]
         if given:
-            raise DifflabError(f"{', '.join(given)} apply to diffusion runs; '{args.run_dir}' is a CLIP run")
+            raise DifflabError(
+                f"{', '.join(given)} apply to diffusion runs; '{args.run_dir}' is a {kind} run"
+            )
+    if kind == "vae":
+        if args.plot:
+            raise DifflabError(f"--plot applies to CLIP runs; '{args.run_dir}' is an autoencoder run")
+        from difflab.models.vae import evaluate as evaluate_vae
+
+        report = evaluate_vae(Path(args.run_dir), args.n, seed=args.seed)
+    elif kind == "clip":
+        from difflab.models.clip_eval import evaluate as evaluate_clip
+
         report = evaluate_clip(Path(args.run_dir), args.n, seed=args.seed, plot=args.plot)
     else:
         if args.plot:

@@ -201,7 +201,7 @@ def make_loss_fn(cfg: PixelDiffusionConfig, schedule: Schedule):
 
 
 @torch.no_grad()
-def generate(
+def diffuse(
     model: UNet,
     cfg: PixelDiffusionConfig,
     n: int,
@@ -215,7 +215,8 @@ def generate(
     callback=None,
     progress: bool = False,
 ) -> torch.Tensor:
-    """Draw ``n`` samples (N, C, H, W) in [-1, 1]. ``labels`` (N,) picks classes of a conditional model
+    """Run the sampler from noise shaped as the UNet's input (pixels here, latents in latent diffusion) and
+    return the final (N, C, H, W) sample, unclamped. ``labels`` (N,) picks classes of a conditional model
     (default: cycling through all classes); ``None`` arguments fall back to ``cfg.sample``."""
     s = cfg.sample
     sampler, steps = sampler or s.sampler, steps or s.steps
@@ -225,7 +226,7 @@ def generate(
     schedule = cfg.diffusion.make_schedule()
     device = next(model.parameters()).device
     classes = num_classes(cfg.data)
-    c, size = data_channels(cfg.data), cfg.data.image_size
+    c, size = cfg.unet.in_channels, cfg.unet.image_size
     gen = torch.Generator(device="cpu").manual_seed(seed)
     x_T = torch.randn((n, c, size, size), generator=gen).to(device)
     denoiser = Denoiser(model, schedule, cfg.diffusion.prediction)
@@ -256,7 +257,12 @@ def generate(
         callback=callback,
         progress=progress,
     )
-    return x.clamp(-1, 1)
+    return x
+
+
+def generate(model: UNet, cfg: PixelDiffusionConfig, n: int, **kwargs) -> torch.Tensor:
+    """Draw ``n`` images (N, C, H, W) in [-1, 1]; keyword arguments as :func:`diffuse`."""
+    return diffuse(model, cfg, n, **kwargs).clamp(-1, 1)
 
 
 # ------------------------------------------------------------------------------------------ run dirs

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from difflab.eval.frechet import frechet_distance, pixels8_features
-from difflab.models.pixel import PixelDiffusionConfig, generate, load_model, make_dataset, num_classes
+from difflab.models.pixel import PixelDiffusionConfig, make_dataset, num_classes
 
 
 def real_images(cfg: PixelDiffusionConfig, n: int) -> torch.Tensor:
@@ -57,11 +57,16 @@ def score_samples(cfg: PixelDiffusionConfig, images: torch.Tensor, labels: torch
 
 
 def evaluate(run_dir: Path, n: int, *, sampler=None, steps=None, cfg_scale=None, seed: int = 0) -> dict:
-    model, cfg = load_model(run_dir)
+    """Score a pixel or latent diffusion run (both families share ``load_model`` and ``generate``)."""
+    from difflab.models.runs import run_kind
+    from difflab.presets import family_module
+
+    family = family_module(run_kind(run_dir))
+    model, cfg = family.load_model(run_dir)
     classes = num_classes(cfg.data)
     labels = torch.arange(n) % classes if classes else None
     start = time.perf_counter()
-    images = generate(
+    images = family.generate(
         model, cfg, n, labels=labels, sampler=sampler, steps=steps, cfg_scale=cfg_scale, seed=seed
     )
     seconds = time.perf_counter() - start

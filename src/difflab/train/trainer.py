@@ -272,21 +272,22 @@ class Trainer:
         bar = tqdm(total=cfg.steps, initial=self.step, disable=not show, unit="step", dynamic_ncols=True)
         self._fit_start = time.perf_counter()
         window: dict[str, float] = {}
-        window_steps, window_start = 0, time.perf_counter()
+        counts: dict[str, int] = {}  # steps that reported each key: a metric may start mid-window (a GAN)
+        window_start = time.perf_counter()
         record = None
         try:
             while self.step < cfg.steps:
                 out = self.train_step()
-                window_steps += 1
                 for k, v in out.items():
                     window[k] = window.get(k, 0.0) + v
+                    counts[k] = counts.get(k, 0) + 1
                 bar.update(1)
                 bar.set_postfix(loss=f"{out['loss']:.4f}", refresh=False)
                 last = self.step == cfg.steps
                 if self.step % cfg.log_every == 0 or last:
                     now = time.perf_counter()
                     items = window.pop("items")
-                    record = {k: v / window_steps for k, v in window.items()}
+                    record = {k: v / counts[k] for k, v in window.items()}
                     record.update(
                         step=self.step,
                         lr=out["lr"],
@@ -294,7 +295,7 @@ class Trainer:
                         items_per_s=round(items / max(now - window_start, 1e-9), 2),
                     )
                     self.metrics.log(record)
-                    window, window_steps, window_start = {}, 0, now
+                    window, counts, window_start = {}, {}, now
                 if (cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0) or last:
                     self.save_checkpoint()
                 if (cfg.sample_every and self.step % cfg.sample_every == 0) or last:
