@@ -13,7 +13,7 @@ and the pixel model (preset ``demo``, rendering on the fly) is timed the same wa
 two are compared side by side as a ratio. Prints one JSON line per evaluation and phase, then a table.
 
     python benchmarks/ldm_time_to_quality.py --factors 2,4,8 --minutes 8
-    python benchmarks/ldm_time_to_quality.py --factors 4 --no-pixel --vae-set train.steps=2000
+    python benchmarks/ldm_time_to_quality.py --factors 4 --no-pixel --vae-dir runs/ --ldm-set train.lr=2e-3
 """
 
 from __future__ import annotations
@@ -45,10 +45,15 @@ def emit(record: dict) -> dict:
 def run_latent(f: int, args, root: Path) -> dict:
     """Train vae_f<f>, cache the latents, then ldm_toy until the target accuracy; the phases' seconds."""
     vae_cfg = apply_overrides(get_preset(f"vae_f{f}").build(), ["train.progress=false", *args.vae_set])
-    vae_run = root / f"vae_f{f}"
-    start = time.perf_counter()
-    vae.train(vae_cfg, vae_run)
-    vae_seconds = time.perf_counter() - start
+    vae_run = Path(args.vae_dir or root) / f"vae_f{f}"
+    if (vae_run / "latent_stats.json").is_file():  # reuse: its own clock, training + latent stats
+        last = json.loads((vae_run / "metrics.jsonl").read_text().splitlines()[-1])
+        vae_seconds = last["seconds"] + vae.latent_stats(vae_run)["seconds"]
+        vae_cfg = vae.load_config(vae_run)
+    else:
+        start = time.perf_counter()
+        vae.train(vae_cfg, vae_run)
+        vae_seconds = time.perf_counter() - start
     quality = vae.evaluate(vae_run, args.vae_eval_n)  # not timed: a report, not part of the recipe
     emit({"phase": "vae", "f": f, "seconds": round(vae_seconds, 1), "steps": vae_cfg.train.steps,
           "parameters": count_parameters(vae.load_model(vae_run)[0]), "psnr_db": round(quality["psnr_db"], 2),
@@ -105,13 +110,23 @@ def run_latent(f: int, args, root: Path) -> dict:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--factors", default="2,4,8", help="comma-separated autoencoder factors (default: 2,4,8)")
+    p.add_argument(
+        "--factors",
+        default="2,4,8",
+        help="comma-separated autoencoder factors (default: 2,4,8; '' for the pixel baseline alone)",
+    )
     p.add_argument("--no-pixel", action="store_true", help="skip the pixel-space baseline")
     p.add_argument("--minutes", type=float, default=8.0, help="training budget per diffusion model")
     p.add_argument("--eval-every", type=int, default=250)
     p.add_argument("--per-class", type=int, default=2, help="samples per class at each evaluation")
     p.add_argument("--target", type=float, default=0.95, help="class accuracy that counts as reached")
     p.add_argument("--vae-eval-n", type=int, default=300, help="held-out images for the autoencoder report")
+    p.add_argument(
+        "--vae-dir",
+        default=None,
+        help="keep the autoencoders here (vae_f<f>) and reuse those "
+        "already trained there, timed by their own metrics.jsonl (default: a temporary folder)",
+    )
     p.add_argument("--vae-set", action="append", default=[], metavar="KEY=VALUE", help="override in vae_f*")
     p.add_argument("--ldm-set", action="append", default=[], metavar="KEY=VALUE", help="override in ldm_toy")
     p.add_argument("--pixel-set", action="append", default=[], metavar="KEY=VALUE", help="override in demo")
@@ -125,7 +140,7 @@ def main() -> int:
         rows.append(("pixel (demo)", None, None, first and first["train_seconds"], first and first["step"],
                      max(r["class_accuracy"] for r in pixel)))  # fmt: skip
     with tempfile.TemporaryDirectory() as tmp:
-        for f in (int(x) for x in args.factors.split(",")):
+        for f in (int(x) for x in args.factors.split(",") if x):
             r = run_latent(f, args, Path(tmp))
             rows.append((f"latent f={f}", r["vae_seconds"], r["encode_seconds"], r["ldm_seconds"], r["ldm_step"],
                          r["best"]))  # fmt: skip

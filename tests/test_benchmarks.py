@@ -65,3 +65,17 @@ def test_attention_kernels_smallest_setting():
     assert [r["heads"] for r in result["rows"]] == [2, 1] and result["tokens"] == 16
     assert all(r[k] > 0 for r in result["rows"] for k in ("sdpa_flash", "sdpa_math", "textbook"))
     assert "| 2 x 8 |" in out.stdout
+
+
+def test_ldm_time_to_quality_smallest_setting():
+    """f = 4 only: a 2-step autoencoder, 64 encoded images, one evaluation of one sample per class at step 2
+    (the target is out of reach, so the table says 'not reached'); then the pixel baseline alone."""
+    out = run_script("ldm_time_to_quality.py", "--factors", "4", "--no-pixel", "--minutes", "0", "--eval-every", "2",
+                     "--per-class", "1", "--vae-eval-n", "4", "--vae-set", "train.steps=2",
+                     "--vae-set", "latent_stats_n=16", "--vae-set", "data.n=64", "--ldm-set", "data.n=64")  # fmt: skip
+    header, vae_rec, encode, ldm_rec = json_lines(out.stdout)
+    assert {"machine", "threads", "torch", "date"} <= set(header)
+    assert vae_rec["phase"] == "vae" and vae_rec["latent_shape"] == [8, 8, 8] and vae_rec["steps"] == 2
+    assert encode == {"phase": "encode", "f": 4, "seconds": encode["seconds"], "items": 64}
+    assert ldm_rec["phase"] == "ldm" and ldm_rec["step"] == 2 and ldm_rec["n"] == 40
+    assert "| latent f=4 |" in out.stdout and "not reached" in out.stdout

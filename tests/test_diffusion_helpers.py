@@ -1,26 +1,14 @@
 """Shared pieces of the tests/test_diffusion_*.py files (this module holds no tests itself).
 
-- ``single_thread``: the diffusion tests work on small float64 tensors; on a loaded 2-core machine
-  torch's OpenMP threads turn each float64 ``exp``/``sqrt`` of a few thousand elements into an ~8 ms
-  barrier wait, so these tests run single-threaded and restore the setting afterwards.
 - ``rel_err``: the relative error used against diffusers, max |ours - ref| / max |ref|.
 - ``mixture``: the analytic data most tests sample from.
 """
 
 from __future__ import annotations
 
-import pytest
 import torch
 
 from difflab.diffusion.analytic import GaussianMixture
-
-
-@pytest.fixture
-def single_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def rel_err(ours: torch.Tensor, ref: torch.Tensor) -> float:

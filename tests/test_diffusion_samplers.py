@@ -23,7 +23,7 @@ from difflab.diffusion.forward import q_posterior, q_sample
 from difflab.diffusion.samplers import SAMPLERS, get_sampler
 from difflab.diffusion.schedules import make_schedule
 from difflab.errors import DifflabError
-from tests.test_diffusion_helpers import mixture, single_thread  # noqa: F401
+from tests.test_diffusion_helpers import mixture  # noqa: F401
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 LINEAR = make_schedule("linear")

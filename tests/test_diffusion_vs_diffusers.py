@@ -27,7 +27,7 @@ from difflab.diffusion.discretization import timestep_spacing
 from difflab.diffusion.objectives import PREDICTION_TYPES
 from difflab.diffusion.samplers import HEUN_MAX_SIGMA, get_sampler
 from difflab.diffusion.schedules import make_schedule
-from tests.test_diffusion_helpers import mixture, rel_err, single_thread  # noqa: F401
+from tests.test_diffusion_helpers import mixture, rel_err  # noqa: F401
 
 diffusers = pytest.importorskip("diffusers")
 pytestmark = [

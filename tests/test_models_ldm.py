@@ -26,15 +26,8 @@ class EncoderCalled(RuntimeError):
     pass
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    # Module-scoped so that it is in force while the module's runs train: small convolutions gain
-    # nothing from a second thread, and with the other core busy 2-thread barriers cost ~30x (the 8 s
-    # vae_tiny run took 300 s). One thread also makes every run here deterministic.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# one torch thread (tests/conftest.py), module-scoped so it holds while the module's fixtures train
+pytestmark = pytest.mark.usefixtures("single_thread_module")
 
 
 @pytest.fixture(scope="module")

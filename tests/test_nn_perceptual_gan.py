@@ -16,16 +16,7 @@ from difflab.nn.discriminator import (
 )
 from difflab.nn.perceptual import RandomFeaturePerceptualLoss
 
-
-@pytest.fixture(autouse=True)
-def single_thread():
-    # Tensors here are tiny, so intra-op threads only add synchronisation; when another process holds
-    # the cores, 2-thread OpenMP barriers made the learning test ~30x slower (64 s against 1.8 s).
-    # Same fixture as tests/test_diffusion_helpers.py; a shared conftest.py would be its one home.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("single_thread")  # tiny tensors: see tests/conftest.py
 
 
 def _smooth_images(n: int, size: int = 32, seed: int = 0) -> torch.Tensor:

@@ -12,14 +12,7 @@ from difflab.data.cache import cache_file, cached_arrays
 from difflab.errors import DifflabError
 from difflab.nn.vae import AutoencoderConfig, DiagonalGaussian, KLAutoencoder
 
-
-@pytest.fixture(autouse=True)
-def single_thread():
-    # Tiny tensors: intra-op threads only add synchronisation (see tests/test_nn_perceptual_gan.py).
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("single_thread")  # tiny tensors: see tests/conftest.py
 
 
 def _small(**over) -> AutoencoderConfig:

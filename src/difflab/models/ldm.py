@@ -257,7 +257,7 @@ register_preset(
     "class-conditional latent diffusion on the one-object toy world (--set vae=RUN of a vae_f* run): minutes on a CPU",
     lambda: LatentDiffusionConfig(
         data=DataConfig(world="single32", image_size=32, n=20_000),
-        unet=UNetConfig(in_channels=8, out_channels=8, image_size=8, channels=64, channel_mult=(1, 2),
+        unet=UNetConfig(in_channels=4, out_channels=4, image_size=16, channels=32, channel_mult=(1, 2),
                         num_res_blocks=1, attention_resolutions=(8, 4), heads=4),
         train=TrainConfig(steps=2000, batch_size=32, lr=1e-3, warmup_steps=50, ema_decay=0.995, log_every=25,
                           checkpoint_every=250, sample_every=500),

@@ -233,13 +233,16 @@ def latent_stats(run_dir: str | Path) -> dict:
 
 
 def _preset(f: int, **over) -> VAEConfig:
-    """The CPU recipe at factor f: a patch autoencoder, 64 channels, L1 + a light perceptual term."""
-    latent_channels = {2: 4, 4: 8, 8: 16}[f]  # f^2 pixels x 3 colours per position: wider latents at higher f
+    """The CPU recipe at factor f: a patch autoencoder, L1 + the random-feature perceptual term (weight 1:
+    at f = 4 it lifted the reader's exact-scene accuracy on reconstructions from 0.57 to 0.92 at 1,500
+    steps, docs/ldm.md). Wider latents and blocks at higher f: each position stands for f^2 pixels."""
+    latent_channels, channels, steps = {2: (4, 32, 1000), 4: (8, 64, 2500), 8: (16, 96, 2500)}[f]
     return VAEConfig(
         data=DataConfig(world="single32", image_size=32, conditional=False, n=100_000),
-        vae=AutoencoderConfig(downsample_factor=f, latent_channels=latent_channels, channels=64, num_res_blocks=2),
-        loss=VAELossConfig(perceptual_weight=0.0),
-        train=TrainConfig(steps=1500, batch_size=32, lr=2e-3, warmup_steps=50, ema_decay=None, log_every=25,
+        vae=AutoencoderConfig(downsample_factor=f, latent_channels=latent_channels, channels=channels,
+                              num_res_blocks=2),
+        loss=VAELossConfig(perceptual_weight=1.0),
+        train=TrainConfig(steps=steps, batch_size=32, lr=2e-3, warmup_steps=50, ema_decay=None, log_every=25,
                           checkpoint_every=500, sample_every=500),
         **over,
     )  # fmt: skip
