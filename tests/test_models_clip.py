@@ -283,7 +283,7 @@ def test_eval_cli_json(tiny_run, capsys):
     assert main(["eval", str(tiny_run), "--sampler", "ddim"]) == 2
     assert "apply to diffusion runs" in capsys.readouterr().err
     assert main(["sample", str(tiny_run)]) == 2
-    assert "expected a pixel diffusion run" in capsys.readouterr().err
+    assert "difflab sample draws from diffusion runs" in capsys.readouterr().err
 
 
 def test_exported_text_encoder_matches_the_tower(tiny_run, tmp_path):
