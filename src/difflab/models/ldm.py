@@ -274,7 +274,6 @@ def train(cfg: LatentDiffusionConfig, run_dir: str | Path, *, resume: bool = Fal
     checkpoints/, metrics.jsonl, samples/step_*.png, samples.png, trajectory.png)."""
     from difflab.models import vae as vae_model
     from difflab.train.trainer import Trainer, make_loader
-    from difflab.viz import TrajectoryRecorder, save_grid
 
     cfg = attach_vae(cfg)
     if resume and (Path(run_dir) / "config.json").is_file():
@@ -290,17 +289,13 @@ def train(cfg: LatentDiffusionConfig, run_dir: str | Path, *, resume: bool = Fal
     schedule = cfg.diffusion.make_schedule()
     loader = make_loader(data, cfg.train)
 
-    def sample_fn(ema_unet, step: int, out_dir: Path) -> None:
-        final = step >= cfg.train.steps
-        recorder = TrajectoryRecorder(cfg.sample.steps) if final else None
-        device = next(ema_unet.parameters()).device
-        system = LatentDiffusion(ema_unet, autoencoder.to(device), cfg.latent_scale)
-        images = generate(system, cfg, cfg.sample.grid, seed=0, callback=recorder)
-        save_grid(images, Path(out_dir) / "samples" / f"step_{step:07d}.png")
-        if final:
-            save_grid(images, Path(out_dir) / "samples.png")
-            recorder.save(Path(out_dir) / "trajectory.png")
+    def draw(ema_unet: UNet, n: int, callback) -> torch.Tensor:
+        system = LatentDiffusion(
+            ema_unet, autoencoder.to(next(ema_unet.parameters()).device), cfg.latent_scale
+        )
+        return generate(system, cfg, n, seed=0, callback=callback)
 
+    sample_fn = pixel.grid_sample_fn(cfg, draw)
     trainer = Trainer(unet, make_loss_fn(cfg, schedule), loader, cfg.train, run_dir,
                       sample_fn=sample_fn, model_config=cfg.unet)  # fmt: skip
     trainer.fit(resume=resume)

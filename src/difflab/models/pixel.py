@@ -371,28 +371,35 @@ register_preset(
 # ------------------------------------------------------------------------------------------- training
 
 
+def grid_sample_fn(cfg, draw):
+    """The trainer's ``sample_fn`` for a diffusion run: ``draw(ema_model, n, callback)`` returns n images
+    (fixed noise, so grids at different steps compare); writes samples/step_*.png, and at the last step
+    samples.png and the trajectory strip trajectory.png."""
+    from difflab.viz import TrajectoryRecorder, save_grid
+
+    def sample_fn(ema_model, step: int, out_dir: Path) -> None:
+        final = step >= cfg.train.steps
+        recorder = TrajectoryRecorder(cfg.sample.steps) if final else None
+        images = draw(ema_model, cfg.sample.grid, recorder)
+        save_grid(images, Path(out_dir) / "samples" / f"step_{step:07d}.png")
+        if final:
+            save_grid(images, Path(out_dir) / "samples.png")
+            recorder.save(Path(out_dir) / "trajectory.png")
+
+    return sample_fn
+
+
 def train(cfg: PixelDiffusionConfig, run_dir: str | Path, *, resume: bool = False) -> Path:
     """Train a pixel diffusion model into ``run_dir`` (config.json, checkpoints/, metrics.jsonl,
     samples/step_*.png, trajectory.png). ``resume=True`` continues from the latest good checkpoint."""
     from difflab.train.trainer import Trainer, make_loader
-    from difflab.viz import TrajectoryRecorder, save_grid
 
     run_dir = prepare_run_dir(run_dir, cfg, resume, load_config)
     torch.manual_seed(cfg.train.seed)  # the initial weights
     model = build_unet(cfg)
     schedule = cfg.diffusion.make_schedule()
     loader = make_loader(make_dataset(cfg.data), cfg.train)
-    grid_n = cfg.sample.grid
-
-    def sample_fn(ema_model, step: int, out_dir: Path) -> None:
-        final = step >= cfg.train.steps
-        recorder = TrajectoryRecorder(cfg.sample.steps) if final else None
-        images = generate(ema_model, cfg, grid_n, seed=0, callback=recorder)
-        save_grid(images, Path(out_dir) / "samples" / f"step_{step:07d}.png")
-        if final:
-            save_grid(images, Path(out_dir) / "samples.png")
-            recorder.save(Path(out_dir) / "trajectory.png")
-
+    sample_fn = grid_sample_fn(cfg, lambda m, n, callback: generate(m, cfg, n, seed=0, callback=callback))
     trainer = Trainer(model, make_loss_fn(cfg, schedule), loader, cfg.train, run_dir,
                       sample_fn=sample_fn, model_config=cfg.unet)  # fmt: skip
     trainer.fit(resume=resume)
