@@ -55,8 +55,9 @@ def run_latent(f: int, args, root: Path) -> dict:
         vae.train(vae_cfg, vae_run)
         vae_seconds = time.perf_counter() - start
     quality = vae.evaluate(vae_run, args.vae_eval_n)  # not timed: a report, not part of the recipe
+    autoencoder = vae.load_model(vae_run)[0]
     emit({"phase": "vae", "f": f, "seconds": round(vae_seconds, 1), "steps": vae_cfg.train.steps,
-          "parameters": count_parameters(vae.load_model(vae_run)[0]), "psnr_db": round(quality["psnr_db"], 2),
+          "parameters": count_parameters(autoencoder), "psnr_db": round(quality["psnr_db"], 2),
           "exact_scene_accuracy": quality["exact_scene_accuracy"],
           "latent_shape": quality["latent_shape"]})  # fmt: skip
 
@@ -64,11 +65,10 @@ def run_latent(f: int, args, root: Path) -> dict:
               f"train.sample_every={args.eval_every}", f"vae={vae_run}"]  # fmt: skip
     cfg = ldm.attach_vae(apply_overrides(get_preset("ldm_toy").build(), [*budget, *args.ldm_set]))
     start = time.perf_counter()
-    data = ldm.latent_dataset(cfg)
+    data = ldm.latent_dataset(cfg, autoencoder)
     encode_seconds = time.perf_counter() - start
     emit({"phase": "encode", "f": f, "seconds": round(encode_seconds, 1), "items": len(data)})
 
-    autoencoder = vae.load_model(vae_run)[0]
     torch.manual_seed(cfg.train.seed)
     unet = UNet(cfg.unet)
     classes = cfg.unet.num_classes

@@ -132,9 +132,9 @@ def _info(args) -> int:
     b = cfg.train.batch_size
     family = get_preset(args.preset).family
     if family == "vae":
-        from difflab.models.vae import VAETrainee
+        from difflab.nn.vae import KLAutoencoder
 
-        model, loss_fn = VAETrainee(cfg).autoencoder, lambda out: out[0].square().mean()
+        model, loss_fn = KLAutoencoder(cfg.vae), lambda out: out[0].square().mean()
         v = cfg.vae
         inputs = {"x": torch.randn(b, v.in_channels, v.image_size, v.image_size)}
     elif family == "clip":

@@ -20,7 +20,6 @@ Appendix D.1 of the paper; Stable Diffusion's 0.18215).
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -83,6 +82,16 @@ def vae_checkpoint_id(vae_run: str | Path) -> str:
     return f"{ckpt.name}:{read_meta(ckpt)['tensors']['sha256'][:16]}"
 
 
+def check_vae_unchanged(cfg: LatentDiffusionConfig, what: str) -> None:
+    """An error when ``cfg.vae`` no longer holds the checkpoint ``cfg`` was attached to: latents of other
+    weights are not the ones this model learned (or that its cache holds). ``what`` says what was asked."""
+    now = vae_checkpoint_id(cfg.vae)
+    if now != cfg.vae_checkpoint:
+        raise DifflabError(
+            f"autoencoder run '{cfg.vae}' has changed since {what} (checkpoint {cfg.vae_checkpoint}, now {now})"
+        )
+
+
 def attach_vae(cfg: LatentDiffusionConfig) -> LatentDiffusionConfig:
     """``cfg`` with the autoencoder run resolved: its absolute path, checkpoint id, latent scale, and the
     UNet's channels and side set to the latent shape. Errors name what does not fit."""
@@ -130,14 +139,12 @@ def latent_dataset(cfg: LatentDiffusionConfig, autoencoder: KLAutoencoder | None
     """The training set encoded by the autoencoder, read from (or written once to) its latent cache."""
     from difflab.data.cache import cached_arrays
     from difflab.models import vae as vae_model
+    from difflab.world.render import RENDERER_VERSION
 
     if cfg.vae_checkpoint is None:
         cfg = attach_vae(cfg)
-    now = vae_checkpoint_id(cfg.vae)
-    if now != cfg.vae_checkpoint:
-        raise DifflabError(
-            f"autoencoder run '{cfg.vae}' has changed (checkpoint {cfg.vae_checkpoint}, now {now})"
-        )
+    else:
+        check_vae_unchanged(cfg, "this config was attached to it")
     dataset = pixel.make_dataset(cfg.data)
     if autoencoder is None:
         autoencoder = vae_model.load_model(cfg.vae)[0]
@@ -150,14 +157,11 @@ def latent_dataset(cfg: LatentDiffusionConfig, autoencoder: KLAutoencoder | None
             arrays["label"] = np.array([int(dataset[i]["label"]) for i in range(start, stop)], dtype=np.int64)
         return arrays
 
-    from difflab.world.render import RENDERER_VERSION
-
     # The images are a function of the data config and (toy world) the renderer; the latents also of the
     # autoencoder's exact weights.
     key = {"kind": "vae-latents", "vae_checkpoint": cfg.vae_checkpoint, "data": to_dict(cfg.data),
            "renderer": RENDERER_VERSION if cfg.data.dataset == "toy" else None}  # fmt: skip
-    tag = hashlib.sha256(str(cfg.vae_checkpoint).encode()).hexdigest()[:8]
-    arrays = cached_arrays(Path(cfg.vae) / "latent_cache", f"latents-{tag}", key, len(dataset),
+    arrays = cached_arrays(Path(cfg.vae) / "latent_cache", "latents", key, len(dataset),
                            make_batch=make_batch, desc="encoding the dataset")  # fmt: skip
     return LatentDataset(arrays)
 
@@ -225,12 +229,7 @@ def load_model(
     from difflab.models import vae as vae_model
 
     cfg = load_config(run_dir)
-    now = vae_checkpoint_id(cfg.vae)
-    if now != cfg.vae_checkpoint:
-        raise DifflabError(
-            f"autoencoder run '{cfg.vae}' has changed since '{run_dir}' was trained "
-            f"(checkpoint {cfg.vae_checkpoint}, now {now}); retrain the latent model"
-        )
+    check_vae_unchanged(cfg, f"'{run_dir}' was trained on it; retrain the latent model")
     unet = load_latest_weights(run_dir, UNet(cfg.unet), ema=ema)
     autoencoder = vae_model.load_model(cfg.vae)[0]
     return LatentDiffusion(unet, autoencoder, cfg.latent_scale).to(device).eval(), cfg

@@ -143,6 +143,26 @@ def class_factors(data: DataConfig) -> tuple[int, ...]:
     return (len(w.shapes), len(w.colors))
 
 
+HELD_OUT_SEED_OFFSET = 1_000_003
+"""Toy scenes that judge a run come from ``data.seed + HELD_OUT_SEED_OFFSET``, a seed no run trains on."""
+
+
+def held_out(data: DataConfig, n: int | None = None) -> DataConfig:
+    """The data a run is judged on: toy scenes from a seed it never trained on (``n`` of them, when given);
+    digits and folders as they are (they have no unseen seed to draw from)."""
+    if data.dataset != "toy":
+        return data
+    return dataclasses.replace(
+        data, seed=data.seed + HELD_OUT_SEED_OFFSET, n=data.n if n is None else max(n, 1)
+    )
+
+
+def held_out_images(data: DataConfig, n: int) -> torch.Tensor:
+    """``n`` real images (N, C, H, W) of :func:`held_out` data, cycled where a dataset has fewer."""
+    dataset = make_dataset(held_out(data, n))
+    return torch.stack([dataset[i % len(dataset)]["image"] for i in range(n)])
+
+
 def make_dataset(data: DataConfig, split: str = "train"):
     """The training set (or the digits' test split) of a config."""
     from difflab.data.registry import make_dataset as make

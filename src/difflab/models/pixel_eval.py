@@ -16,19 +16,7 @@ from pathlib import Path
 import torch
 
 from difflab.eval.frechet import frechet_distance, pixels8_features
-from difflab.models.pixel import PixelDiffusionConfig, make_dataset, num_classes
-
-
-def real_images(cfg: PixelDiffusionConfig, n: int) -> torch.Tensor:
-    """``n`` real images of the run's dataset: toy scenes from a seed the run never trained on, or
-    (digits, folders) the training images themselves, cycled if there are fewer than n."""
-    import dataclasses
-
-    data = cfg.data
-    if data.dataset == "toy":
-        data = dataclasses.replace(data, seed=data.seed + 1_000_003, n=max(n, 1))
-    dataset = make_dataset(data)
-    return torch.stack([dataset[i % len(dataset)]["image"] for i in range(n)])
+from difflab.models.pixel import PixelDiffusionConfig, held_out_images, num_classes
 
 
 @functools.lru_cache(maxsize=4)
@@ -70,7 +58,7 @@ def evaluate(run_dir: Path, n: int, *, sampler=None, steps=None, cfg_scale=None,
         model, cfg, n, labels=labels, sampler=sampler, steps=steps, cfg_scale=cfg_scale, seed=seed
     )
     seconds = time.perf_counter() - start
-    fd = frechet_distance(pixels8_features(images), pixels8_features(real_images(cfg, n)))
+    fd = frechet_distance(pixels8_features(images), pixels8_features(held_out_images(cfg.data, n)))
     return {
         "run": str(run_dir),
         "n": n,

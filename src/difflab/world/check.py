@@ -14,7 +14,7 @@ from tqdm import tqdm
 
 from difflab.world.reader import read
 from difflab.world.render import add_noise, render
-from difflab.world.scene import Obj, WorldConfig, scene_at
+from difflab.world.scene import Obj, Scene, WorldConfig, scene_at
 
 ATTRIBUTES = ("shape", "color", "size", "position")
 
@@ -34,13 +34,41 @@ def match_objects(truth: tuple[Obj, ...], found: tuple[Obj, ...]) -> list[tuple[
     return [(t, match.get(i)) for i, t in enumerate(truth)]
 
 
+class ReadTally:
+    """Running scores of read scenes against the true ones: exact-scene, object-count and per-attribute
+    accuracy (attributes per true object; a missed object counts as wrong on every attribute)."""
+
+    def __init__(self) -> None:
+        self.scenes = self.exact = self.count_ok = self.objects = 0
+        self.attr_ok = dict.fromkeys(ATTRIBUTES, 0)
+
+    def add(self, truth: Scene, got: Scene) -> bool:
+        """Score one reading; returns whether it was exact."""
+        exact = got.keys() == truth.keys()
+        self.scenes += 1
+        self.exact += exact
+        self.count_ok += len(got.objects) == len(truth.objects)
+        for t, f in match_objects(truth.objects, got.objects):
+            self.objects += 1
+            for a in ATTRIBUTES:
+                self.attr_ok[a] += f is not None and getattr(t, a) == getattr(f, a)
+        return exact
+
+    def report(self) -> dict:
+        n = max(self.scenes, 1)
+        return {
+            "exact_scene_accuracy": self.exact / n,
+            "object_count_accuracy": self.count_ok / n,
+            "attribute_accuracy": {a: ok / max(self.objects, 1) for a, ok in self.attr_ok.items()},
+            "objects": self.objects,
+        }
+
+
 def check_reader(cfg: WorldConfig, n: int, seed: int = 0, noise: float = 0.0, progress: bool = False) -> dict:
     """Render ``n`` scenes of ``cfg`` (seed ``seed``), optionally add N(0, noise^2) pixel noise, read them
     back, and report exact-scene, object-count and per-attribute accuracies (attributes are scored per
     true object; a missed object counts as wrong on every attribute)."""
-    exact = count_ok = 0
-    attr_ok = dict.fromkeys(ATTRIBUTES, 0)
-    total_objects = 0
+    tally = ReadTally()
     failures = []
     start = time.perf_counter()
     for i in tqdm(range(n), desc="reading", disable=not progress, unit="scene"):
@@ -49,13 +77,7 @@ def check_reader(cfg: WorldConfig, n: int, seed: int = 0, noise: float = 0.0, pr
         if noise > 0:
             image = add_noise(image, noise, np.random.default_rng([seed, i, 7]))
         got = read(image, cfg)
-        exact += got.keys() == scene.keys()
-        count_ok += len(got.objects) == len(scene.objects)
-        for t, f in match_objects(scene.objects, got.objects):
-            total_objects += 1
-            for a in ATTRIBUTES:
-                attr_ok[a] += f is not None and getattr(t, a) == getattr(f, a)
-        if got.keys() != scene.keys() and len(failures) < 5:
+        if not tally.add(scene, got) and len(failures) < 5:
             failures.append({"index": i, "truth": scene.keys(), "read": got.keys()})
     seconds = time.perf_counter() - start
     return {
@@ -64,10 +86,7 @@ def check_reader(cfg: WorldConfig, n: int, seed: int = 0, noise: float = 0.0, pr
         "resolution": cfg.resolution,
         "background": cfg.background,
         "noise_sigma": noise,
-        "exact_scene_accuracy": exact / n,
-        "object_count_accuracy": count_ok / n,
-        "attribute_accuracy": {a: attr_ok[a] / max(total_objects, 1) for a in ATTRIBUTES},
-        "objects": total_objects,
+        **tally.report(),
         "scenes_per_second": n / seconds,
         "first_failures": failures,
     }
