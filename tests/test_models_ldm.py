@@ -16,6 +16,7 @@ from difflab.config import apply_overrides
 from difflab.errors import DifflabError
 from difflab.models import ldm, vae
 from difflab.models.pixel import make_dataset
+from difflab.models.runs import checkpoint_id
 from difflab.nn.discriminator import hinge_d_loss
 from difflab.nn.vae import Encoder, KLAutoencoder
 from difflab.presets import get_preset
@@ -250,7 +251,7 @@ def test_ldm_config_holds_the_vae_run_it_was_trained_on(vae_run, ldm_run):
     stats = json.loads((vae_run / "latent_stats.json").read_text())
     assert saved["kind"] == "ldm" and saved["vae"] == str(vae_run.resolve())
     assert saved["latent_scale"] == stats["scale"]
-    assert saved["vae_checkpoint"] == ldm.vae_checkpoint_id(vae_run)
+    assert saved["vae_checkpoint"] == checkpoint_id(vae_run, "autoencoder run")
     assert saved["vae_checkpoint"].startswith(stats["checkpoint"] + ":")
     _, vae_cfg = vae.load_model(vae_run)
     c, h, w = vae_cfg.vae.latent_shape

@@ -31,7 +31,7 @@ from difflab.config import to_dict
 from difflab.errors import DifflabError, check_choice
 from difflab.models import pixel
 from difflab.models.pixel import DataConfig, DiffusionConfig, SampleConfig, class_factors, num_classes
-from difflab.models.runs import load_latest_weights, load_run_config, prepare_run_dir
+from difflab.models.runs import checkpoint_id, load_latest_weights, load_run_config, prepare_run_dir
 from difflab.nn.unet import UNet, UNetConfig
 from difflab.nn.vae import KLAutoencoder
 from difflab.presets import register_preset
@@ -70,22 +70,10 @@ class LatentDiffusionConfig:
         object.__setattr__(self, "unet", derived)
 
 
-def vae_checkpoint_id(vae_run: str | Path) -> str:
-    """``step_XXXXXXX:<sha256 prefix>`` of the newest good checkpoint of an autoencoder run."""
-    from difflab.train.checkpoint import latest_checkpoint, read_meta
-
-    if not Path(vae_run).is_dir():
-        raise DifflabError(f"autoencoder run '{vae_run}' does not exist (moved or deleted?)")
-    ckpt = latest_checkpoint(Path(vae_run) / "checkpoints")
-    if ckpt is None:
-        raise DifflabError(f"autoencoder run '{vae_run}' has no checkpoint yet (train it first)")
-    return f"{ckpt.name}:{read_meta(ckpt)['tensors']['sha256'][:16]}"
-
-
 def check_vae_unchanged(cfg: LatentDiffusionConfig, what: str) -> None:
     """An error when ``cfg.vae`` no longer holds the checkpoint ``cfg`` was attached to: latents of other
     weights are not the ones this model learned (or that its cache holds). ``what`` says what was asked."""
-    now = vae_checkpoint_id(cfg.vae)
+    now = checkpoint_id(cfg.vae, "autoencoder run")
     if now != cfg.vae_checkpoint:
         raise DifflabError(
             f"autoencoder run '{cfg.vae}' has changed since {what} (checkpoint {cfg.vae_checkpoint}, now {now})"
@@ -116,7 +104,7 @@ def attach_vae(cfg: LatentDiffusionConfig) -> LatentDiffusionConfig:
     c, h, _ = vae_cfg.vae.latent_shape
     unet = dataclasses.replace(cfg.unet, in_channels=c, out_channels=c, image_size=h)
     return dataclasses.replace(cfg, vae=str(run), unet=unet, latent_scale=float(stats["scale"]),
-                               vae_checkpoint=vae_checkpoint_id(run))  # fmt: skip
+                               vae_checkpoint=checkpoint_id(run, "autoencoder run"))  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------------------- data
@@ -135,35 +123,60 @@ class LatentDataset(torch.utils.data.Dataset):
         return {k: v[i] for k, v in self.arrays.items()}
 
 
-def latent_dataset(cfg: LatentDiffusionConfig, autoencoder: KLAutoencoder | None = None) -> LatentDataset:
-    """The training set encoded by the autoencoder, read from (or written once to) its latent cache."""
+def cached_latents(
+    cfg, dataset, data_key: dict, autoencoder: KLAutoencoder | None = None, extra=None
+) -> dict[str, np.ndarray]:
+    """The posterior mean and std (N, c, h, w) of every ``dataset[i]["image"]`` under the autoencoder of
+    ``cfg`` (which has ``vae`` and ``vae_checkpoint`` attached), read from (or written once to) its run's
+    latent cache. ``data_key`` says what the images are a function of; ``extra(start, stop)`` adds arrays
+    of other per-item fields to the cache (class labels)."""
     from difflab.data.cache import cached_arrays
     from difflab.models import vae as vae_model
+
+    check_vae_unchanged(cfg, "this config was attached to it")
+    if autoencoder is None:
+        autoencoder = vae_model.load_model(cfg.vae)[0]
+
+    def make_batch(start: int, stop: int) -> dict[str, np.ndarray]:
+        out = vae_model.encode_dataset(autoencoder, dataset, range(start, stop))
+        return {k: v.numpy() for k, v in out.items()} | (extra(start, stop) if extra else {})
+
+    # The images are a function of the data (and, on the toy world, the renderer); the latents also of
+    # the autoencoder's exact weights.
+    key = {"kind": "vae-latents", "vae_checkpoint": cfg.vae_checkpoint, **data_key}
+    return cached_arrays(Path(cfg.vae) / "latent_cache", "latents", key, len(dataset),
+                         make_batch=make_batch, desc="encoding the dataset")  # fmt: skip
+
+
+def latent_dataset(cfg: LatentDiffusionConfig, autoencoder: KLAutoencoder | None = None) -> LatentDataset:
+    """The training set encoded by the autoencoder, read from (or written once to) its latent cache."""
     from difflab.world.render import RENDERER_VERSION
 
     if cfg.vae_checkpoint is None:
         cfg = attach_vae(cfg)
-    else:
-        check_vae_unchanged(cfg, "this config was attached to it")
     dataset = pixel.make_dataset(cfg.data)
-    if autoencoder is None:
-        autoencoder = vae_model.load_model(cfg.vae)[0]
-    conditional = num_classes(cfg.data) is not None
+    extra = None
+    if num_classes(cfg.data) is not None:
 
-    def make_batch(start: int, stop: int) -> dict[str, np.ndarray]:
-        out = vae_model.encode_dataset(autoencoder, dataset, range(start, stop))
-        arrays = {k: v.numpy() for k, v in out.items()}
-        if conditional:
-            arrays["label"] = np.array([int(dataset[i]["label"]) for i in range(start, stop)], dtype=np.int64)
-        return arrays
+        def extra(start: int, stop: int) -> dict[str, np.ndarray]:
+            return {"label": np.array([int(dataset[i]["label"]) for i in range(start, stop)], dtype=np.int64)}
 
-    # The images are a function of the data config and (toy world) the renderer; the latents also of the
-    # autoencoder's exact weights.
-    key = {"kind": "vae-latents", "vae_checkpoint": cfg.vae_checkpoint, "data": to_dict(cfg.data),
-           "renderer": RENDERER_VERSION if cfg.data.dataset == "toy" else None}  # fmt: skip
-    arrays = cached_arrays(Path(cfg.vae) / "latent_cache", "latents", key, len(dataset),
-                           make_batch=make_batch, desc="encoding the dataset")  # fmt: skip
-    return LatentDataset(arrays)
+    data_key = {
+        "data": to_dict(cfg.data),
+        "renderer": RENDERER_VERSION if cfg.data.dataset == "toy" else None,
+    }
+    return LatentDataset(cached_latents(cfg, dataset, data_key, autoencoder, extra))
+
+
+def draw_latents(cfg, batch: dict, generator: torch.Generator) -> torch.Tensor:
+    """Scaled training latents z' = scale * z of a batch of cached posteriors: z ~ q(z|x) drawn fresh
+    from the trainer's generator (``posterior='sample'``, the paper) or the posterior mean (``'mode'``)."""
+    mean = batch["mean"]
+    z = mean
+    if cfg.posterior == "sample":
+        eps = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+        z = mean + batch["std"] * eps
+    return z * cfg.latent_scale
 
 
 # ---------------------------------------------------------------------------------------------- model
@@ -186,15 +199,9 @@ class LatentDiffusion(nn.Module):
 def make_loss_fn(cfg: LatentDiffusionConfig, schedule):
     """The pixel loss (:func:`difflab.models.pixel.make_loss_fn`) on z' = scale * z, z ~ q(z|x)."""
     inner = pixel.make_loss_fn(cfg, schedule)
-    scale = cfg.latent_scale
 
     def loss_fn(model: UNet, batch: dict, generator: torch.Generator):
-        mean = batch["mean"]
-        z = mean
-        if cfg.posterior == "sample":
-            eps = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
-            z = mean + batch["std"] * eps
-        return inner(model, {**batch, "image": z * scale}, generator)
+        return inner(model, {**batch, "image": draw_latents(cfg, batch, generator)}, generator)
 
     return loss_fn
 

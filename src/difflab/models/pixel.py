@@ -227,30 +227,14 @@ def diffuse(
     n: int,
     *,
     labels: torch.Tensor | None = None,
-    sampler: str | None = None,
-    steps: int | None = None,
-    cfg_scale: float | None = None,
-    spacing: str | None = None,
-    seed: int = 0,
-    callback=None,
-    progress: bool = False,
+    **kwargs,
 ) -> torch.Tensor:
     """Run the sampler from noise shaped as the UNet's input (pixels here, latents in latent diffusion) and
     return the final (N, C, H, W) sample, unclamped. ``labels`` (N,) picks classes of a conditional model
-    (default: cycling through all classes); ``None`` arguments fall back to ``cfg.sample``."""
-    s = cfg.sample
-    sampler, steps = sampler or s.sampler, steps or s.steps
-    cfg_scale = s.cfg_scale if cfg_scale is None else cfg_scale
-    spacing = spacing or s.spacing
-    sample_fn = get_sampler(sampler)
-    schedule = cfg.diffusion.make_schedule()
+    (default: cycling through all classes); other keyword arguments as :func:`run_sampler`."""
     device = next(model.parameters()).device
     classes = num_classes(cfg.data)
-    c, size = cfg.unet.in_channels, cfg.unet.image_size
-    gen = torch.Generator(device="cpu").manual_seed(seed)
-    x_T = torch.randn((n, c, size, size), generator=gen).to(device)
-    denoiser = Denoiser(model, schedule, cfg.diffusion.prediction)
-    cond = {}
+    cond, null = {}, None
     if classes is not None:
         if labels is None:
             labels = torch.arange(n) % classes
@@ -259,25 +243,53 @@ def diffuse(
         if bad.numel():
             raise DifflabError(f"class {int(bad[0])} is out of range; expected 0..{classes - 1}")
         cond = {"class_labels": labels}
-        if cfg_scale != 1.0:
-            null = {"class_labels": torch.full((1,), classes, device=device, dtype=torch.long)}
-            denoiser = classifier_free_guidance(denoiser, cfg_scale, null)
+        null = {"class_labels": torch.full((1,), classes, device=device, dtype=torch.long)}
     elif labels is not None:
         raise DifflabError("this model is unconditional; it takes no class labels")
+    return run_sampler(model, cfg, n, cond, null, **kwargs)
+
+
+@torch.no_grad()
+def run_sampler(
+    model: UNet,
+    cfg,
+    n: int,
+    cond: dict,
+    null_cond: dict | None,
+    *,
+    sampler: str | None = None,
+    steps: int | None = None,
+    cfg_scale: float | None = None,
+    spacing: str | None = None,
+    seed: int = 0,
+    callback=None,
+    progress: bool = False,
+) -> torch.Tensor:
+    """Sample ``n`` draws of the UNet's input shape with conditioning ``cond`` (keyword arguments of the
+    UNet), guided towards it from ``null_cond`` (batch 1, broadcast) when ``cfg_scale`` is not 1. The
+    noise comes from a CPU generator seeded with ``seed``, so a seed gives the same sample on any device.
+    ``None`` arguments fall back to ``cfg.sample``; returns the final sample, unclamped."""
+    s = cfg.sample
+    sampler, steps = sampler or s.sampler, steps or s.steps
+    cfg_scale = s.cfg_scale if cfg_scale is None else cfg_scale
+    spacing = spacing or s.spacing
+    sample_fn = get_sampler(sampler)
+    schedule = cfg.diffusion.make_schedule()
+    device = next(model.parameters()).device
+    c, size = cfg.unet.in_channels, cfg.unet.image_size
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    x_T = torch.randn((n, c, size, size), generator=gen).to(device)
+    denoiser = Denoiser(model, schedule, cfg.diffusion.prediction)
+    if cfg_scale != 1.0:
+        if null_cond is None:
+            raise DifflabError(
+                f"guidance scale {cfg_scale} needs a conditional model; this one is unconditional"
+            )
+        denoiser = classifier_free_guidance(denoiser, cfg_scale, null_cond)
     if s.clip_x0:  # after guidance, on the guided x0 (as diffusers clips the guided prediction)
         denoiser = clip_denoised(denoiser, schedule)
-    x = sample_fn(
-        denoiser,
-        x_T,
-        schedule,
-        steps,
-        spacing=spacing,
-        cond=cond,
-        noise=gen,
-        callback=callback,
-        progress=progress,
-    )
-    return x
+    return sample_fn(denoiser, x_T, schedule, steps, spacing=spacing, cond=cond, noise=gen,
+                     callback=callback, progress=progress)  # fmt: skip
 
 
 def generate(model: UNet, cfg: PixelDiffusionConfig, n: int, **kwargs) -> torch.Tensor:

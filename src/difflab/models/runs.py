@@ -80,3 +80,17 @@ def load_latest_weights(run_dir: str | Path, model: nn.Module, *, ema: bool = Tr
         raise DifflabError(f"run '{run_dir}' has no checkpoint yet (train it first)")
     load_model_weights(ckpt, model, ema=ema)
     return model
+
+
+def checkpoint_id(run_dir: str | Path, what: str = "run") -> str:
+    """``step_XXXXXXX:<sha256 prefix>`` of the newest good checkpoint of ``run_dir``: what a run built on
+    another run (latent diffusion on an autoencoder, text-to-image on a text encoder) records of it, to
+    notice when it is retrained. ``what`` names the run in errors ("autoencoder run")."""
+    from difflab.train.checkpoint import latest_checkpoint, read_meta
+
+    if not Path(run_dir).is_dir():
+        raise DifflabError(f"{what} '{run_dir}' does not exist (moved or deleted?)")
+    ckpt = latest_checkpoint(Path(run_dir) / "checkpoints")
+    if ckpt is None:
+        raise DifflabError(f"{what} '{run_dir}' has no checkpoint yet (train it first)")
+    return f"{ckpt.name}:{read_meta(ckpt)['tensors']['sha256'][:16]}"

@@ -44,29 +44,52 @@ class TextEncoding(NamedTuple):
 class FrozenTextEncoder(nn.Module):
     """texts -> :class:`TextEncoding`; frozen, and always in eval mode."""
 
-    def __init__(self, cfg: TextTransformerConfig, embed_dim: int, tokenizer):
+    def __init__(
+        self, cfg: TextTransformerConfig, embed_dim: int, tokenizer, layers: tuple[int, ...] = (-1,)
+    ):
         super().__init__()
         self.cfg, self.embed_dim, self.tokenizer = cfg, embed_dim, tokenizer
         self.text = TextTransformer(cfg)
         self.text_proj = nn.Linear(cfg.width, embed_dim, bias=False)
+        self.layers = check_layers(layers, cfg.depth)
         self.requires_grad_(False)
         self.eval()
 
     @property
     def width(self) -> int:
         """Feature size of ``tokens``: the ``context_dim`` of a UNet's cross-attention."""
-        return self.cfg.width
+        return self.cfg.width * len(self.layers)
 
     def train(self, mode: bool = True) -> FrozenTextEncoder:
         return super().train(False)  # frozen: a parent's .train() must not switch on dropout here
 
     @torch.no_grad()
     def forward(self, texts: str | list[str]) -> TextEncoding:
-        ids, mask = self.tokenizer.encode(texts)
+        return self.encode_ids(*self.tokenizer.encode(texts))
+
+    @torch.no_grad()
+    def encode_ids(self, ids: torch.Tensor, mask: torch.Tensor) -> TextEncoding:
+        """Token ids and mask (B, L), as the tokenizer makes them (a data loader can tokenize ahead)."""
         device = self.text_proj.weight.device
         ids, mask = ids.to(device), mask.to(device)
-        pooled, tokens = self.text(ids, mask)
+        pooled, hidden = self.text.hidden_states(ids, mask)
+        # every chosen layer through the tower's final LayerNorm (as SD 2 reads its penultimate layer),
+        # side by side along the features (as SDXL joins its two encoders' token features)
+        tokens = torch.cat([self.text.norm(hidden[k]) for k in self.layers], dim=-1)  # (B, L, width)
         return TextEncoding(tokens, mask, F.normalize(self.text_proj(pooled), dim=-1))
+
+
+def check_layers(layers: tuple[int, ...], depth: int) -> tuple[int, ...]:
+    """Hidden states a text-to-image model reads: 0 is the token embeddings, k the output of block k, and
+    -1 (or ``depth``) the last; an error names a layer the tower does not have."""
+    if not layers:
+        raise DifflabError(f"text_layers is empty; expected layer numbers in -1..{depth} (-1: the last)")
+    for k in layers:
+        if not -1 <= k <= depth:
+            raise DifflabError(
+                f"text layer {k} is out of range; this text tower has layers 0..{depth} (-1: the last)"
+            )
+    return tuple(depth if k == -1 else k for k in layers)
 
 
 def export_text_encoder(run_dir: str | Path, out_dir: str | Path) -> Path:
@@ -85,8 +108,28 @@ def export_text_encoder(run_dir: str | Path, out_dir: str | Path) -> Path:
     return out
 
 
-def load_text_encoder(path: str | Path, *, device: str = "cpu") -> FrozenTextEncoder:
-    """A frozen text encoder from an exported folder or from a CLIP run directory."""
+def text_encoder_id(path: str | Path) -> str:
+    """What a text-to-image run records of its text encoder, to notice when it is replaced later:
+    ``text_encoder:<sha256 prefix>`` of an exported folder's weights, or a CLIP run's checkpoint id."""
+    import hashlib
+
+    path = Path(path)
+    if (path / WEIGHTS).is_file():
+        return f"{WEIGHTS}:{hashlib.sha256((path / WEIGHTS).read_bytes()).hexdigest()[:16]}"
+    from difflab.models.runs import checkpoint_id
+
+    if (path / "config.json").is_file():
+        return checkpoint_id(path, "CLIP run")
+    raise DifflabError(
+        f"'{path}' is neither an exported text encoder ({CONFIG}) nor a CLIP run directory (config.json)"
+    )
+
+
+def load_text_encoder(
+    path: str | Path, *, device: str = "cpu", layers: tuple[int, ...] = (-1,)
+) -> FrozenTextEncoder:
+    """A frozen text encoder from an exported folder or from a CLIP run directory; ``layers`` picks the
+    hidden states that make its token features (see :func:`check_layers`)."""
     path = Path(path)
     if (path / CONFIG).is_file():
         meta = json.loads((path / CONFIG).read_text())
@@ -94,6 +137,7 @@ def load_text_encoder(path: str | Path, *, device: str = "cpu") -> FrozenTextEnc
             from_dict(TextTransformerConfig, meta["text"]),
             meta["embed_dim"],
             load_tokenizer(path / TOKENIZER),
+            layers,
         )
         from difflab.train.checkpoint import check_compatible, check_safetensors_header
 
@@ -106,7 +150,7 @@ def load_text_encoder(path: str | Path, *, device: str = "cpu") -> FrozenTextEnc
         from difflab.models.clip import load_model
 
         model, cfg = load_model(path)
-        encoder = FrozenTextEncoder(cfg.text, cfg.embed_dim, load_tokenizer(path / TOKENIZER))
+        encoder = FrozenTextEncoder(cfg.text, cfg.embed_dim, load_tokenizer(path / TOKENIZER), layers)
         encoder.text.load_state_dict(model.text.state_dict())
         encoder.text_proj.load_state_dict(model.text_proj.state_dict())
         return encoder.to(device)

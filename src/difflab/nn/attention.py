@@ -9,6 +9,8 @@ LoRA (Hu et al. 2021) can wrap them by name, and the attention itself is
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -33,6 +35,10 @@ class MultiHeadAttention(nn.Module):
         self.to_k = nn.Linear(context_dim, dim, bias=False)
         self.to_v = nn.Linear(context_dim, dim, bias=False)
         self.to_out = nn.Linear(dim, dim)
+        self.probs_hook = None
+        """``hook(probs) -> probs | None``, called with the attention probabilities (B, heads, N, M) when
+        set: to record them (cross-attention maps, see :class:`difflab.models.attention_maps`) or to
+        replace them (Prompt-to-Prompt, Hertz et al. 2022). Unset, the fused kernel runs."""
 
     def forward(
         self, x: torch.Tensor, context: torch.Tensor | None = None, mask: torch.Tensor | None = None
@@ -48,7 +54,15 @@ class MultiHeadAttention(nn.Module):
         attn_mask = None
         if mask is not None:  # broadcast over heads (and over queries for a (B, M) mask)
             attn_mask = mask[:, None, None, :] if mask.ndim == 2 else mask[:, None]  # (B, 1, 1|N, M)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)  # (B, heads, N, d/heads)
+        if self.probs_hook is None:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)  # (B, heads, N, d/heads)
+        else:  # the same softmax(Q K^T / sqrt(d)) V, written out so the hook can see the probabilities
+            logits = q @ k.transpose(-1, -2) / math.sqrt(d // h)  # (B, heads, N, M)
+            if attn_mask is not None:
+                logits = logits.masked_fill(~attn_mask, float("-inf"))
+            probs = logits.softmax(dim=-1)
+            replaced = self.probs_hook(probs)
+            out = (probs if replaced is None else replaced) @ v
         return self.to_out(out.transpose(1, 2).reshape(b, n, d))
 
 

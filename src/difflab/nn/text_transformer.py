@@ -53,6 +53,13 @@ class TextTransformer(nn.Module):
         self.norm = nn.LayerNorm(cfg.width)
 
     def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        pooled, hidden = self.hidden_states(ids, mask)
+        return pooled, self.norm(hidden[-1])
+
+    def hidden_states(self, ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """(pooled (B, D), [embeddings, after block 1, ..., after block depth], each (B, L, D), un-normed).
+        A text-to-image model may read an earlier layer than the last, as Stable Diffusion 2 reads the
+        penultimate one ("clip skip")."""
         b, length = ids.shape
         if length > self.cfg.context_length:
             raise DifflabError(
@@ -61,6 +68,8 @@ class TextTransformer(nn.Module):
         mask = mask.bool()
         x = self.token_embed(ids) + self.pos_embed[:length]  # (B, L, D)
         attn_mask = causal_padding_mask(mask) if self.cfg.causal else mask
-        tokens = self.norm(self.transformer(x, attn_mask))
-        pooled = tokens[torch.arange(b, device=ids.device), eos_positions(mask)]  # (B, D)
-        return pooled, tokens
+        hidden = [x]
+        for block in self.transformer.blocks:
+            hidden.append(block(hidden[-1], attn_mask))
+        pooled = self.norm(hidden[-1][torch.arange(b, device=ids.device), eos_positions(mask)])  # (B, D)
+        return pooled, hidden

@@ -53,6 +53,13 @@ class UNetConfig:
     from red circles serves blue ones too. Empty: one embedding per class."""
     context_dim: int | None = None
     """Width of the cross-attention context (text token embeddings); None disables cross-attention."""
+    pooled_dim: int | None = None
+    """Width of a pooled text embedding added (through a linear map) to the time embedding, as SDXL adds
+    CLIP's pooled text embedding (Podell et al. 2023, Sec. 2.1); None disables it."""
+    context_pool: bool = False
+    """Also add the masked mean of the context tokens (through a linear map) to the time embedding, as
+    Imagen adds a pooled text embedding (Saharia et al. 2022, Sec. 2.2): a global summary of the prompt
+    in every residual block, learned with the UNet. Needs ``context_dim``."""
 
     def __post_init__(self) -> None:
         levels = len(self.channel_mult)
@@ -97,7 +104,7 @@ class ClassEmbedding(nn.Module):
 
 
 class UNet(nn.Module):
-    """``forward(x, t, class_labels=None, context=None, context_mask=None, control=None)``:
+    """``forward(x, t, class_labels=None, context=None, context_mask=None, control=None, pooled=None)``:
     (B, C_in, H, W), (B,) -> (B, C_out, H, W)."""
 
     def __init__(self, cfg: UNetConfig):
@@ -107,6 +114,10 @@ class UNet(nn.Module):
         self.time_embed = TimestepEmbedding(ch, emb_dim)
         self.class_embed = (
             ClassEmbedding(cfg.num_classes, emb_dim, cfg.class_factors) if cfg.num_classes else None
+        )
+        self.pooled_embed = nn.Linear(cfg.pooled_dim, emb_dim) if cfg.pooled_dim else None
+        self.context_pool = (
+            nn.Linear(cfg.context_dim, emb_dim) if cfg.context_pool and cfg.context_dim else None
         )
         self.conv_in = nn.Conv2d(cfg.in_channels, ch, 3, padding=1)
 
@@ -162,6 +173,7 @@ class UNet(nn.Module):
         context: torch.Tensor | None = None,
         context_mask: torch.Tensor | None = None,
         control: list[torch.Tensor] | None = None,
+        pooled: torch.Tensor | None = None,
     ) -> torch.Tensor:
         if t.ndim == 0:
             t = t.expand(x.shape[0])
@@ -172,6 +184,18 @@ class UNet(nn.Module):
                     (x.shape[0],), self.cfg.num_classes, device=x.device, dtype=torch.long
                 )
             emb = emb + self.class_embed(class_labels)
+        if self.pooled_embed is not None and pooled is not None:
+            emb = emb + self.pooled_embed(pooled)  # (B, 4C)
+        if self.context_pool is not None and context is not None:
+            keep = (
+                torch.ones(context.shape[:2], device=x.device)
+                if context_mask is None
+                else context_mask.float()
+            )
+            mean = (context * keep[..., None]).sum(1) / keep.sum(1, keepdim=True).clamp(
+                min=1
+            )  # (B, context_dim)
+            emb = emb + self.context_pool(mean)
 
         h = self.conv_in(x)
         skips = [h]
