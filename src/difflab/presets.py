@@ -19,6 +19,7 @@ FAMILY_MODULES = {
     "vae": "difflab.models.vae",
     "ldm": "difflab.models.ldm",
     "clip": "difflab.models.clip",
+    "t2i": "difflab.models.t2i",
 }
 PRESET_MODULES = tuple(FAMILY_MODULES.values())
 

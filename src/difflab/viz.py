@@ -64,3 +64,46 @@ class TrajectoryRecorder:
             rows.append(torch.stack([x[j] for x in self.xs]))
             rows.append(torch.stack([x0[j] for x0 in self.x0s]))
         return save_grid(torch.cat(rows), path, nrow=len(self.xs))
+
+
+def save_captioned_grid(
+    images: torch.Tensor,
+    captions: list[str],
+    path: str | Path,
+    ncol: int = 6,
+    marks: list[bool] | None = None,
+) -> Path:
+    """Images (N, C, H, W) in [-1, 1], each under its caption (a prompt), ``ncol`` per row. ``marks``:
+    a judge's verdict per image, drawn as a green (holds) or red (does not) caption."""
+    import textwrap
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = len(images)
+    rows = math.ceil(n / ncol)
+    fig, axes = plt.subplots(rows, ncol, figsize=(1.6 * ncol, 1.95 * rows), squeeze=False)
+    tiles = to_uint8(images)
+    for i, ax in enumerate(axes.flat):
+        ax.axis("off")
+        if i >= n:
+            continue
+        ax.imshow(tiles[i].squeeze(-1) if tiles.shape[-1] == 1 else tiles[i], interpolation="nearest",
+                  cmap="gray" if tiles.shape[-1] == 1 else None)  # fmt: skip
+        color = "black" if marks is None else ("tab:green" if marks[i] else "tab:red")
+        ax.set_title("\n".join(textwrap.wrap(captions[i], 22)), fontsize=6.5, color=color)
+    return save_figure(fig, path, dpi=120)
+
+
+def save_figure(fig, path: str | Path, dpi: int = 110) -> Path:
+    """Lay out a matplotlib figure, write it as PNG (making the folder) and free it; returns the path."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+    return path

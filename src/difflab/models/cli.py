@@ -67,6 +67,31 @@ def register(subparsers) -> None:
     p.set_defaults(func=_sample)
 
     p = subparsers.add_parser(
+        "generate",
+        help="text-to-image: draw images of prompts from a trained t2i run",
+        description="Draw --n images of each PROMPT from a text-to-image run (EMA weights) into a grid, one "
+        "row per prompt. --attention FILE also saves each prompt's cross-attention maps per word (averaged "
+        "over heads, layers and steps) over its first image: where the model puts each word.",
+    )
+    p.add_argument("run_dir", help="run directory made by 'difflab train --preset t2i_*' (or 'difflab demo')")
+    p.add_argument(
+        "prompts", nargs="+", metavar="PROMPT", help='e.g. "a red circle to the left of a blue square"'
+    )
+    p.add_argument("--n", type=int, default=4, help="images per prompt (default: 4)")
+    p.add_argument("--sampler", default=None, help="ddpm, ddim, dpmpp_2m, euler or heun (default: the run's)")
+    p.add_argument("--steps", type=int, default=None, help="sampling steps (default: the run's)")
+    p.add_argument(
+        "--cfg", type=float, default=None, help="classifier-free guidance weight (default: the run's)"
+    )
+    p.add_argument("--seed", type=int, default=0, help="noise seed (default: 0)")
+    p.add_argument("--out", default="generated.png", help="output image (default: generated.png)")
+    p.add_argument(
+        "--attention", default=None, metavar="FILE", help="also save cross-attention maps per word"
+    )
+    p.add_argument("--device", default=None, help="auto (default: CUDA, then MPS, then CPU), cpu, cuda, mps")
+    p.set_defaults(func=_generate)
+
+    p = subparsers.add_parser(
         "eval",
         help="score a trained run with the project's own judges",
         description="Diffusion runs: sample N images and score them: on the toy world, the reader's class "
@@ -75,10 +100,18 @@ def register(subparsers) -> None:
         "space. CLIP runs: zero-shot colour and shape accuracy on N held-out one-object scenes, text<->image "
         "recall@1/@5 in groups of 100 held-out scenes, CLIP score, and attribute binding on N two-object "
         "scenes. Autoencoder (vae) runs: reconstruction PSNR on N held-out images and, on the toy world, the "
-        "reader's exact-scene accuracy on the reconstructions beside its accuracy on the originals.",
+        "reader's exact-scene accuracy on the reconstructions beside its accuracy on the originals. Text-to-image "
+        "(t2i) runs: GenEval-style faithfulness of the first N prompts of each category of the world's fixed prompt "
+        "sets (single object, two objects, counting, colours, position, attribute binding), read back by the "
+        "reader, overall and per category, with prompts that name a held-out (colour, shape) pair scored apart.",
     )
     p.add_argument("run_dir", help="run directory made by 'difflab train'")
-    p.add_argument("--n", type=int, default=500, help="number of samples (default: 500)")
+    p.add_argument(
+        "--n",
+        type=int,
+        default=None,
+        help="number of samples (default: 500); text-to-image: prompts per category (default and most: 100)",
+    )
     p.add_argument("--sampler", default=None, help="sampler (default: the run's)")
     p.add_argument("--steps", type=int, default=None, help="sampling steps (default: the run's)")
     p.add_argument(
@@ -145,7 +178,7 @@ def _info(args) -> int:
         ids = torch.randint(0, t.vocab_size, (b, t.context_length))
         inputs = {"images": torch.randn(b, v.in_channels, v.image_size, v.image_size), "ids": ids,
                   "mask": torch.ones_like(ids, dtype=torch.bool)}  # fmt: skip
-    else:  # pixel and latent diffusion: the UNet (for ldm, at the preset's latent shape)
+    else:  # pixel, latent and text-to-image diffusion: the UNet (for ldm and t2i, at the preset's latent shape)
         model, loss_fn = build_unet(cfg), None
         u = cfg.unet
         inputs = {
@@ -154,6 +187,11 @@ def _info(args) -> int:
         }
         if u.num_classes:
             inputs["class_labels"] = torch.randint(0, u.num_classes, (b,))
+        if u.context_dim:  # text-to-image: a caption of 24 tokens (clip_t2i's context length)
+            mask = torch.ones(b, 24, dtype=torch.bool)
+            inputs |= {"context": torch.randn(b, 24, u.context_dim), "context_mask": mask}
+        if u.pooled_dim:
+            inputs["pooled"] = torch.randn(b, u.pooled_dim)
     report = {
         "preset": args.preset,
         "parameters": count_parameters(model),
@@ -175,7 +213,8 @@ def _train(args) -> int:
     cfg = config_from_args(args)
     run_dir = family_module(family).train(cfg, args.out, resume=args.resume)
     wrote = {"pixel": "samples.png, trajectory.png, ", "ldm": "samples.png, trajectory.png, ",
-             "vae": "reconstructions.png, latent_stats.json, ", "clip": "tokenizer.json, "}[family]  # fmt: skip
+             "vae": "reconstructions.png, latent_stats.json, ", "clip": "tokenizer.json, ",
+             "t2i": "samples.png, prompts.txt, trajectory.png, "}[family]  # fmt: skip
     print(f"trained '{args.preset}' into {run_dir}: {wrote}metrics.jsonl, checkpoints/")
     return 0
 
@@ -195,8 +234,9 @@ def _sample(args) -> int:
     check_n(args.n)
     kind = run_kind(args.run_dir)
     if kind not in ("pixel", "ldm"):
+        hint = f' (for prompts: difflab generate {args.run_dir} "a red circle")' if kind == "t2i" else ""
         raise DifflabError(
-            f"'{args.run_dir}' is a {kind} run; difflab sample draws from diffusion runs (pixel, ldm)"
+            f"'{args.run_dir}' is a {kind} run; difflab sample draws from diffusion runs (pixel, ldm){hint}"
         )
     family = family_module(kind)
     model, cfg = family.load_model(args.run_dir)
@@ -215,11 +255,40 @@ def _sample(args) -> int:
     return 0
 
 
-def _eval(args) -> int:
+def _generate(args) -> int:
+    from difflab.models.attention_maps import CrossAttentionMaps, save_attention_overlays
     from difflab.models.runs import run_kind
+    from difflab.models.t2i import generate, load_model
+    from difflab.train.device import resolve_device
+    from difflab.viz import save_captioned_grid
 
     check_n(args.n)
     kind = run_kind(args.run_dir)
+    if kind != "t2i":
+        raise DifflabError(f"'{args.run_dir}' is a {kind} run; difflab generate draws from text-to-image (t2i) "
+                           "runs (use 'difflab sample' for pixel and ldm runs)")  # fmt: skip
+    model, cfg = load_model(args.run_dir, device=str(resolve_device(args.device or "auto")))
+    texts = [p for p in args.prompts for _ in range(args.n)]  # (prompt 0) x n, (prompt 1) x n, ...
+    maps = CrossAttentionMaps(cfg.data.image_size) if args.attention else None
+    images = generate(model, cfg, texts, sampler=args.sampler, steps=args.steps, cfg_scale=args.cfg, seed=args.seed,
+                      attention=maps, progress=sys.stderr.isatty()).cpu()  # fmt: skip
+    save_captioned_grid(images, texts, args.out, ncol=args.n)
+    wrote = f"wrote {len(texts)} images of {len(args.prompts)} prompt(s) to {args.out}"
+    if maps is not None:
+        first = list(range(0, len(texts), args.n))  # the first image of each prompt
+        save_attention_overlays(images[first], maps.maps()[first], list(args.prompts), args.attention)
+        wrote += f" and their cross-attention maps to {args.attention}"
+    print(wrote)
+    return 0
+
+
+def _eval(args) -> int:
+    from difflab.models.runs import run_kind
+
+    kind = run_kind(args.run_dir)
+    if args.n is None:
+        args.n = 100 if kind == "t2i" else 500
+    check_n(args.n)
     if kind in ("clip", "vae"):
         given = [f"--{k}" for k in ("sampler", "steps", "cfg") if getattr(args, k) is not None]
         if given:
@@ -236,6 +305,13 @@ def _eval(args) -> int:
         from difflab.models.clip_eval import evaluate as evaluate_clip
 
         report = evaluate_clip(Path(args.run_dir), args.n, seed=args.seed, plot=args.plot)
+    elif kind == "t2i":
+        if args.plot:
+            raise DifflabError(f"--plot applies to CLIP runs; '{args.run_dir}' is a text-to-image run")
+        from difflab.models.t2i_eval import evaluate as evaluate_t2i
+
+        report = evaluate_t2i(Path(args.run_dir), args.n, sampler=args.sampler, steps=args.steps,
+                              cfg_scale=args.cfg, seed=args.seed, progress=sys.stderr.isatty())  # fmt: skip
     else:
         if args.plot:
             raise DifflabError(f"--plot applies to CLIP runs; '{args.run_dir}' is a diffusion run")

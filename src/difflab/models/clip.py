@@ -266,6 +266,19 @@ register_preset(
     ),
 )  # fmt: skip
 register_preset(
+    "clip_t2i",
+    "clip",
+    "a small CLIP on 32x32 scenes of one or two objects, trained for its text tower (text-to-image): about 1 min",
+    lambda: CLIPConfig(
+        data=CLIPDataConfig(world="scene32", hard_negatives=True),
+        vision=ViTConfig(patch_size=4, width=32, depth=2, heads=2, stem="conv", pool="max"),
+        text=TextTransformerConfig(context_length=24, width=64, depth=2, heads=2),
+        embed_dim=64,
+        train=TrainConfig(steps=500, batch_size=64, lr=2e-3, warmup_steps=100, weight_decay=0.1, ema_decay=None,
+                          lr_schedule="cosine", min_lr_ratio=0.1, log_every=25, checkpoint_every=250),
+    ),
+)  # fmt: skip
+register_preset(
     "clip_base",
     "clip",
     "CLIP on 64x64 scenes of one to four objects, ViT-8/256: for a GPU",

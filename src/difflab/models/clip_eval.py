@@ -210,6 +210,7 @@ def retrieval_figure(encoder, world: WorldConfig, out: str | Path, seed: int = 0
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from difflab.viz import save_figure
     from difflab.world.language import caption, description
 
     scenes = held_out_scenes(world, GROUP, seed + 1)
@@ -244,9 +245,4 @@ def retrieval_figure(encoder, world: WorldConfig, out: str | Path, seed: int = 0
     fig.suptitle(
         f"text -> image among {GROUP} held-out scenes (green: the text holds in the scene)", fontsize=9
     )
-    fig.tight_layout()
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    return save_figure(fig, out)

@@ -252,6 +252,13 @@ for _f in (2, 4, 8):
         lambda f=_f: _preset(f),
     )
 register_preset(
+    "vae_t2i",
+    "vae",
+    "KL autoencoder, f = 2 (32x32 -> 16x16x4) on scenes of one or two objects, for text-to-image: about 1.5 min",
+    lambda: dataclasses.replace(_preset(2), data=DataConfig(world="scene32", image_size=32, conditional=False,
+                                                            n=100_000)),
+)  # fmt: skip
+register_preset(
     "vae_tiny",
     "vae",
     "16x16 world of 2 shapes x 2 colours, f = 2 (8x8x4 latents), a tiny patch autoencoder: seconds (tests)",

@@ -1,0 +1,439 @@
+"""Text-to-image diffusion, Stable-Diffusion style (Rombach et al. 2022, Sec. 3.3): a UNet over the latents of
+a trained autoencoder, conditioned on a *frozen* text encoder through cross-attention, sampled with
+classifier-free guidance (Ho & Salimans 2022).
+
+    caption -> tokenizer -> frozen CLIP text tower -> tokens (B, L, width) ---- cross-attention keys/values
+                                                   -> pooled (B, E) ---------- + time embedding (SDXL)
+    image   -> q(z|x) (once: cached) -> z' = scale * z -> x_t -> UNet(x_t, t, tokens, pooled) -> v-loss
+
+Training replaces a caption by the empty prompt "" with probability ``cond_drop``, so the one network also
+learns the unconditional model that guidance steers away from:
+
+    eps_w = eps(x_t, "") + w (eps(x_t, prompt) - eps(x_t, ""))          (w = 1: no guidance)
+
+Data: toy-world scenes (one or two objects in scene32) with one true caption each, from the world's
+captioner (:mod:`difflab.world.language`): a full description with probability ``describe_prob``, else a
+random partial caption ('two circles', 'a red circle to the left of a square'), the forms of the
+GenEval-style prompts it is judged on (:mod:`difflab.models.t2i_eval`). Scenes that contain one of
+``heldout_pairs`` (a colour on a shape) are never trained on, so prompts naming those pairs measure
+compositional generalisation.
+
+``vae=None`` runs the same model on pixels (what latent compression costs, measured).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from difflab.diffusion.forward import q_sample
+from difflab.diffusion.objectives import diffusion_loss
+from difflab.errors import DifflabError, check_choice
+from difflab.models import ldm, pixel
+from difflab.models.pixel import DiffusionConfig, SampleConfig
+from difflab.models.runs import load_latest_weights, load_run_config, prepare_run_dir
+from difflab.models.text_encoder import FrozenTextEncoder, load_text_encoder, text_encoder_id
+from difflab.nn.transformer import Transformer
+from difflab.nn.unet import UNet, UNetConfig
+from difflab.nn.vae import KLAutoencoder
+from difflab.presets import register_preset
+from difflab.train.trainer import TrainConfig
+from difflab.world.geneval import HELDOUT_PAIRS
+from difflab.world.prompts import Prompt
+from difflab.world.scene import Scene, scene_at, world_preset
+
+_CAPTION_STREAM = 21  # per-item random stream of text-to-image captions (ToyWorldDataset: 1-3, CLIP: 11)
+_REDRAW_SEED = 7_919  # seed step between redraws of a scene that shows a held-out pair
+
+
+@dataclass(frozen=True)
+class TextDataConfig:
+    world: str = "scene32"
+    """Toy-world preset of the training scenes (scene32: one or two objects; scene64: one to four)."""
+    n: int = 100_000
+    seed: int = 0
+    describe_prob: float = 0.25
+    """Probability that a caption is the scene's full description; else a random partial true caption."""
+    heldout_pairs: tuple[str, ...] = tuple(f"{c} {s}" for c, s in HELDOUT_PAIRS)
+    """'colour shape' pairs no training scene contains (--set 'data.heldout_pairs=' for none)."""
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.describe_prob <= 1.0:
+            raise DifflabError(
+                f"describe_prob {self.describe_prob} is invalid; expected a probability in [0, 1]"
+            )
+        world = world_preset(self.world)
+        for pair in self.heldout_pairs:
+            words = pair.split()
+            if len(words) != 2 or words[0] not in world.colors or words[1] not in world.shapes:
+                raise DifflabError(
+                    f"held-out pair '{pair}' is invalid; expected 'colour shape' with a colour of "
+                    f"{', '.join(world.colors)} and a shape of {', '.join(world.shapes)}"
+                )
+
+    # What the autoencoder checks (ldm.attach_vae) read off a data config.
+    dataset = "toy"
+
+    @property
+    def image_size(self) -> int:
+        return world_preset(self.world).resolution
+
+    def pairs(self) -> tuple[tuple[str, str], ...]:
+        """The held-out pairs as (colour, shape) tuples."""
+        return tuple(tuple(p.split()) for p in self.heldout_pairs)
+
+
+@dataclass(frozen=True)
+class TextToImageConfig:
+    kind: str = "t2i"
+    text_encoder: str | None = None
+    """An exported text encoder ('difflab export-text-encoder') or a CLIP run: --set text_encoder=DIR."""
+    vae: str | None = None
+    """Run directory of a trained autoencoder (--set vae=RUN); None trains on pixels."""
+    data: TextDataConfig = field(default_factory=TextDataConfig)
+    unet: UNetConfig = field(default_factory=UNetConfig)
+    """Its context width and pooled width follow the text encoder; with a vae, its channels and side the
+    latent shape (both set when training starts)."""
+    text_layers: tuple[int, ...] = (-1,)
+    """Hidden states of the text tower the UNet attends to, joined along the features: -1 the last (the
+    CLIP tokens), 0 the token embeddings, k block k's output."""
+    text_refiner_layers: int = 0
+    """Bidirectional transformer blocks over the frozen encoder's tokens, trained with the UNet (0: none).
+    A causal CLIP tower that has barely learned binding gives 'circle' little of the 'red' before it; a
+    refiner lets every token read its neighbours on both sides before the UNet attends to them."""
+    pooled: bool = True
+    """Add the pooled text embedding to the time embedding, besides cross-attention to the tokens."""
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+    cond_drop: float = 0.1
+    """Probability of training on the empty prompt instead of the caption (for classifier-free guidance)."""
+    posterior: str = "sample"
+    """'sample': train on z ~ q(z|x), fresh each step (the paper); 'mode': on the posterior mean."""
+    latent_scale: float | None = None
+    vae_checkpoint: str | None = None
+    text_encoder_checkpoint: str | None = None
+    """What this run was trained with; checked when it is loaded (set when training starts)."""
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.cond_drop < 1.0:
+            raise DifflabError(f"cond_drop {self.cond_drop} is invalid; expected a probability in [0, 1)")
+        check_choice("posterior", self.posterior, ldm.POSTERIOR)
+        if self.text_refiner_layers < 0:
+            raise DifflabError(
+                f"text_refiner_layers {self.text_refiner_layers} is invalid; expected an integer >= 0"
+            )
+        if self.vae is None:  # pixels: the UNet's channels and side follow the data
+            unet = dataclasses.replace(
+                self.unet, in_channels=3, out_channels=3, image_size=self.data.image_size
+            )
+            object.__setattr__(self, "unet", unet)
+
+
+# ----------------------------------------------------------------------------------------------- data
+
+
+class CaptionedScenes(torch.utils.data.Dataset):
+    """Item i: scene i of the world (redrawn while it shows a held-out pair) with one fixed true caption,
+    tokenized: ``{"ids", "mask"}`` (B, L) and either ``"image"`` or, given cached ``latents``, the
+    posterior ``"mean"`` and ``"std"``. Everything is a pure function of (data config, i): exact resume."""
+
+    def __init__(self, data: TextDataConfig, tokenizer=None, latents: dict[str, np.ndarray] | None = None):
+        self.data, self.tokenizer = data, tokenizer
+        self.world = world_preset(data.world)
+        self.heldout = set(data.pairs())
+        self.latents = None if latents is None else {k: torch.from_numpy(v) for k, v in latents.items()}
+
+    def __len__(self) -> int:
+        return self.data.n
+
+    def scene(self, i: int) -> Scene:
+        for k in range(1000):
+            scene = scene_at(self.world, self.data.seed + k * _REDRAW_SEED, i)
+            if not any((o.color, o.shape) in self.heldout for o in scene.objects):
+                return scene
+        raise DifflabError(f"could not draw a scene without the held-out pairs {self.data.heldout_pairs}")
+
+    def caption(self, i: int, scene: Scene | None = None) -> tuple[str, Prompt]:
+        """The caption of item ``i`` and its structured prompt (true of the scene by construction)."""
+        from difflab.world.language import caption, description
+
+        scene = scene or self.scene(i)
+        rng = np.random.default_rng([self.data.seed, i, _CAPTION_STREAM])
+        if rng.random() < self.data.describe_prob:
+            prompt = description(scene)
+            return prompt.text(), prompt
+        return caption(scene, rng)
+
+    def __getitem__(self, i: int) -> dict:
+        scene = self.scene(i)
+        item = {}
+        if self.tokenizer is not None:
+            ids, mask = self.tokenizer.encode(self.caption(i, scene)[0])
+            item |= {"ids": ids[0], "mask": mask[0]}
+        if self.latents is not None:
+            return item | {k: v[i] for k, v in self.latents.items()}
+        from difflab.data.toy import scene_image
+
+        return item | {"image": scene_image(scene, self.world)}
+
+
+def training_set(cfg: TextToImageConfig, encoder: FrozenTextEncoder, autoencoder=None) -> CaptionedScenes:
+    """The captioned training scenes: pixels, or (with a vae) the autoencoder's cached latents of them."""
+    if cfg.vae is None:
+        return CaptionedScenes(cfg.data, encoder.tokenizer)
+    from difflab.world.render import RENDERER_VERSION
+
+    images = CaptionedScenes(cfg.data)  # no tokenizer, no latents: items are {"image"}, what is encoded
+    # the images are a function of the scenes alone (not of the captions): world, n, seed, held-out pairs
+    d = cfg.data
+    scenes = {"world": d.world, "n": d.n, "seed": d.seed, "heldout_pairs": list(d.heldout_pairs)}
+    key = {"data": scenes, "renderer": RENDERER_VERSION, "dataset": "t2i-captioned-scenes"}
+    latents = ldm.cached_latents(cfg, images, key, autoencoder)
+    return CaptionedScenes(cfg.data, encoder.tokenizer, latents)
+
+
+# --------------------------------------------------------------------------------------------- setup
+
+
+def attach(cfg: TextToImageConfig) -> TextToImageConfig:
+    """``cfg`` with its inputs resolved: the text encoder's absolute path, id and widths (the UNet's
+    ``context_dim`` and ``pooled_dim``), and the autoencoder's path, id, latent scale and shape."""
+    if cfg.text_encoder is None:
+        raise DifflabError(
+            "text-to-image needs a frozen text encoder: --set text_encoder=DIR (a CLIP run, or "
+            "'difflab export-text-encoder CLIP_RUN --out DIR'; train one with 'difflab train --preset clip_t2i')"
+        )
+    path = Path(cfg.text_encoder).expanduser().resolve()
+    encoder = load_text_encoder(path, layers=cfg.text_layers)
+    unet = dataclasses.replace(cfg.unet, context_dim=encoder.width,
+                               pooled_dim=encoder.embed_dim if cfg.pooled else None)  # fmt: skip
+    cfg = dataclasses.replace(
+        cfg, text_encoder=str(path), unet=unet, text_encoder_checkpoint=text_encoder_id(path)
+    )
+    return ldm.attach_vae(cfg) if cfg.vae is not None else cfg
+
+
+def check_inputs_unchanged(cfg: TextToImageConfig, what: str) -> None:
+    """An error when the text encoder or autoencoder this run was trained with has been replaced since."""
+    now = text_encoder_id(cfg.text_encoder)
+    if now != cfg.text_encoder_checkpoint:
+        raise DifflabError(f"text encoder '{cfg.text_encoder}' has changed since {what} "
+                           f"({cfg.text_encoder_checkpoint}, now {now})")  # fmt: skip
+    if cfg.vae is not None:
+        ldm.check_vae_unchanged(cfg, what)
+
+
+class TextConditionedUNet(nn.Module):
+    """The trained network: an optional text refiner over the frozen encoder's tokens, then the UNet.
+    ``forward(x, t, context, context_mask, pooled)`` as the UNet's; ``.cfg`` is the UNet's config."""
+
+    def __init__(self, cfg: TextToImageConfig):
+        super().__init__()
+        self.unet = UNet(cfg.unet)
+        self.cfg = cfg.unet
+        self.refiner = None
+        if cfg.text_refiner_layers:
+            if not cfg.unet.context_dim:
+                raise DifflabError("a text refiner needs the UNet's context_dim (set from the text encoder)")
+            heads = next(h for h in (4, 2, 1) if cfg.unet.context_dim % h == 0)
+            self.refiner = Transformer(cfg.unet.context_dim, cfg.text_refiner_layers, heads)
+
+    def forward(self, x, t, context=None, context_mask=None, pooled=None, **kwargs):
+        if self.refiner is not None and context is not None:
+            context = self.refiner(context, context_mask)  # (B, L, context_dim); padding masked as keys
+        return self.unet(x, t, context=context, context_mask=context_mask, pooled=pooled, **kwargs)
+
+
+def build_network(cfg: TextToImageConfig) -> UNet | TextConditionedUNet:
+    """The network a run trains: the UNet alone, or with a text refiner in front of it."""
+    return TextConditionedUNet(cfg) if cfg.text_refiner_layers else UNet(cfg.unet)
+
+
+def network_config(cfg: TextToImageConfig):
+    """What a checkpoint records of the network's architecture (a resume must match it)."""
+    if not cfg.text_refiner_layers:
+        return cfg.unet
+    return {"unet": dataclasses.asdict(cfg.unet), "text_refiner_layers": cfg.text_refiner_layers}
+
+
+class TextToImage(nn.Module):
+    """The sampling-time system: UNet, frozen text encoder and (latent runs) the autoencoder."""
+
+    def __init__(self, unet: TextConditionedUNet, encoder: FrozenTextEncoder, autoencoder: KLAutoencoder | None,
+                 scale):  # fmt: skip
+        super().__init__()
+        self.unet, self.encoder, self.autoencoder, self.scale = unet, encoder, autoencoder, scale
+
+    def decode(self, x: torch.Tensor) -> torch.Tensor:
+        """What the sampler produced -> images (N, C, H, W) in [-1, 1]."""
+        if self.autoencoder is None:
+            return x.clamp(-1, 1)
+        return self.autoencoder.decode(x / self.scale).clamp(-1, 1)
+
+    def conditioning(self, texts: list[str]) -> dict:
+        """The UNet's keyword arguments for ``texts``: context (B, L, width), context_mask (B, L), pooled."""
+        enc = self.encoder(texts)
+        cond = {"context": enc.tokens, "context_mask": enc.mask}
+        if self.unet.cfg.pooled_dim:
+            cond["pooled"] = enc.pooled
+        return cond
+
+
+def make_loss_fn(cfg: TextToImageConfig, schedule, encoder: FrozenTextEncoder):
+    """``loss_fn(model, batch, generator)``: the pixel recipe (t, eps, x_t, weighted v-loss) with the caption
+    replaced by "" with probability ``cond_drop``, then encoded by the frozen encoder."""
+    d = cfg.diffusion
+    null_ids, null_mask = encoder.tokenizer.encode("")
+
+    def loss_fn(model: UNet, batch: dict, generator: torch.Generator):
+        x0 = batch["image"] if cfg.vae is None else ldm.draw_latents(cfg, batch, generator)
+        b, dev = x0.shape[0], x0.device
+        t = torch.randint(0, schedule.timesteps, (b,), generator=generator, device=dev)
+        noise = torch.randn(x0.shape, generator=generator, device=dev, dtype=x0.dtype)
+        x_t = q_sample(schedule, x0, t, noise)
+        drop = (torch.rand(b, generator=generator, device=dev) < cfg.cond_drop)[:, None]  # (B, 1)
+        ids = torch.where(drop, null_ids.to(dev), batch["ids"])
+        mask = torch.where(drop, null_mask.to(dev), batch["mask"])
+        enc = encoder.to(dev).encode_ids(ids, mask)
+        pooled = enc.pooled if cfg.unet.pooled_dim else None
+        out = model(x_t, t, context=enc.tokens, context_mask=enc.mask, pooled=pooled)
+        per_sample = diffusion_loss(schedule, d.prediction, x0, noise, t, out,
+                                    weighting=d.loss_weighting, gamma=d.min_snr_gamma)  # fmt: skip
+        return per_sample.mean(), {}
+
+    return loss_fn
+
+
+@torch.no_grad()
+def generate(
+    model: TextToImage, cfg: TextToImageConfig, prompts: list[str], *, callback=None, attention=None, **kwargs
+) -> torch.Tensor:
+    """One image (N, C, H, W) in [-1, 1] per prompt. ``attention``: a
+    :class:`difflab.models.attention_maps.CrossAttentionMaps` that records the cross-attention of every
+    step; ``callback`` sees decoded x_t and x0_hat of the first 8. Other keyword arguments as
+    :func:`difflab.models.pixel.run_sampler` (sampler, steps, cfg_scale, spacing, seed, progress)."""
+    import contextlib
+
+    if isinstance(prompts, str) or not prompts:
+        raise DifflabError(f"prompts must be a non-empty list of strings; got {prompts!r}")
+    cond = model.conditioning(list(prompts))
+    null = model.conditioning([""])
+    decoded = None
+    if callback is not None:
+
+        def decoded(i, x, t, x0):
+            callback(i, model.decode(x[:8]), t, model.decode(x0[:8]))
+
+    with attention.recording(model.unet, len(prompts)) if attention is not None else contextlib.nullcontext():
+        x = pixel.run_sampler(model.unet, cfg, len(prompts), cond, null, callback=decoded, **kwargs)
+    return model.decode(x)
+
+
+# ------------------------------------------------------------------------------------------ run dirs
+
+
+def load_config(run_dir: str | Path) -> TextToImageConfig:
+    return load_run_config(run_dir, TextToImageConfig, "t2i", "a text-to-image (t2i) run")
+
+
+def load_model(
+    run_dir: str | Path, *, ema: bool = True, device: str = "cpu"
+) -> tuple[TextToImage, TextToImageConfig]:
+    """The trained UNet (EMA weights by default) with its text encoder and autoencoder, and the config."""
+    from difflab.models import vae as vae_model
+
+    cfg = load_config(run_dir)
+    check_inputs_unchanged(cfg, f"'{run_dir}' was trained on it; retrain the text-to-image model")
+    unet = load_latest_weights(run_dir, build_network(cfg), ema=ema)
+    encoder = load_text_encoder(cfg.text_encoder, layers=cfg.text_layers)
+    autoencoder = vae_model.load_model(cfg.vae)[0] if cfg.vae is not None else None
+    return TextToImage(unet, encoder, autoencoder, cfg.latent_scale).to(device).eval(), cfg
+
+
+# -------------------------------------------------------------------------------------------- presets
+
+register_preset(
+    "t2i_tiny",
+    "t2i",
+    "text-to-image on the 16x16 tiny world in pixels (--set text_encoder=DIR of a clip_tiny run): seconds (tests)",
+    lambda: TextToImageConfig(
+        data=TextDataConfig(world="tiny", n=2048, heldout_pairs=()),
+        unet=UNetConfig(channels=16, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(8,), heads=2,
+                        norm_groups=4),
+        train=TrainConfig(steps=200, batch_size=32, lr=2e-3, warmup_steps=10, ema_decay=0.99, log_every=10,
+                          checkpoint_every=None, progress=False),
+        sample=SampleConfig(steps=10, grid=8, cfg_scale=2.0),
+    ),
+)  # fmt: skip
+register_preset(
+    "t2i_demo",
+    "t2i",
+    "text-to-image on 32x32 scenes of one or two objects, on a vae_t2i run's 16x16x4 latents and a clip_t2i "
+    "text encoder (--set vae=RUN --set text_encoder=DIR; 'difflab demo' trains all three): minutes on a CPU",
+    lambda: TextToImageConfig(
+        data=TextDataConfig(world="scene32", n=20_000),
+        text_layers=(0, -1),
+        text_refiner_layers=2,
+        unet=UNetConfig(in_channels=4, out_channels=4, image_size=16, channels=32, channel_mult=(1, 2),
+                        num_res_blocks=1, attention_resolutions=(8,), heads=4, context_pool=True,
+                        context_dim=128, pooled_dim=64),
+        train=TrainConfig(steps=2000, batch_size=32, lr=1e-3, warmup_steps=50, ema_decay=0.995, log_every=25,
+                          checkpoint_every=250, sample_every=500),
+        sample=SampleConfig(sampler="dpmpp_2m", steps=20, cfg_scale=3.0, grid=36),
+    ),
+)  # fmt: skip
+
+
+# ------------------------------------------------------------------------------------------- training
+
+
+def grid_prompts(world: str, n: int) -> list[str]:
+    """``n`` fixed prompts for sample grids: the evaluation prompt sets' categories in turn."""
+    from difflab.models.t2i_eval import prompt_sets
+
+    lists = list(prompt_sets(world).values())
+    return [lists[i % len(lists)][i // len(lists)].text() for i in range(n)]
+
+
+def train(cfg: TextToImageConfig, run_dir: str | Path, *, resume: bool = False) -> Path:
+    """Train text-to-image diffusion into ``run_dir`` (config.json, checkpoints/, metrics.jsonl,
+    samples/step_*.png, samples.png with its prompts in prompts.txt, trajectory.png)."""
+    from difflab.models import vae as vae_model
+    from difflab.train.trainer import Trainer, make_loader
+
+    cfg = attach(cfg)
+    if resume and (Path(run_dir) / "config.json").is_file():
+        saved = load_config(run_dir)
+        for name in ("text_encoder_checkpoint", "vae_checkpoint"):
+            if getattr(saved, name) != getattr(cfg, name):
+                raise DifflabError(f"cannot resume '{run_dir}': it was trained with {name} {getattr(saved, name)}, "
+                                   f"and the given one is {getattr(cfg, name)}")  # fmt: skip
+    run_dir = prepare_run_dir(run_dir, cfg, resume, load_config)
+    encoder = load_text_encoder(cfg.text_encoder, layers=cfg.text_layers)
+    autoencoder = vae_model.load_model(cfg.vae)[0] if cfg.vae is not None else None
+    data = training_set(cfg, encoder, autoencoder)
+    torch.manual_seed(cfg.train.seed)  # the initial weights
+    unet = build_network(cfg)
+    schedule = cfg.diffusion.make_schedule()
+    loader = make_loader(data, cfg.train)
+    prompts = grid_prompts(cfg.data.world, cfg.sample.grid)
+    (run_dir / "prompts.txt").write_text("\n".join(prompts) + "\n")
+
+    def draw(ema_unet: UNet, n: int, callback) -> torch.Tensor:
+        device = next(ema_unet.parameters()).device
+        system = TextToImage(
+            ema_unet, encoder.to(device), autoencoder and autoencoder.to(device), cfg.latent_scale
+        )
+        return generate(system, cfg, prompts[:n], seed=0, callback=callback)
+
+    sample_fn = pixel.grid_sample_fn(cfg, draw)
+    trainer = Trainer(unet, make_loss_fn(cfg, schedule, encoder), loader, cfg.train, run_dir,
+                      sample_fn=sample_fn, model_config=network_config(cfg))  # fmt: skip
+    trainer.fit(resume=resume)
+    return run_dir
