@@ -79,3 +79,23 @@ def test_ldm_time_to_quality_smallest_setting():
     assert encode == {"phase": "encode", "f": 4, "seconds": encode["seconds"], "items": 64}
     assert ldm_rec["phase"] == "ldm" and ldm_rec["step"] == 2 and ldm_rec["n"] == 40
     assert "| latent f=4 |" in out.stdout and "not reached" in out.stdout
+
+
+def test_t2i_sweep_smallest_setting(tmp_path):
+    """One prompt per category, one guidance scale and one sampler setting on a 2-step tiny run."""
+    from difflab.config import apply_overrides
+    from difflab.models import clip, t2i
+    from difflab.presets import get_preset
+
+    clip_run = clip.train(
+        apply_overrides(get_preset("clip_tiny").build(), ["train.steps=2"]), tmp_path / "clip"
+    )
+    run = t2i.train(apply_overrides(get_preset("t2i_tiny").build(), [f"text_encoder={clip_run}", "train.steps=2",
+                                                                      "sample.grid=2"]), tmp_path / "t2i")  # fmt: skip
+    out = run_script("t2i_sweep.py", str(run), "--n", "1", "--cfg", "1,2", "--samplers", "ddim:2")
+    header, *records = json_lines(out.stdout)
+    assert {"machine", "threads", "torch", "date"} <= set(header)
+    assert [(r["sampler"], r["steps"], r["cfg_scale"]) for r in records] == [
+        ("ddim", 10, 1.0), ("ddim", 10, 2.0), ("ddim", 2, 2.0)]  # fmt: skip
+    assert all(r["n"] == 3 and 0 <= r["overall"] <= 1 for r in records)  # tiny: 3 categories of 1 prompt
+    assert "| w = 2 |" in out.stderr and "| ddim 2 |" in out.stderr
