@@ -149,9 +149,7 @@ def run_demo(args) -> int:
     scores = evaluate(run_dir, args.n, seed=args.seed)
     timings["eval_seconds"] = time.perf_counter() - t0
     report["eval"] = scores
-    timings["total_seconds"] = time.perf_counter() - start
-    report["timings"] = {k: round(v, 2) for k, v in timings.items()}
-    (out / "report.json").write_text(json.dumps(report, indent=2))
+    _finish(out, report, timings, start)
     accuracy = scores.get("class_accuracy")
     summary = "" if accuracy is None else f"class accuracy {accuracy:.1%} by the {scores['judge']}, "
     print(f"[4/4] {summary}Fréchet distance {scores['frechet_distance']:.3f} ({scores['frechet_feature_space']}, "
@@ -180,6 +178,13 @@ def _text_to_image(args, cfg, out: Path, report: dict, timings: dict, start: flo
     from difflab.world.reader import read
     from difflab.world.scene import world_preset
 
+    def stage_config(preset: str):  # the demo's --device applies to every stage
+        from difflab.config import apply_overrides
+
+        return apply_overrides(
+            get_preset(preset).build(), [f"train.device={args.device}"] if args.device else []
+        )
+
     def train_stage(name: str, preset: str, stage_cfg, stage_dir: Path) -> None:
         t0 = time.perf_counter()
         family_module(get_preset(preset).family).train(stage_cfg, stage_dir)
@@ -188,12 +193,12 @@ def _text_to_image(args, cfg, out: Path, report: dict, timings: dict, start: flo
     t0 = time.perf_counter()
     vae_dir = None
     if args.vae_preset != "none":
-        vae_cfg = get_preset(args.vae_preset).build()
+        vae_cfg = stage_config(args.vae_preset)
         vae_dir = out / "vae"
         print(f"[2/5] training the autoencoder '{args.vae_preset}' ({vae_cfg.train.steps} steps) into {vae_dir} ...",
               flush=True)  # fmt: skip
         train_stage("vae", args.vae_preset, vae_cfg, vae_dir)
-    clip_cfg = get_preset(args.text_preset).build()
+    clip_cfg = stage_config(args.text_preset)
     print(f"[2/5] training the text encoder: CLIP '{args.text_preset}' ({clip_cfg.train.steps} steps) into "
           f"{out / 'clip'} ...", flush=True)  # fmt: skip
     train_stage("text_encoder", args.text_preset, clip_cfg, out / "clip")
@@ -215,11 +220,13 @@ def _text_to_image(args, cfg, out: Path, report: dict, timings: dict, start: flo
     timings["train_seconds"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    model, cfg = t2i.load_model(run_dir)
+    from difflab.train.device import resolve_device
+
+    model, cfg = t2i.load_model(run_dir, device=str(resolve_device(args.device or "auto")))
     per_category = 6  # one row per category
     prompts = t2i_eval.eval_prompts(cfg.data.world, per_category)  # category by category
     maps = CrossAttentionMaps(cfg.data.image_size)
-    images = t2i.generate(model, cfg, [p.text() for p in prompts], seed=args.seed, attention=maps)
+    images = t2i.generate(model, cfg, [p.text() for p in prompts], seed=args.seed, attention=maps).cpu()
     world = world_preset(cfg.data.world)
     marks = [holds(p, read(im, world)) for p, im in zip(prompts, images, strict=True)]
     save_captioned_grid(
@@ -234,7 +241,7 @@ def _text_to_image(args, cfg, out: Path, report: dict, timings: dict, start: flo
 
     t0 = time.perf_counter()
     prompts = t2i_eval.eval_prompts(cfg.data.world, args.n)
-    images = t2i_eval.generate_batched(model, cfg, [p.text() for p in prompts], seed=args.seed)
+    images = t2i_eval.generate_batched(model, cfg, [p.text() for p in prompts], seed=args.seed).cpu()
     faith = t2i_eval.score(prompts, images, cfg.data.world, cfg.data.pairs())
     timings["eval_seconds"] = time.perf_counter() - t0
     report["eval"] = {"prompts_per_category": args.n, "sampler": cfg.sample.sampler, "steps": cfg.sample.steps,

@@ -30,7 +30,14 @@ from torch import nn
 from difflab.config import to_dict
 from difflab.errors import DifflabError, check_choice
 from difflab.models import pixel
-from difflab.models.pixel import DataConfig, DiffusionConfig, SampleConfig, class_factors, num_classes
+from difflab.models.pixel import (
+    DataConfig,
+    DiffusionConfig,
+    SampleConfig,
+    check_cond_drop,
+    class_factors,
+    num_classes,
+)
 from difflab.models.runs import checkpoint_id, load_latest_weights, load_run_config, prepare_run_dir
 from difflab.nn.unet import UNet, UNetConfig
 from difflab.nn.vae import KLAutoencoder
@@ -61,8 +68,7 @@ class LatentDiffusionConfig:
     """The VAE checkpoint (name:sha256 prefix) this run was trained on; checked when it is loaded."""
 
     def __post_init__(self) -> None:
-        if not 0.0 <= self.cond_drop < 1.0:
-            raise DifflabError(f"cond_drop {self.cond_drop} is invalid; expected a probability in [0, 1)")
+        check_cond_drop(self.cond_drop)
         check_choice("posterior", self.posterior, POSTERIOR)
         derived = dataclasses.replace(
             self.unet, num_classes=num_classes(self.data), class_factors=class_factors(self.data)

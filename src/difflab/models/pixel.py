@@ -103,8 +103,7 @@ class PixelDiffusionConfig:
     """Probability of replacing a label by the null class during training (Ho & Salimans 2022 use 0.1-0.2)."""
 
     def __post_init__(self) -> None:
-        if not 0.0 <= self.cond_drop < 1.0:
-            raise DifflabError(f"cond_drop {self.cond_drop} is invalid; expected a probability in [0, 1)")
+        check_cond_drop(self.cond_drop)
         # The UNet's input/output channels, side and class count follow from the data, so that
         # --set data.dataset=digits cannot leave a network built for another dataset.
         c = data_channels(self.data)
@@ -113,6 +112,13 @@ class PixelDiffusionConfig:
             num_classes=num_classes(self.data), class_factors=class_factors(self.data),
         )  # fmt: skip
         object.__setattr__(self, "unet", derived)
+
+
+def check_cond_drop(p: float) -> float:
+    """The condition-dropout probability of every guided model (class label or caption -> null)."""
+    if not 0.0 <= p < 1.0:
+        raise DifflabError(f"cond_drop {p} is invalid; expected a probability in [0, 1)")
+    return p
 
 
 # ----------------------------------------------------------------------------------------------- data

@@ -35,7 +35,7 @@ from difflab.diffusion.forward import q_sample
 from difflab.diffusion.objectives import diffusion_loss
 from difflab.errors import DifflabError, check_choice
 from difflab.models import ldm, pixel
-from difflab.models.pixel import DiffusionConfig, SampleConfig
+from difflab.models.pixel import DiffusionConfig, SampleConfig, check_cond_drop
 from difflab.models.runs import load_latest_weights, load_run_config, prepare_run_dir
 from difflab.models.text_encoder import FrozenTextEncoder, load_text_encoder, text_encoder_id
 from difflab.nn.transformer import Transformer
@@ -121,8 +121,7 @@ class TextToImageConfig:
     """What this run was trained with; checked when it is loaded (set when training starts)."""
 
     def __post_init__(self) -> None:
-        if not 0.0 <= self.cond_drop < 1.0:
-            raise DifflabError(f"cond_drop {self.cond_drop} is invalid; expected a probability in [0, 1)")
+        check_cond_drop(self.cond_drop)
         check_choice("posterior", self.posterior, ldm.POSTERIOR)
         if self.text_refiner_layers < 0:
             raise DifflabError(

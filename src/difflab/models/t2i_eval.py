@@ -51,7 +51,7 @@ def generate_batched(model, cfg, texts: list[str], *, batch_size: int = 100, see
     out = []
     starts = range(0, len(texts), batch_size)
     for k, start in enumerate(tqdm(starts, desc="sampling", disable=not progress, leave=False)):
-        out.append(generate(model, cfg, texts[start : start + batch_size], seed=seed + k, **kwargs))
+        out.append(generate(model, cfg, texts[start : start + batch_size], seed=seed + k, **kwargs).cpu())
     return torch.cat(out)
 
 
