@@ -264,8 +264,8 @@ def network_config(cfg: TextToImageConfig):
 class TextToImage(nn.Module):
     """The sampling-time system: UNet, frozen text encoder and (latent runs) the autoencoder."""
 
-    def __init__(self, unet: TextConditionedUNet, encoder: FrozenTextEncoder, autoencoder: KLAutoencoder | None,
-                 scale):  # fmt: skip
+    def __init__(self, unet: UNet | TextConditionedUNet, encoder: FrozenTextEncoder,
+                 autoencoder: KLAutoencoder | None, scale: float | None):  # fmt: skip
         super().__init__()
         self.unet, self.encoder, self.autoencoder, self.scale = unet, encoder, autoencoder, scale
 
