@@ -218,13 +218,21 @@ def generate(
 ) -> torch.Tensor:
     """Draw ``n`` images (N, C, H, W) in [-1, 1]: sample latents with :func:`difflab.models.pixel.diffuse`
     (same keyword arguments) and decode them. A ``callback`` sees decoded x_t and x0_hat of the first 8."""
-    decoded = None
-    if callback is not None:
+    return model.decode(
+        pixel.diffuse(model.unet, cfg, n, callback=decoding_callback(model, callback), **kwargs)
+    )
 
-        def decoded(i, x, t, x0):
-            callback(i, model.decode(x[:8]), t, model.decode(x0[:8]))
 
-    return model.decode(pixel.diffuse(model.unet, cfg, n, callback=decoded, **kwargs))
+def decoding_callback(model, callback):
+    """A sampler callback that hands ``callback`` the decoded x_t and x0_hat of the first 8 samples, for
+    trajectory strips of a model that samples latents (``model.decode``); None stays None."""
+    if callback is None:
+        return None
+
+    def decoded(i, x, t, x0):
+        callback(i, model.decode(x[:8]), t, model.decode(x0[:8]))
+
+    return decoded
 
 
 # ------------------------------------------------------------------------------------------ run dirs
@@ -288,12 +296,7 @@ def train(cfg: LatentDiffusionConfig, run_dir: str | Path, *, resume: bool = Fal
     from difflab.train.trainer import Trainer, make_loader
 
     cfg = attach_vae(cfg)
-    if resume and (Path(run_dir) / "config.json").is_file():
-        saved = load_config(run_dir).vae_checkpoint
-        if saved != cfg.vae_checkpoint:
-            raise DifflabError(f"cannot resume '{run_dir}': it was trained on autoencoder checkpoint {saved}, "
-                               f"and '{cfg.vae}' now holds {cfg.vae_checkpoint}")  # fmt: skip
-    run_dir = prepare_run_dir(run_dir, cfg, resume, load_config)
+    run_dir = prepare_run_dir(run_dir, cfg, resume, load_config, inputs=("vae_checkpoint",))
     autoencoder = vae_model.load_model(cfg.vae)[0]
     data = latent_dataset(cfg, autoencoder)
     torch.manual_seed(cfg.train.seed)  # the initial weights

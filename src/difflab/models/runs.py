@@ -50,11 +50,15 @@ def load_run_config(run_dir: str | Path, cls, kind: str, what: str):
     return from_dict(cls, data)
 
 
-def prepare_run_dir(run_dir: str | Path, cfg, resume: bool, load_config) -> Path:
+def prepare_run_dir(
+    run_dir: str | Path, cfg, resume: bool, load_config, inputs: tuple[str, ...] = ()
+) -> Path:
     """Check that training ``cfg`` into ``run_dir`` is what the user meant, then write its config.json.
 
     A fresh run refuses a directory that already has checkpoints; a resumed one refuses a run trained on
-    other data (the trainer itself checks the network and the run-defining train settings).
+    other data, or on other inputs: ``inputs`` names the config fields that record the runs this one is
+    built on (``vae_checkpoint``, ``text_encoder_checkpoint``). The trainer itself checks the network and
+    the run-defining train settings.
     """
     run_dir = Path(run_dir)
     if not resume and has_checkpoints(run_dir):
@@ -65,6 +69,10 @@ def prepare_run_dir(run_dir: str | Path, cfg, resume: bool, load_config) -> Path
         saved = load_config(run_dir)
         if saved.data != cfg.data:
             raise DifflabError(f"cannot resume '{run_dir}': it was trained on other data ({saved.data})")
+        for name in inputs:
+            was, now = getattr(saved, name), getattr(cfg, name)
+            if was != now:
+                raise DifflabError(f"cannot resume '{run_dir}': it was trained with {name} {was}, now {now}")
     run_dir.mkdir(parents=True, exist_ok=True)
     save_json(to_dict(cfg), run_dir / "config.json")
     return run_dir

@@ -43,7 +43,7 @@ from difflab.nn.unet import UNet, UNetConfig
 from difflab.nn.vae import KLAutoencoder
 from difflab.presets import register_preset
 from difflab.train.trainer import TrainConfig
-from difflab.world.geneval import HELDOUT_PAIRS
+from difflab.world.geneval import HELDOUT_PAIRS, mentions_heldout
 from difflab.world.prompts import Prompt
 from difflab.world.scene import Scene, scene_at, world_preset
 
@@ -154,7 +154,7 @@ class CaptionedScenes(torch.utils.data.Dataset):
     def scene(self, i: int) -> Scene:
         for k in range(1000):
             scene = scene_at(self.world, self.data.seed + k * _REDRAW_SEED, i)
-            if not any((o.color, o.shape) in self.heldout for o in scene.objects):
+            if not mentions_heldout(scene, self.heldout):
                 return scene
         raise DifflabError(f"could not draw a scene without the held-out pairs {self.data.heldout_pairs}")
 
@@ -323,12 +323,7 @@ def generate(
         raise DifflabError(f"prompts must be a non-empty list of strings; got {prompts!r}")
     cond = model.conditioning(list(prompts))
     null = model.conditioning([""])
-    decoded = None
-    if callback is not None:
-
-        def decoded(i, x, t, x0):
-            callback(i, model.decode(x[:8]), t, model.decode(x0[:8]))
-
+    decoded = ldm.decoding_callback(model, callback)
     with attention.recording(model.unet, len(prompts)) if attention is not None else contextlib.nullcontext():
         x = pixel.run_sampler(model.unet, cfg, len(prompts), cond, null, callback=decoded, **kwargs)
     return model.decode(x)
@@ -407,13 +402,9 @@ def train(cfg: TextToImageConfig, run_dir: str | Path, *, resume: bool = False) 
     from difflab.train.trainer import Trainer, make_loader
 
     cfg = attach(cfg)
-    if resume and (Path(run_dir) / "config.json").is_file():
-        saved = load_config(run_dir)
-        for name in ("text_encoder_checkpoint", "vae_checkpoint"):
-            if getattr(saved, name) != getattr(cfg, name):
-                raise DifflabError(f"cannot resume '{run_dir}': it was trained with {name} {getattr(saved, name)}, "
-                                   f"and the given one is {getattr(cfg, name)}")  # fmt: skip
-    run_dir = prepare_run_dir(run_dir, cfg, resume, load_config)
+    run_dir = prepare_run_dir(
+        run_dir, cfg, resume, load_config, inputs=("text_encoder_checkpoint", "vae_checkpoint")
+    )
     encoder = load_text_encoder(cfg.text_encoder, layers=cfg.text_layers)
     autoencoder = vae_model.load_model(cfg.vae)[0] if cfg.vae is not None else None
     data = training_set(cfg, encoder, autoencoder)
