@@ -131,3 +131,23 @@ def test_all_files_bad_with_skip_bad_is_an_error(tmp_path):
         pytest.raises(DifflabError, match="no readable images.*all 2 were skipped"),
     ):
         ImageFolderDataset(tmp_path, size=8, skip_bad=True)
+
+
+def test_train_command_names_a_bad_file_and_skip_bad_trains_without_it(folder, tmp_path_factory, capsys):
+    """The command line: a corrupt file stops 'difflab train' with one line naming it; --skip-bad trains
+    on the rest and says how many it left out; --skip-bad on a preset that reads no folder is refused."""
+    from difflab.cli import main
+
+    _add_bad_files(folder)
+    out = tmp_path_factory.mktemp("runs")
+    args = ["train", "--preset", "folder", "--set", f"data.folder={folder}", "--set", "data.image_size=16",
+            "--set", "train.steps=2", "--set", "train.batch_size=4", "--set", "unet.channels=8",
+            "--set", "sample.grid=4", "--set", "sample.steps=2", "--device", "cpu"]  # fmt: skip
+    assert main([*args, "--out", str(out / "a")]) == 2
+    err = capsys.readouterr().err
+    assert "h_truncated.png' is not a readable image" in err and err.count("\n") == 1
+    with pytest.warns(UserWarning, match="skipped 2 unreadable file"):
+        assert main([*args, "--out", str(out / "b"), "--skip-bad"]) == 0
+    assert (out / "b" / "samples.png").is_file()
+    assert main(["train", "--preset", "tiny", "--out", str(out / "c"), "--skip-bad"]) == 2
+    assert "--skip-bad applies to image-folder data; preset 'tiny'" in capsys.readouterr().err

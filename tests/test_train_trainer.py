@@ -249,3 +249,99 @@ def test_bf16_autocast_trains_on_cpu(tmp_path):
     cfg = dataclasses.replace(CFG, steps=2, grad_accum=1, mixed_precision="bf16")
     record = make_trainer(tmp_path, cfg=cfg).fit()
     assert record["step"] == 2 and math.isfinite(record["loss"])
+
+
+def test_sigkill_at_a_random_step_then_resume_equals_an_uninterrupted_run(tmp_path):
+    """A real crash: ``difflab train`` in a subprocess is killed with SIGKILL (no cleanup, maybe mid-save)
+    at a random step; ``--resume`` then ends with every tensor of the final checkpoint (weights, EMA,
+    AdamW moments, RNG states) bitwise equal to an uninterrupted run's."""
+    import os
+    import random
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from safetensors.torch import load_file
+
+    steps = 60
+    kill_at = random.randint(12, steps - 12)
+    env = os.environ | {"OMP_NUM_THREADS": "1"}
+
+    def train(out, *extra):
+        args = ["--preset", "tiny", "--out", str(out), "--device", "cpu", "--set", f"train.steps={steps}",
+                "--set", "train.checkpoint_every=10", "--set", "train.log_every=1", *extra]  # fmt: skip
+        return subprocess.Popen([sys.executable, "-m", "difflab", "train", *args], env=env,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)  # fmt: skip
+
+    assert train(tmp_path / "straight").wait(timeout=300) == 0
+    crashed = train(tmp_path / "crashed")
+    metrics = tmp_path / "crashed" / "metrics.jsonl"
+    deadline = time.monotonic() + 300
+    while crashed.poll() is None and time.monotonic() < deadline:
+        if metrics.is_file() and len(metrics.read_text().splitlines()) >= kill_at:
+            crashed.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.005)
+    assert crashed.wait(timeout=60) == -signal.SIGKILL, f"the run ended before step {kill_at}"
+    done = [s for s, _ in list_checkpoints(tmp_path / "crashed" / "checkpoints")]
+    assert done and done[-1] < steps, (kill_at, done)
+
+    resumed = train(tmp_path / "crashed", "--resume")
+    assert resumed.wait(timeout=300) == 0, resumed.stderr.read()
+    a = load_file(str(tmp_path / "straight" / "checkpoints" / f"step_{steps:07d}" / "state.safetensors"))
+    b = load_file(str(tmp_path / "crashed" / "checkpoints" / f"step_{steps:07d}" / "state.safetensors"))
+    assert a.keys() == b.keys()
+    different = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not different, f"killed at step {kill_at} (checkpoints {done}): {different[:5]}"
+
+
+def test_fp16_loss_scaling_skips_an_overflowing_step_and_its_scale_resumes(tmp_path):
+    """fp16 autocast with a dynamic loss scaler (torch.amp.GradScaler): a step whose gradients are not
+    finite is skipped (weights unchanged, scale halved, training goes on) instead of stopping the run as
+    it does in fp32; the scaler's state is in the checkpoint."""
+    calls = {"n": 0}
+
+    def loss_with_one_bad_step(model, batch, generator):
+        calls["n"] += 1
+        loss = ((model(batch["x"]) - batch["x"]) ** 2).mean()
+        if calls["n"] == 3:  # a finite loss whose gradient is NaN: d sqrt(u) / du at u = 0, times 0
+            loss = loss + (model[0].weight.abs().sum() * 0).sqrt()
+        return loss
+
+    cfg = dataclasses.replace(CFG, steps=4, grad_accum=1, ema_decay=None, mixed_precision="fp16")
+    trainer = make_trainer(tmp_path / "fp16", cfg=cfg, loss_fn=loss_with_one_bad_step)
+    trainer._start_fresh()
+    for _ in range(2):
+        trainer.train_step()
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    scale = trainer.scaler.get_scale()
+    out = trainer.train_step()
+    assert not math.isfinite(out["grad_norm"]) and trainer.step == 3
+    assert all(torch.equal(v, trainer.model.state_dict()[k]) for k, v in before.items())
+    assert trainer.scaler.get_scale() == scale / 2
+    trainer.train_step()
+    path = trainer.save_checkpoint()
+    again = make_trainer(tmp_path / "fp16", cfg=cfg)
+    again.load_checkpoint(path)
+    assert again.scaler.state_dict() == trainer.scaler.state_dict()
+
+    calls["n"] = 0  # in fp32 the same step is a fault that stops the run, naming it
+    cfg32 = dataclasses.replace(cfg, mixed_precision="no")
+    with pytest.raises(DifflabError, match="gradient norm is nan at step 3"):
+        make_trainer(tmp_path / "fp32", cfg=cfg32, loss_fn=loss_with_one_bad_step).fit()
+
+
+def test_compile_keeps_parameter_names_and_trains(tmp_path):
+    """``train.compile`` compiles the model in place, so checkpoints keep their parameter names. The
+    'eager' backend traces with TorchDynamo without generating code: a quick check on a 2-core CI."""
+    cfg = dataclasses.replace(CFG, steps=3, grad_accum=1, compile="eager")
+    trainer = make_trainer(tmp_path, cfg=cfg)
+    names = set(trainer.model.state_dict())
+    record = trainer.fit()
+    assert record["step"] == 3 and math.isfinite(record["loss"])
+    assert set(trainer.model.state_dict()) == names
+    fresh = make_trainer(tmp_path / "plain", cfg=dataclasses.replace(cfg, compile="no"))
+    load_model_weights(latest_checkpoint(tmp_path / "checkpoints"), fresh.model, ema=False)
+    with pytest.raises(DifflabError, match="unknown compile mode 'inductr'.*did you mean 'inductor'"):
+        dataclasses.replace(cfg, compile="inductr")

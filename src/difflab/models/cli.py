@@ -41,12 +41,18 @@ def register(subparsers) -> None:
         help="train a model from a preset into a run directory",
         description="Train a preset (with optional --set overrides) into RUN_DIR. Writes config.json, "
         "checkpoints (safetensors + JSON, atomic, last 3 kept), metrics.jsonl, sample grids and a "
-        "trajectory strip. --resume continues exactly where the latest good checkpoint left off.",
+        "trajectory strip. --resume continues exactly where the latest good checkpoint left off. "
+        "Data parallel on several processes or machines: torchrun --nproc_per_node=N -m difflab train ... "
+        "(train.batch_size stays the global batch; see docs/distributed.md).",
     )
     add_preset_args(p, "train.steps=3000")
     p.add_argument("--out", required=True, help="run directory")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
     p.add_argument("--device", default=None, help="auto (default: CUDA, then MPS, then CPU), cpu, cuda, mps")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the network (same as --set train.compile=inductor)")  # fmt: skip
+    p.add_argument("--skip-bad", action="store_true",
+                   help="image folders: leave out unreadable files, counted (data.skip_bad=true)")  # fmt: skip
     p.set_defaults(func=_train)
 
     p = subparsers.add_parser(
@@ -151,6 +157,14 @@ def config_from_args(args):
     cfg = apply_overrides(get_preset(args.preset).build(), args.overrides)
     if getattr(args, "device", None):
         cfg = apply_overrides(cfg, [f"train.device={args.device}"])
+    if getattr(args, "compile", False):
+        cfg = apply_overrides(cfg, ["train.compile=inductor"])
+    if getattr(args, "skip_bad", False):
+        if getattr(cfg.data, "dataset", None) != "folder":
+            raise DifflabError(
+                f"--skip-bad applies to image-folder data; preset '{args.preset}' does not read a folder"
+            )
+        cfg = apply_overrides(cfg, ["data.skip_bad=true"])
     return cfg
 
 
@@ -158,7 +172,7 @@ def _info(args) -> int:
     import torch
 
     from difflab.models.pixel import build_unet
-    from difflab.nn.unet import count_parameters, training_step_flops
+    from difflab.nn.unet import count_parameters, example_inputs, training_step_flops
     from difflab.presets import get_preset
 
     cfg = config_from_args(args)
@@ -180,18 +194,7 @@ def _info(args) -> int:
                   "mask": torch.ones_like(ids, dtype=torch.bool)}  # fmt: skip
     else:  # pixel, latent and text-to-image diffusion: the UNet (for ldm and t2i, at the preset's latent shape)
         model, loss_fn = build_unet(cfg), None
-        u = cfg.unet
-        inputs = {
-            "x": torch.randn(b, u.in_channels, u.image_size, u.image_size),
-            "t": torch.randint(0, 1000, (b,)),
-        }
-        if u.num_classes:
-            inputs["class_labels"] = torch.randint(0, u.num_classes, (b,))
-        if u.context_dim:  # text-to-image: a caption of 24 tokens (clip_t2i's context length)
-            mask = torch.ones(b, 24, dtype=torch.bool)
-            inputs |= {"context": torch.randn(b, 24, u.context_dim), "context_mask": mask}
-        if u.pooled_dim:
-            inputs["pooled"] = torch.randn(b, u.pooled_dim)
+        inputs = example_inputs(cfg.unet, b)
     report = {
         "preset": args.preset,
         "parameters": count_parameters(model),
@@ -208,10 +211,18 @@ def _info(args) -> int:
 
 def _train(args) -> int:
     from difflab.presets import family_module, get_preset
+    from difflab.train import distributed
 
     family = get_preset(args.preset).family
     cfg = config_from_args(args)
-    run_dir = family_module(family).train(cfg, args.out, resume=args.resume)
+    distributed.init_from_env(cfg.train.device)  # under torchrun: join the process group
+    rank = distributed.rank()
+    try:
+        run_dir = family_module(family).train(cfg, args.out, resume=args.resume)
+    finally:
+        distributed.shutdown()
+    if rank != 0:
+        return 0  # rank 0 reports
     wrote = {"pixel": "samples.png, trajectory.png, ", "ldm": "samples.png, trajectory.png, ",
              "vae": "reconstructions.png, latent_stats.json, ", "clip": "tokenizer.json, ",
              "t2i": "samples.png, prompts.txt, trajectory.png, "}[family]  # fmt: skip

@@ -38,6 +38,7 @@ from difflab.nn.text_transformer import TextTransformer, TextTransformerConfig
 from difflab.nn.vit import VisionTransformer, ViTConfig
 from difflab.presets import register_preset
 from difflab.text.tokenizer import WordTokenizer, load_tokenizer
+from difflab.train.device import is_main_process
 from difflab.train.distributed import all_gather_with_grad
 from difflab.train.trainer import TrainConfig
 from difflab.world.language import caption, contrast, description
@@ -353,7 +354,8 @@ def train(cfg: CLIPConfig, run_dir: str | Path, *, resume: bool = False) -> Path
 
     run_dir = prepare_run_dir(run_dir, cfg, resume, load_config)
     tokenizer = make_tokenizer(cfg)
-    tokenizer.save(run_dir / "tokenizer.json")
+    if is_main_process():
+        tokenizer.save(run_dir / "tokenizer.json")
     torch.manual_seed(cfg.train.seed)  # the initial weights
     model = CLIP(cfg)
     loader = make_loader(CaptionedScenes(cfg.data, tokenizer), cfg.train)

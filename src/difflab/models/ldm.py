@@ -42,6 +42,7 @@ from difflab.models.runs import checkpoint_id, load_latest_weights, load_run_con
 from difflab.nn.unet import UNet, UNetConfig
 from difflab.nn.vae import KLAutoencoder
 from difflab.presets import register_preset
+from difflab.train.distributed import main_process_first
 from difflab.train.trainer import TrainConfig
 
 POSTERIOR = ("sample", "mode")
@@ -298,7 +299,8 @@ def train(cfg: LatentDiffusionConfig, run_dir: str | Path, *, resume: bool = Fal
     cfg = attach_vae(cfg)
     run_dir = prepare_run_dir(run_dir, cfg, resume, load_config, inputs=("vae_checkpoint",))
     autoencoder = vae_model.load_model(cfg.vae)[0]
-    data = latent_dataset(cfg, autoencoder)
+    with main_process_first():  # rank 0 fills the latent cache; under torchrun the others then read it
+        data = latent_dataset(cfg, autoencoder)
     torch.manual_seed(cfg.train.seed)  # the initial weights
     unet = UNet(cfg.unet)
     schedule = cfg.diffusion.make_schedule()

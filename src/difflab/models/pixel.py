@@ -45,6 +45,8 @@ class DataConfig:
     seed: int = 0
     folder: str | None = None
     """Image folder for dataset='folder' (resized + centre-cropped to image_size)."""
+    skip_bad: bool = False
+    """dataset='folder': leave out (and count) files that are not readable images instead of stopping."""
     image_size: int = 32
     conditional: bool = True
     """Class-conditional (toy: shape x colour, digits: 0-9) with a null class for CFG; folders are not."""
@@ -187,7 +189,7 @@ def make_dataset(data: DataConfig, split: str = "train"):
         return make("digits", split=split, size=data.image_size, seed=data.seed)
     if data.folder is None:
         raise DifflabError("dataset 'folder' needs data.folder=PATH (e.g. --set data.folder=~/pictures)")
-    return make("folder", root=data.folder, size=data.image_size)
+    return make("folder", root=data.folder, size=data.image_size, skip_bad=data.skip_bad)
 
 
 # ---------------------------------------------------------------------------------------------- model

@@ -14,6 +14,8 @@ from torch import nn
 
 from difflab.config import from_dict, save_json, to_dict
 from difflab.errors import DifflabError, check_choice
+from difflab.train.device import is_main_process
+from difflab.train.distributed import barrier
 
 
 def has_checkpoints(run_dir: str | Path) -> bool:
@@ -73,8 +75,10 @@ def prepare_run_dir(
             was, now = getattr(saved, name), getattr(cfg, name)
             if was != now:
                 raise DifflabError(f"cannot resume '{run_dir}': it was trained with {name} {was}, now {now}")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    save_json(to_dict(cfg), run_dir / "config.json")
+    if is_main_process():
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_json(to_dict(cfg), run_dir / "config.json")
+    barrier()  # under torchrun, the other ranks go on once the run dir exists
     return run_dir
 
 

@@ -42,6 +42,8 @@ from difflab.nn.transformer import Transformer
 from difflab.nn.unet import UNet, UNetConfig
 from difflab.nn.vae import KLAutoencoder
 from difflab.presets import register_preset
+from difflab.train.device import is_main_process
+from difflab.train.distributed import main_process_first
 from difflab.train.trainer import TrainConfig
 from difflab.world.geneval import HELDOUT_PAIRS, mentions_heldout
 from difflab.world.prompts import Prompt
@@ -407,13 +409,15 @@ def train(cfg: TextToImageConfig, run_dir: str | Path, *, resume: bool = False) 
     )
     encoder = load_text_encoder(cfg.text_encoder, layers=cfg.text_layers)
     autoencoder = vae_model.load_model(cfg.vae)[0] if cfg.vae is not None else None
-    data = training_set(cfg, encoder, autoencoder)
+    with main_process_first():  # rank 0 fills the latent cache; under torchrun the others then read it
+        data = training_set(cfg, encoder, autoencoder)
     torch.manual_seed(cfg.train.seed)  # the initial weights
     unet = build_network(cfg)
     schedule = cfg.diffusion.make_schedule()
     loader = make_loader(data, cfg.train)
     prompts = grid_prompts(cfg.data.world, cfg.sample.grid)
-    (run_dir / "prompts.txt").write_text("\n".join(prompts) + "\n")
+    if is_main_process():
+        (run_dir / "prompts.txt").write_text("\n".join(prompts) + "\n")
 
     def draw(ema_unet: UNet, n: int, callback) -> torch.Tensor:
         device = next(ema_unet.parameters()).device

@@ -47,6 +47,7 @@ from difflab.nn.discriminator import (
 from difflab.nn.perceptual import RandomFeaturePerceptualLoss
 from difflab.nn.vae import AutoencoderConfig, KLAutoencoder
 from difflab.presets import register_preset
+from difflab.train.device import is_main_process
 from difflab.train.trainer import TrainConfig
 
 RECONSTRUCTION_LOSSES = ("l1", "l2")
@@ -310,10 +311,12 @@ def train(cfg: VAEConfig, run_dir: str | Path, *, resume: bool = False) -> Path:
         if step >= cfg.train.steps:
             save_grid(grid, Path(out_dir) / "reconstructions.png", nrow=len(x))
 
+    # The discriminator gets no gradient before loss.gan_start: DDP must not wait for it.
     trainer = Trainer(trainee, make_loss_fn(cfg), loader, cfg.train, run_dir, sample_fn=sample_fn,
-                      model_config=cfg.vae)  # fmt: skip
+                      model_config=cfg.vae, find_unused_parameters=True)  # fmt: skip
     trainer.fit(resume=resume)
-    latent_stats(run_dir)
+    if is_main_process():
+        latent_stats(run_dir)
     return run_dir
 
 

@@ -7,7 +7,8 @@ from dataclasses import dataclass
 from difflab.errors import DifflabError, check_choice
 from difflab.train.schedule import LR_SCHEDULES
 
-MIXED_PRECISION = ("no", "bf16")
+MIXED_PRECISION = ("no", "bf16", "fp16")
+COMPILE = ("no", "inductor", "eager")
 # Train-config keys that define the run itself: resuming with another value would not continue the same
 # run (another data stream, other random draws, optimizer settings the loaded state would override).
 # Every other key (steps, lr, cadences, device, ...) may change on resume; the change is printed.
@@ -49,7 +50,11 @@ class TrainConfig:
     device: str = "auto"
     """'auto' (CUDA, then MPS, then CPU), 'cpu', 'cuda', 'cuda:N' or 'mps'."""
     mixed_precision: str = "no"
-    """'no' or 'bf16' (autocast of the forward pass; fp16 with a grad scaler is not wired yet)."""
+    """'no', 'bf16' (autocast of the forward pass) or 'fp16' (autocast with a dynamic loss scaler, which
+    skips the steps whose gradients overflow; meant for CUDA)."""
+    compile: str = "no"
+    """'inductor': ``torch.compile`` the model's forward (opt-in: the first steps pay for compiling; see
+    docs/benchmarks.md for when it pays); 'eager' only traces it (a quick check that it compiles)."""
     progress: bool = True
     """Show a progress bar (only ever when stderr is a terminal)."""
 
@@ -72,3 +77,4 @@ class TrainConfig:
             raise DifflabError(f"bad min_lr_ratio {self.min_lr_ratio}; expected a number in [0, 1]")
         check_choice("lr schedule", self.lr_schedule, LR_SCHEDULES)
         check_choice("mixed precision mode", self.mixed_precision, MIXED_PRECISION)
+        check_choice("compile mode", self.compile, COMPILE)

@@ -8,17 +8,94 @@ gradients that every process computed for a shard and hands that sum to the shar
 Why that gives the single-process gradient: every process computes the same global loss L, so the shard
 owner receives W * dL/d(own embeddings) (W processes); DDP then averages parameter gradients over the W
 processes, and (1/W) * W * dL/dtheta = dL/dtheta.
+
+Launching: ``torchrun --nproc_per_node=N -m difflab train ...`` sets ``RANK``, ``LOCAL_RANK``,
+``WORLD_SIZE`` and the rendezvous address in each process's environment; :func:`init_from_env` reads
+them and joins the process group (gloo on the CPU, nccl on CUDA). Several machines use the same command
+with torchrun's ``--nnodes``, ``--node_rank`` and ``--rdzv-endpoint`` (docs/distributed.md).
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
+from collections.abc import Iterator
+
 import torch
 import torch.distributed as dist
+
+from difflab.errors import DifflabError
+
+
+def is_initialized() -> bool:
+    return dist.is_available() and dist.is_initialized()
 
 
 def world_size() -> int:
     """Processes in the default group (1 when ``torch.distributed`` is not initialised)."""
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    return dist.get_world_size() if is_initialized() else 1
+
+
+def rank() -> int:
+    """This process's rank in the default group (0 when ``torch.distributed`` is not initialised)."""
+    return dist.get_rank() if is_initialized() else 0
+
+
+def launched_by_torchrun() -> bool:
+    """True when the environment describes more than one process (torchrun sets ``WORLD_SIZE``)."""
+    text = os.environ.get("WORLD_SIZE", "1")
+    if not text.isdigit() or int(text) < 1:
+        raise DifflabError(f"bad WORLD_SIZE {text!r} in the environment; expected a positive integer")
+    return int(text) > 1
+
+
+def init_from_env(device: str = "auto") -> bool:
+    """Join the process group that torchrun describes in the environment; False when there is none.
+
+    The backend follows the device: nccl when training runs on CUDA (``device`` 'auto' with a GPU,
+    'cuda' or 'cuda:N'), gloo otherwise. On CUDA each process takes the GPU of its ``LOCAL_RANK``.
+    """
+    if is_initialized() or not launched_by_torchrun():
+        return is_initialized()
+    if not dist.is_available():
+        raise DifflabError("WORLD_SIZE > 1 but this build of PyTorch has no torch.distributed")
+    name = str(device).strip().lower()
+    cuda = name.startswith("cuda") or (name == "auto" and torch.cuda.is_available())
+    if cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group("nccl" if cuda else "gloo")
+    return True
+
+
+def shutdown() -> None:
+    """Leave the process group (a no-op without one), so that every rank exits cleanly."""
+    if is_initialized():
+        dist.destroy_process_group()
+
+
+def barrier() -> None:
+    if is_initialized():
+        dist.barrier()
+
+
+@contextlib.contextmanager
+def main_process_first() -> Iterator[None]:
+    """Run the block on rank 0 first and on the other ranks after it: for work that fills a cache
+    (rendered scenes, encoded latents) that the other ranks then read instead of recomputing."""
+    if rank() != 0:
+        barrier()
+    yield
+    if rank() == 0:
+        barrier()
+
+
+def all_reduce_mean(values: torch.Tensor) -> torch.Tensor:
+    """The mean of ``values`` over every process (``values`` itself for one process)."""
+    if world_size() == 1:
+        return values
+    values = values.clone()
+    dist.all_reduce(values)
+    return values / world_size()
 
 
 def all_gather_with_grad(x: torch.Tensor) -> torch.Tensor:

@@ -11,6 +11,12 @@ Two consequences worth knowing:
   trainer's ``make_loader`` derives the data seed from the run seed by hashing) if that matters.
 - with ``num_workers > 0`` the dataset must be a deterministic function of the index for an exact
   resume: random augmentation belongs in the loss function, which draws from the trainer's generator.
+
+Data parallel (``world > 1``): ``batch_size`` is the *global* batch. Every process builds the same
+permutation and cuts the same global batches; process ``rank`` takes the ``rank``-th of ``world`` equal,
+contiguous slices of each. Together the processes see exactly the batches one process would, and the
+state (epoch, position) counts global items, so it is the same on every rank and a run may resume on
+another number of processes.
 """
 
 from __future__ import annotations
@@ -40,6 +46,8 @@ class InfiniteLoader:
         collate_fn: Callable[[list], Any] | None = None,
         *,
         drop_last: bool = True,
+        rank: int = 0,
+        world: int = 1,
     ):
         n = len(dataset)
         if batch_size < 1:
@@ -53,12 +61,20 @@ class InfiniteLoader:
             )
         if num_workers < 0:
             raise DifflabError(f"bad num_workers {num_workers}; expected an integer >= 0")
+        if world < 1 or not 0 <= rank < world:
+            raise DifflabError(f"bad rank {rank} of world size {world}; expected 0 <= rank < world")
+        if batch_size % world or (world > 1 and not drop_last):
+            raise DifflabError(
+                f"batch_size {batch_size} (the global batch) must split evenly over {world} processes, "
+                "with drop_last; pick a multiple of the process count"
+            )
         self.dataset = dataset
         self.batch_size = int(batch_size)
         self.seed = int(seed)
         self.num_workers = int(num_workers)
         self.collate_fn = collate_fn or default_collate
         self.drop_last = drop_last
+        self.rank, self.world = int(rank), int(world)
         self.epoch = 0
         self.position = 0
         self._batches: Iterator | None = None
@@ -69,17 +85,20 @@ class InfiniteLoader:
         return torch.randperm(len(self.dataset), generator=gen)
 
     def _index_batches(self) -> list[list[int]]:
-        """The index lists of the rest of the current epoch, from ``position`` on."""
+        """The index lists of this process's share of the rest of the current epoch's global batches,
+        from ``position`` on."""
         order = self.permutation(self.epoch).tolist()
         stop = len(order) - len(order) % self.batch_size if self.drop_last else len(order)
-        return [order[i : i + self.batch_size] for i in range(self.position, stop, self.batch_size)]
+        per = self.batch_size // self.world
+        start = self.rank * per
+        return [order[i + start : i + start + per] for i in range(self.position, stop, self.batch_size)]
 
     def _epoch_batches(self) -> Iterator[tuple[int, Any]]:
-        """Yield (items in batch, batch) for the rest of the current epoch."""
+        """Yield (global items in batch, this process's batch) for the rest of the current epoch."""
         index_batches = self._index_batches()
         if self.num_workers == 0:
             for indices in index_batches:
-                yield len(indices), self.collate_fn([self.dataset[i] for i in indices])
+                yield len(indices) * self.world, self.collate_fn([self.dataset[i] for i in indices])
             return
         # The permutation is already fixed, so the DataLoader only fetches and collates, in order.
         # Its own generator is seeded so that creating it never draws from the global torch RNG.
@@ -92,7 +111,7 @@ class InfiniteLoader:
             pin_memory=torch.cuda.is_available(),
         )
         for indices, batch in zip(index_batches, loader, strict=True):
-            yield len(indices), batch
+            yield len(indices) * self.world, batch
 
     def __iter__(self) -> InfiniteLoader:
         return self

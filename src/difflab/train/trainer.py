@@ -20,10 +20,20 @@ state after it and the ``metrics.jsonl`` record with ``"step": 100`` describes i
 Exact resume: the model, EMA, AdamW moments, the loss generator, the global RNGs (for ``nn.Dropout``) and
 the loader's (epoch, position) are all in the checkpoint, and the learning rate is a pure function of
 the step; so on the CPU a run resumed from step k ends bit-for-bit where the uninterrupted run ends.
+
+Data parallel: under ``torchrun`` (see ``distributed.py``) the model and its loss function are wrapped
+together in PyTorch's ``DistributedDataParallel``, so DDP's forward covers the whole loss (also the
+parts that call a model's other methods, such as CLIP's text encoder or the VAE's discriminator) and
+every gradient is averaged across processes during backward. ``batch_size`` stays the global batch: each
+process trains on its slice (``make_loader``), the logged loss is the mean over processes, and rank 0
+alone writes. Each process draws its own noise (rank 0 with the single-process seed); on resume, ranks
+above 0 start fresh noise streams derived from the step, so a multi-process resume continues the run
+correctly but, unlike one process, not bit for bit.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -40,6 +50,7 @@ from tqdm.auto import tqdm
 import difflab
 from difflab.config import to_dict
 from difflab.errors import DifflabError
+from difflab.train import distributed
 from difflab.train.checkpoint import (
     check_compatible,
     latest_checkpoint,
@@ -58,9 +69,11 @@ from difflab.train.seeding import derive_seed, global_rng_state, make_generator,
 
 
 def make_loader(dataset, cfg: TrainConfig, *, num_workers: int = 0, collate_fn=None) -> InfiniteLoader:
-    """The run's data stream: ``cfg.batch_size`` items per batch, order seeded from ``cfg.seed``."""
+    """The run's data stream: ``cfg.batch_size`` items per (global) batch, order seeded from ``cfg.seed``;
+    under torchrun each process gets its slice of every global batch."""
     seed = derive_seed(cfg.seed, "data")
-    return InfiniteLoader(dataset, cfg.batch_size, seed, num_workers=num_workers, collate_fn=collate_fn)
+    return InfiniteLoader(dataset, cfg.batch_size, seed, num_workers=num_workers, collate_fn=collate_fn,
+                          rank=distributed.rank(), world=distributed.world_size())  # fmt: skip
 
 
 def move_to_device(batch, device: torch.device):
@@ -95,6 +108,18 @@ def _flatten(tree, prefix: str = "") -> dict[str, Any]:
     return {prefix[:-1]: tree}
 
 
+class _LossModule(nn.Module):
+    """A model and its loss function as one module: what DDP wraps, so that its forward is the whole loss."""
+
+    def __init__(self, model: nn.Module, loss_fn: Callable):
+        super().__init__()
+        self.model = model
+        self.loss_fn = loss_fn
+
+    def forward(self, batch, generator):
+        return self.loss_fn(self.model, batch, generator)
+
+
 def _as_json(obj) -> Any:
     """A config (dataclass or dict) as plain JSON values, tuples as lists, for storing and comparing."""
     if obj is None:
@@ -110,7 +135,8 @@ class Trainer:
     ``model_config`` (a dataclass or dict describing the architecture) is stored in every checkpoint;
     resuming with a different one is an error naming the first differing key. ``extra_state`` maps
     names to objects with ``state_dict()`` / ``load_state_dict()`` saved alongside (e.g. a stateful
-    conditioning schedule).
+    conditioning schedule). ``find_unused_parameters`` is passed to DDP (multi-process runs only): set
+    it when some parameters get no gradient at some steps (a discriminator that starts late).
     """
 
     def __init__(
@@ -124,9 +150,13 @@ class Trainer:
         sample_fn: Callable | None = None,
         model_config=None,
         extra_state: dict | None = None,
+        find_unused_parameters: bool = False,
     ):
         self.cfg = cfg
+        self.rank, self.world = distributed.rank(), distributed.world_size()
         self.device = resolve_device(cfg.device)
+        if self.world > 1 and self.device.type == "cuda" and self.device.index is None:
+            self.device = torch.device("cuda", torch.cuda.current_device())  # LOCAL_RANK's GPU
         self.model = model.to(self.device)
         self.loss_fn = loss_fn
         self.data = data
@@ -137,10 +167,24 @@ class Trainer:
         self.model_config = _as_json(model_config)
         self.extra_state = dict(extra_state or {})
         self.optimizer = self.configure_optimizer()
+        self.generator = make_generator(derive_seed(cfg.seed, self._rank_key("loss")), self.device)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.mixed_precision == "fp16")
+        self._loss_module = _LossModule(self.model, loss_fn)
+        self._ddp = None
+        if self.world > 1:  # DDP's constructor broadcasts rank 0's weights: every rank starts equal
+            from torch.nn.parallel import DistributedDataParallel
+
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self._ddp = DistributedDataParallel(
+                self._loss_module, device_ids=ids, find_unused_parameters=find_unused_parameters
+            )
         self.ema = (
             EMA(self.model, cfg.ema_decay, warmup=cfg.ema_warmup) if cfg.ema_decay is not None else None
         )
-        self.generator = make_generator(derive_seed(cfg.seed, "loss"), self.device)
+        if cfg.compile != "no":
+            # In place (nn.Module.compile): parameter names and checkpoints stay the same; the EMA copy,
+            # made above, stays eager, since sampling is not what compile is for here.
+            self.model.compile(backend=cfg.compile)
         self.metrics = MetricsLogger(self.run_dir / "metrics.jsonl")
         self.step = 0
         self.last_checkpoint: Path | None = None
@@ -169,9 +213,26 @@ class Trainer:
         return self.ema.model if self.ema is not None else self.model
 
     def autocast(self):
-        """The forward pass's autocast context; disabled unless ``mixed_precision='bf16'``."""
-        enabled = self.cfg.mixed_precision == "bf16"
-        return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=enabled)
+        """The forward pass's autocast context: bf16 or fp16 per ``mixed_precision``, else disabled."""
+        mode = self.cfg.mixed_precision
+        dtype = torch.float16 if mode == "fp16" else torch.bfloat16
+        return torch.autocast(device_type=self.device.type, dtype=dtype, enabled=mode != "no")
+
+    def _rank_key(self, name: str) -> str:
+        """Seed names per process: rank 0 keeps the single-process name, so one process is unchanged."""
+        return name if self.rank == 0 else f"{name}@rank{self.rank}"
+
+    def _global_values(self, loss: torch.Tensor, extra: dict) -> tuple[float, dict[str, float]]:
+        """The loss and metrics as floats, averaged over processes (one all-reduce; none alone)."""
+        if self.world == 1:
+            return loss.item(), {k: float(v) for k, v in extra.items()}
+        keys = sorted(extra)
+        local = [loss.detach().float().reshape(())]
+        local += [
+            torch.as_tensor(extra[k], dtype=torch.float32, device=self.device).reshape(()) for k in keys
+        ]
+        mean = distributed.all_reduce_mean(torch.stack(local)).tolist()
+        return mean[0], dict(zip(keys, mean[1:], strict=True))
 
     def lr_at(self, step: int) -> float:
         cfg = self.cfg
@@ -205,33 +266,42 @@ class Trainer:
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
         loss_total, items, sums = 0.0, 0, {}
-        for _ in range(cfg.grad_accum):
+        forward = self._ddp or self._loss_module
+        for micro in range(cfg.grad_accum):
             batch = move_to_device(self._next_batch(), self.device)
-            items += batch_items(batch)
-            with self.autocast():
-                out = self.loss_fn(self.model, batch, self.generator)
-            loss, extra = out if isinstance(out, tuple) else (out, {})
-            # Checked every step (one device sync): a non-finite loss would poison the AdamW moments,
-            # and stopping here names the exact step and leaves the last checkpoint clean.
-            value = loss.item()
-            if not math.isfinite(value):
-                raise DifflabError(
-                    f"loss is {value} at step {step}; stopped without saving this state "
-                    f"(last good checkpoint: {self.last_checkpoint or 'none'})"
-                )
-            (loss / cfg.grad_accum).backward()
+            items += batch_items(batch) * self.world
+            # DDP averages gradients during the last micro-batch's backward only.
+            last = micro == cfg.grad_accum - 1
+            with contextlib.nullcontext() if self._ddp is None or last else self._ddp.no_sync():
+                with self.autocast():
+                    out = forward(batch, self.generator)
+                loss, extra = out if isinstance(out, tuple) else (out, {})
+                # Checked every step (one device sync): a non-finite loss would poison the AdamW
+                # moments, and stopping here names the exact step and leaves the last checkpoint clean.
+                # Under DDP the value is the mean over processes, so every rank stops together.
+                value, extra = self._global_values(loss, extra)
+                if not math.isfinite(value):
+                    raise DifflabError(
+                        f"loss is {value} at step {step}; stopped without saving this state "
+                        f"(last good checkpoint: {self.last_checkpoint or 'none'})"
+                    )
+                self.scaler.scale(loss / cfg.grad_accum).backward()
             loss_total += value
             for k, v in extra.items():
-                sums[k] = sums.get(k, 0.0) + float(v)
+                sums[k] = sums.get(k, 0.0) + v
         params = [p for group in self.optimizer.param_groups for p in group["params"]]
         max_norm = cfg.grad_clip if cfg.grad_clip is not None else math.inf
+        self.scaler.unscale_(self.optimizer)  # true gradients before clipping (a no-op unless fp16)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm).item()
-        if not math.isfinite(grad_norm):
+        # With fp16 an overflow is expected now and then: the grad scaler skips that step and lowers
+        # its scale. Otherwise a non-finite gradient is a real fault.
+        if not math.isfinite(grad_norm) and not self.scaler.is_enabled():
             raise DifflabError(
                 f"gradient norm is {grad_norm} at step {step} (finite loss); stopped without saving this "
                 f"state (last good checkpoint: {self.last_checkpoint or 'none'})"
             )
-        self.optimizer.step()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
         if self.ema is not None:
             self.ema.update(self.model)
         self.step = step
@@ -302,6 +372,7 @@ class Trainer:
                     self.sample()
         finally:
             bar.close()
+        distributed.barrier()  # rank 0 may still be writing the last checkpoint and samples
         return record
 
     def elapsed_seconds(self) -> float:
@@ -327,7 +398,7 @@ class Trainer:
     def _start_fresh(self) -> None:
         # nn.Dropout and friends draw from the global torch RNG, which the trainer cannot hand a
         # generator to; seeding it here makes a fresh run reproducible, and checkpoints carry its state.
-        torch.manual_seed(derive_seed(self.cfg.seed, "global"))
+        torch.manual_seed(derive_seed(self.cfg.seed, self._rank_key("global")))
 
     @staticmethod
     def _note(message: str) -> None:
@@ -353,6 +424,7 @@ class Trainer:
             },
             "data": data_state,
             "extra": {name: obj.state_dict() for name, obj in self.extra_state.items()},
+            "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
         }
 
     def save_checkpoint(self) -> Path | None:
@@ -412,6 +484,12 @@ class Trainer:
             self._note(f"'{path.name}' was trained on {rng['loss_generator_device']}; loss noise is reseeded")
             self.generator.manual_seed(derive_seed(self.cfg.seed, f"loss@{state['trainer']['step']}"))
         set_global_rng_state(rng["global"], rng["global_plain"])
+        step = int(state["trainer"]["step"])
+        if self.rank > 0:  # the checkpoint holds rank 0's streams; the others draw new ones
+            self.generator.manual_seed(derive_seed(self.cfg.seed, self._rank_key(f"loss@{step}")))
+            torch.manual_seed(derive_seed(self.cfg.seed, self._rank_key(f"global@{step}")))
+        if self.scaler.is_enabled() and state.get("scaler") is not None:
+            self.scaler.load_state_dict(state["scaler"])
         if hasattr(self.data, "load_state_dict") and state["data"] is not None:
             self.data.load_state_dict(state["data"])
         else:
@@ -421,6 +499,6 @@ class Trainer:
                 obj.load_state_dict(state["extra"][name])
             else:
                 self._note(f"'{path.name}' has no state for '{name}'; it starts fresh")
-        self.step = int(state["trainer"]["step"])
+        self.step = step
         self._elapsed_before = float(state["trainer"]["elapsed_seconds"])
         self.last_checkpoint = path
