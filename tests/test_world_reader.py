@@ -8,6 +8,9 @@ suite fast while still failing if the reader regresses.
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
 
 from difflab.errors import DifflabError
 from difflab.world.check import check_reader
@@ -63,3 +66,31 @@ def test_accepts_uint8_and_diffusion_tensors():
 def test_rejects_wrong_shape_with_clear_error():
     with pytest.raises(DifflabError, match=r"\(H, W, 3\).*\(32, 32\)"):
         read(np.zeros((32, 32)), world_preset("scene32"))
+
+
+# Arbitrary pixels (any size, dtype and value pattern, NaN included) must either read as a valid scene
+# or raise the documented DifflabError: a model that draws garbage must never crash the evaluator.
+_images = st.one_of(
+    hnp.arrays(np.uint8, st.tuples(st.integers(1, 40), st.integers(1, 40), st.just(3))),
+    hnp.arrays(
+        np.float32,
+        st.tuples(st.integers(1, 40), st.integers(1, 40), st.integers(1, 4)),
+        elements=st.one_of(st.floats(-2, 2, width=32), st.just(float("nan"))),
+    ),  # fmt: skip
+    hnp.arrays(np.float64, hnp.array_shapes(min_dims=1, max_dims=4, max_side=12)),
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(image=_images, preset=st.sampled_from(["tiny", "scene32"]))
+def test_fuzzed_images_read_or_raise_the_documented_error(image, preset):
+    cfg = world_preset(preset)
+    try:
+        scene = read(image, cfg)
+    except DifflabError as err:
+        assert str(err) and "\n" not in str(err)
+        return
+    assert isinstance(scene, Scene)
+    for obj in scene.objects:
+        assert obj.shape in SHAPES and obj.color in COLORS
+        assert 0.0 <= obj.x <= 1.0 and 0.0 <= obj.y <= 1.0

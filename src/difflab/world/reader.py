@@ -74,6 +74,11 @@ def _as_image(image) -> np.ndarray:
         image = image.astype(np.float32) / 255.0
     if image.ndim != 3 or image.shape[-1] != 3:
         raise DifflabError(f"reader expects an (H, W, 3) RGB image; got an array of shape {image.shape}")
+    bad = int((~np.isfinite(image)).any(axis=-1).sum())
+    if bad:  # a diverged model: say so rather than read noise into shapes
+        raise DifflabError(
+            f"reader got an image with NaN or infinite values at {bad} pixels; expected finite ones"
+        )
     return image.astype(np.float64)
 
 
