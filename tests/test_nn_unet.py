@@ -131,3 +131,24 @@ def test_factorised_class_embedding_is_a_sum_of_digit_embeddings():
 def test_class_factors_must_multiply_to_num_classes():
     with pytest.raises(ValueError, match=r"class_factors \(5, 7\) do not multiply to num_classes=40"):
         UNetConfig(num_classes=40, class_factors=(5, 7))
+
+
+def test_head_dim_sets_heads_per_layer_width_and_changes_no_parameter():
+    """``head_dim`` gives each attention layer width // head_dim heads (64-wide layers, 32-wide heads: 2),
+    the same network as ``heads=2`` there: same parameter names and shapes, and with the same weights
+    the same output. Another split of the same weights computes something else."""
+    base = dict(channels=32, channel_mult=(1, 2), image_size=16, attention_resolutions=(8,), num_res_blocks=1)
+    torch.manual_seed(0)
+    by_width = UNet(UNetConfig(**base, head_dim=32))
+    by_count = UNet(UNetConfig(**base, heads=2))
+    other = UNet(UNetConfig(**base, heads=4))
+    assert {m.heads for m in by_width.modules() if isinstance(m, MultiHeadAttention)} == {2}
+    by_count.load_state_dict(by_width.state_dict())
+    other.load_state_dict(by_width.state_dict())
+    for m in (by_width, by_count, other):  # a non-zero output layer, so attention shows in the output
+        m.conv_out.weight.data.fill_(0.01)
+    x, t = torch.randn(2, 3, 16, 16), torch.tensor([10, 500])
+    assert torch.equal(by_width(x, t), by_count(x, t))
+    assert not torch.allclose(by_width(x, t), other(x, t))
+    with pytest.raises(ValueError, match="head_dim 24 does not divide the attention width 64 at 8px"):
+        UNetConfig(**base, head_dim=24)
