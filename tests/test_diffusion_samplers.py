@@ -38,6 +38,8 @@ LINEAR = make_schedule("linear")
         ("ddim", 1000, {"eta": 1.0}, 0.01),
         ("dpmpp_2m", 20, {"spacing": "trailing"}, 0.05),
         ("dpmpp_2m", 50, {}, 0.05),
+        ("dpmpp_2m_sde", 20, {"spacing": "trailing"}, 0.05),
+        ("dpmpp_2m_sde", 160, {"spacing": "trailing"}, 0.005),
         ("heun", 18, {}, 0.05),
         ("euler", 50, {}, 0.05),
     ],
@@ -79,6 +81,7 @@ def test_error_falls_at_the_order_of_the_method(sampler, spacing, n, order):
         ("ddpm", 1000, {}),
         ("ddim", 50, {}),
         ("dpmpp_2m", 20, {"spacing": "trailing"}),
+        ("dpmpp_2m_sde", 20, {"spacing": "trailing"}),
         ("heun", 18, {}),
         ("euler", 50, {}),
     ],
@@ -205,7 +208,7 @@ def test_sampler_errors_name_the_bad_value():
     den = Denoiser(lambda x, t: torch.zeros_like(x), LINEAR, "epsilon")
     with pytest.raises(
         DifflabError,
-        match=r"unknown sampler 'ddmi' .*; choose one of: ddpm, ddim, dpmpp_2m, euler, heun$",
+        match=r"unknown sampler 'ddmi' .*; choose one of: ddpm, ddim, dpmpp_2m, dpmpp_2m_sde, euler, heun$",
     ):
         get_sampler("ddmi")
     x = torch.randn(2, 3)

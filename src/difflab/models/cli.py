@@ -12,6 +12,8 @@ from pathlib import Path
 
 from difflab.errors import DifflabError
 
+SAMPLER_HELP = "ddpm, ddim, dpmpp_2m, dpmpp_2m_sde, euler or heun (default: the run's)"
+
 
 def add_preset_args(p, example: str) -> None:
     """``--preset NAME`` and repeatable ``--set KEY=VALUE``, read back by :func:`config_from_args`."""
@@ -62,7 +64,7 @@ def register(subparsers) -> None:
     )
     p.add_argument("run_dir", help="run directory made by 'difflab train'")
     p.add_argument("--n", type=int, default=64, help="number of samples (default: 64)")
-    p.add_argument("--sampler", default=None, help="ddpm, ddim, dpmpp_2m, euler or heun (default: the run's)")
+    p.add_argument("--sampler", default=None, help=SAMPLER_HELP)
     p.add_argument("--steps", type=int, default=None, help="sampling steps (default: the run's)")
     p.add_argument("--cfg", type=float, default=None, help="classifier-free guidance weight (1: none)")
     p.add_argument("--class", dest="klass", type=int, default=None,
@@ -84,7 +86,7 @@ def register(subparsers) -> None:
         "prompts", nargs="+", metavar="PROMPT", help='e.g. "a red circle to the left of a blue square"'
     )
     p.add_argument("--n", type=int, default=4, help="images per prompt (default: 4)")
-    p.add_argument("--sampler", default=None, help="ddpm, ddim, dpmpp_2m, euler or heun (default: the run's)")
+    p.add_argument("--sampler", default=None, help=SAMPLER_HELP)
     p.add_argument("--steps", type=int, default=None, help="sampling steps (default: the run's)")
     p.add_argument(
         "--cfg", type=float, default=None, help="classifier-free guidance weight (default: the run's)"
