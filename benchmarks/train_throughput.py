@@ -11,6 +11,7 @@ the same run (the best of a few 1024^3 products: what this machine's BLAS reache
     python benchmarks/train_throughput.py                      # both cases, 5 rounds of 10 steps
     python benchmarks/train_throughput.py --cases pixel32 --rounds 3 --steps 5
     python benchmarks/train_throughput.py --ours-head-dim 32    # same FLOPs, fewer, wider heads
+    python benchmarks/train_throughput.py --compile             # both networks under torch.compile
 
 diffusers is a benchmark baseline only; difflab itself never imports it.
 """
@@ -73,15 +74,21 @@ def matmul_gflops(n: int = 1024, reps: int = 5) -> float:
     return 2 * n**3 / best / 1e9
 
 
-def run_case(case: str, rounds: int, steps: int, peak: float, ours_head_dim: int = 8) -> dict:
+def run_case(
+    case: str, rounds: int, steps: int, peak: float, ours_head_dim: int = 8, compile: bool = False
+) -> dict:
     ours, theirs, side, cin, batch = build(case, ours_head_dim)
     sides = {"difflab": ours, "diffusers": theirs}
-    steps_fn, flops, rates = {}, {}, {k: [] for k in sides}
+    steps_fn, flops, rates, warmup = {}, {}, {k: [] for k in sides}, {}
     for name, model in sides.items():
         steps_fn[name], example = make_step(model, side, cin, batch)
-        flops[name] = training_step_flops(model, example)
-        for _ in range(2):  # warm-up: allocator, AdamW state
+        flops[name] = training_step_flops(model, example)  # counted eagerly: compiling changes no FLOP
+        if compile:
+            model.compile(dynamic=False)  # in place, inductor: the first steps below compile fwd + bwd
+        start = time.perf_counter()
+        for _ in range(2):  # warm-up: allocator, AdamW state (and compiling)
             steps_fn[name]()
+        warmup[name] = time.perf_counter() - start
     for _ in range(rounds):
         for name in sides:  # alternate A/B within every round
             start = time.perf_counter()
@@ -94,6 +101,7 @@ def run_case(case: str, rounds: int, steps: int, peak: float, ours_head_dim: int
         "image": [cin, side, side],
         "rounds": rounds,
         "steps_per_round": steps,
+        "compiled": compile,
     }
     for name, model in sides.items():
         ips = statistics.median(rates[name])
@@ -102,7 +110,7 @@ def run_case(case: str, rounds: int, steps: int, peak: float, ours_head_dim: int
             "parameters": count_parameters(model), "images_per_s": round(ips, 2),
             "images_per_s_all_rounds": [round(r, 2) for r in rates[name]],
             "gflop_per_step": round(flops[name] / 1e9, 2), "achieved_gflop_s": round(achieved, 1),
-            "efficiency_vs_matmul": round(achieved / peak, 3),
+            "efficiency_vs_matmul": round(achieved / peak, 3), "warmup_2_steps_s": round(warmup[name], 2),
         }  # fmt: skip
     out["speedup_difflab_over_diffusers"] = round(
         out["difflab"]["images_per_s"] / out["diffusers"]["images_per_s"], 3
@@ -123,6 +131,8 @@ def main() -> int:
         help="our attention head width (default 8 = diffusers' attention_head_dim: matched); the "
         "head split changes neither parameters nor FLOPs, only which kernel path runs",
     )
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile both networks (inductor); the warm-up time shows the compile cost")  # fmt: skip
     args = p.parse_args()
     for name in args.cases.split(","):
         if name not in CASES:
@@ -133,7 +143,8 @@ def main() -> int:
         "machine": {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
                     "torch": torch.__version__},
         "matmul_fp32_gflop_s": round(peak, 1),
-        "cases": [run_case(c, args.rounds, args.steps, peak, args.ours_head_dim) for c in args.cases.split(",")],
+        "cases": [run_case(c, args.rounds, args.steps, peak, args.ours_head_dim, args.compile)
+                  for c in args.cases.split(",")],
     }  # fmt: skip
     print(json.dumps(result, indent=2))
     return 0

@@ -4,6 +4,7 @@ docs say it prints. They assert structure, never speed (speed lives in docs/benc
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -58,6 +59,21 @@ def test_train_throughput_smallest_setting():
     assert case["difflab"]["images_per_s"] > 0 and case["diffusers"]["images_per_s"] > 0
 
 
+def test_unet_defaults_smallest_setting():
+    """Every variant but compile (inductor takes a minute to compile; tests/test_train_trainer.py traces
+    the compile path with the eager backend), one step of batch 2 per round."""
+    variants = "heads4,head_dim32,head_dim64,channels_last"
+    out = run_script("unet_defaults.py", "--networks", "demo,t2i_demo", "--variants", variants, "--rounds", "1",
+                     "--steps", "1", "--batch", "2")  # fmt: skip
+    result = json.loads(out.stdout)
+    demo, t2i = result["networks"]["demo"], result["networks"]["t2i_demo"]
+    # the same parameters in every variant; the head split follows head_dim (64-wide attention layers)
+    assert [v["heads"] for v in demo["variants"].values()] == [[4], [2], [1], [4]]
+    assert all(v["images_per_s"] > 0 for r in (demo, t2i) for v in r["variants"].values())
+    assert demo["variants"]["heads4"]["vs_heads4"] == 1.0 and t2i["batch"] == 2
+    assert "| t2i_demo | channels_last |" in out.stderr
+
+
 def test_attention_kernels_smallest_setting():
     out = run_script("attention_kernels.py", "--side", "4", "--channels", "16", "--batch", "2", "--heads", "2,1",
                      "--reps", "1")  # fmt: skip
@@ -99,3 +115,71 @@ def test_t2i_sweep_smallest_setting(tmp_path):
         ("ddim", 10, 1.0), ("ddim", 10, 2.0), ("ddim", 2, 2.0)]  # fmt: skip
     assert all(r["n"] == 3 and 0 <= r["overall"] <= 1 for r in records)  # tiny: 3 categories of 1 prompt
     assert "| w = 2 |" in out.stderr and "| ddim 2 |" in out.stderr
+
+
+def test_sampling_smallest_setting():
+    """Two images, two steps, one round of every side (ours, diffusers, our loop around their network)."""
+    out = run_script("sampling.py", "--rounds", "1", "--batch", "2", "--steps", "2", "--cases", "latent8")
+    result = json.loads(out.stdout)
+    assert {"cpu", "threads", "torch", "diffusers"} <= set(result["machine"]) and "date" in result
+    assert result["options"]["steps"] == 2 and result["options"]["batch"] == 2
+    (case,) = result["cases"]
+    assert case["case"] == "latent8" and case["image"] == [4, 8, 8]
+    assert abs(case["parameter_ratio"] - 1) < 0.05  # the same network shape on both sides
+    for sampler in ("ddim", "dpmpp_2m"):
+        row = case[sampler]
+        assert all(row[side]["images_per_s"] > 0 for side in ("difflab", "diffusers", "cross"))
+        assert all(math.isfinite(row[k]) for k in ("difflab_over_diffusers", "loop_cross_over_diffusers"))
+        # the same network, schedule, timesteps and noise through our loop and diffusers': the same samples
+        # up to float32 rounding (diffusers' alpha_bar is float32, ours float64)
+        assert row["cross_vs_diffusers_max_abs_diff"] <= 1e-5 * max(1.0, row["diffusers_sample_max_abs"])
+
+
+def test_samplers_smallest_setting(tmp_path):
+    """A 2-step vae_tiny and ldm_tiny trained into a temporary cache, then 2 samples of each of the tiny
+    world's 4 classes per row, with short step lists; the plot goes to a temporary file."""
+    plot = tmp_path / "nfe.png"
+    tiny = ["--preset", "ldm_tiny", "--vae-preset", "vae_tiny", "--set", "train.steps=2", "--vae-set", "train.steps=2",
+            "--cache-dir", str(tmp_path / "cache")]  # fmt: skip
+    out = run_script("samplers.py", *tiny, "--per-class", "2", "--ddpm", "10", "--ddim", "2,5", "--dpmpp-2m", "3",
+                     "--dpmpp-2m-sde", "3", "--euler", "2", "--heun", "3", "--goal-nfe", "5",
+                     "--plot", str(plot))  # fmt: skip
+    result = json.loads(out.stdout)
+    rows = result["rows"]
+    assert [(r["sampler"], r["steps"]) for r in rows] == [
+        ("ddpm", 10), ("ddim", 2), ("ddim", 5), ("dpmpp_2m", 3), ("dpmpp_2m_sde", 3), ("euler", 2),
+        ("heun", 3)]  # fmt: skip
+    assert [r["nfe_nominal"] for r in rows] == [10, 2, 5, 3, 3, 2, 5]
+    # counted calls: Heun's first step starts above HEUN_MAX_SIGMA (cosine schedule at t = 999) and takes
+    # the Euler step alone, one call fewer than 2 * 3 - 1
+    assert [r["nfe"] for r in rows] == [10, 2, 5, 3, 3, 2, 4]
+    for r in rows:
+        assert r["n"] == r["frechet_n"] == 8 and 0.0 <= r["class_accuracy"] <= 1.0
+        assert math.isfinite(r["frechet_distance"]) and r["frechet_distance"] >= 0 and r["seconds"] >= 0
+    goal = result["goal"]
+    assert goal["checked"] and goal["reference"] == "ddpm 10" and isinstance(goal["met"], bool)
+    assert [r["nfe"] for r in goal["rows"]] == [2, 5, 3, 3, 2, 4]
+    assert result["model"]["family"] == "ldm" and result["machine"]["threads"] >= 1
+    assert plot.stat().st_size > 0 and result["plot"] == str(plot)
+    assert "| heun | 3 | 4 (5 nominal) |" in out.stderr and out.stderr.count("training '") == 2
+    again = run_script("samplers.py", *tiny, "--per-class", "1", "--ddpm", "", "--ddim", "2", "--dpmpp-2m", "",
+                       "--dpmpp-2m-sde", "", "--euler", "", "--heun", "", "--plot", "")  # fmt: skip
+    assert "training '" not in again.stderr  # both runs come from the cache
+    assert json.loads(again.stdout)["model"]["run"] == result["model"]["run"]
+
+
+def test_samplers_on_a_pixel_run(tmp_path):
+    """--run: an existing pixel run (tiny, 2 steps) is measured as it is, nothing is trained."""
+    from difflab.config import apply_overrides
+    from difflab.models import pixel
+    from difflab.presets import get_preset
+
+    run = pixel.train(apply_overrides(get_preset("tiny").build(), ["train.steps=2"]), tmp_path / "run")
+    out = run_script("samplers.py", "--run", str(run), "--per-class", "1", "--ddpm", "4", "--ddim", "2",
+                     "--dpmpp-2m", "", "--dpmpp-2m-sde", "", "--euler", "", "--heun", "", "--goal-nfe", "2",
+                     "--plot", "",
+                     "--cache-dir", str(tmp_path / "unused"))  # fmt: skip
+    result = json.loads(out.stdout)
+    assert [(r["sampler"], r["nfe"], r["n"]) for r in result["rows"]] == [("ddpm", 4, 4), ("ddim", 2, 4)]
+    assert result["model"]["family"] == "pixel" and result["model"]["run"] == str(run)
+    assert "plot" not in result and not (tmp_path / "unused").exists()

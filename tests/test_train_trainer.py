@@ -345,3 +345,23 @@ def test_compile_keeps_parameter_names_and_trains(tmp_path):
     load_model_weights(latest_checkpoint(tmp_path / "checkpoints"), fresh.model, ema=False)
     with pytest.raises(DifflabError, match="unknown compile mode 'inductr'.*did you mean 'inductor'"):
         dataclasses.replace(cfg, compile="inductr")
+
+
+def test_channels_last_trains_the_same_network_and_saves_plain_checkpoints(tmp_path):
+    """``train.channels_last`` changes only the memory order of 4-D weights: 3 steps of the tiny UNet end
+    where the default layout ends (to float rounding of other kernels), and the checkpoint loads into a
+    model in the default layout."""
+    from difflab.config import apply_overrides
+    from difflab.models import pixel
+    from difflab.presets import get_preset
+
+    finals = []
+    for layout in ("false", "true"):
+        keys = ["train.steps=3", f"train.channels_last={layout}", "train.device=cpu", "sample.grid=4"]
+        cfg = apply_overrides(get_preset("tiny").build(), keys)
+        run = pixel.train(cfg, tmp_path / layout)
+        model = pixel.build_unet(cfg)
+        load_model_weights(latest_checkpoint(run / "checkpoints"), model, ema=False)
+        assert model.conv_in.weight.is_contiguous()
+        finals.append(torch.cat([p.flatten() for p in model.parameters()]))
+    torch.testing.assert_close(finals[0], finals[1], rtol=1e-4, atol=1e-5)

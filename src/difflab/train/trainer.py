@@ -158,6 +158,8 @@ class Trainer:
         if self.world > 1 and self.device.type == "cuda" and self.device.index is None:
             self.device = torch.device("cuda", torch.cuda.current_device())  # LOCAL_RANK's GPU
         self.model = model.to(self.device)
+        if cfg.channels_last:  # before the optimizer and the EMA copy, so both see the same layout
+            self.model = self.model.to(memory_format=torch.channels_last)
         self.loss_fn = loss_fn
         self.data = data
         self._data_iter = data if hasattr(data, "__next__") else iter(data)
@@ -184,7 +186,7 @@ class Trainer:
         if cfg.compile != "no":
             # In place (nn.Module.compile): parameter names and checkpoints stay the same; the EMA copy,
             # made above, stays eager, since sampling is not what compile is for here.
-            self.model.compile(backend=cfg.compile)
+            self.model.compile(backend=cfg.compile, dynamic=False)  # batches have one fixed shape
         self.metrics = MetricsLogger(self.run_dir / "metrics.jsonl")
         self.step = 0
         self.last_checkpoint: Path | None = None
