@@ -13,11 +13,12 @@ class DiffusersUNet(torch.nn.Module):
     """UNet2DModel with ``layers_per_block=2``, 8 norm groups, 8-wide attention heads (diffusers'
     defaults for the last two) and attention at level ``attn_level`` of ``widths``, down and up.
     ``num_class_embeds`` adds a class embedding; ``scale_shift`` switches the residual blocks' time
-    conditioning to scale-and-shift, as difflab's UNet does (for a matched comparison)."""
+    conditioning to scale-and-shift, as difflab's UNet does (for a matched comparison). ``head_dim`` is
+    diffusers' ``attention_head_dim``, the width of each head."""
 
     def __init__(
         self, side: int, channels: int, widths: tuple[int, ...], attn_level: int, *,
-        num_class_embeds: int | None = None, scale_shift: bool = False,
+        num_class_embeds: int | None = None, scale_shift: bool = False, head_dim: int = 8,
     ):  # fmt: skip
         super().__init__()
         from diffusers import UNet2DModel
@@ -28,7 +29,7 @@ class DiffusersUNet(torch.nn.Module):
         self.net = UNet2DModel(
             sample_size=side, in_channels=channels, out_channels=channels, block_out_channels=widths,
             layers_per_block=2, down_block_types=tuple(down), up_block_types=tuple(up), norm_num_groups=8,
-            attention_head_dim=8, num_class_embeds=num_class_embeds,
+            attention_head_dim=head_dim, num_class_embeds=num_class_embeds,
             resnet_time_scale_shift="scale_shift" if scale_shift else "default",
         )  # fmt: skip
 

@@ -11,6 +11,7 @@ the same run (the best of a few 1024^3 products: what this machine's BLAS reache
     python benchmarks/train_throughput.py                      # both cases, 5 rounds of 10 steps
     python benchmarks/train_throughput.py --cases pixel32 --rounds 3 --steps 5
     python benchmarks/train_throughput.py --ours-head-dim 32    # same FLOPs, fewer, wider heads
+    python benchmarks/train_throughput.py --ours-head-dim 32 --diffusers-head-dim 32   # both wide
     python benchmarks/train_throughput.py --compile             # both networks under torch.compile
 
 diffusers is a benchmark baseline only; difflab itself never imports it.
@@ -38,14 +39,17 @@ CASES: dict[str, tuple[int, int, int, tuple[int, ...], int, int]] = {
 }
 
 
-def build(case: str, ours_head_dim: int = 8) -> tuple[torch.nn.Module, torch.nn.Module, int, int, int]:
+def build(
+    case: str, ours_head_dim: int = 8, theirs_head_dim: int = 8
+) -> tuple[torch.nn.Module, torch.nn.Module, int, int, int]:
     side, cin, base, mult, attn_level, batch = CASES[case]
     widths = tuple(base * m for m in mult)
     cfg = UNetConfig(in_channels=cin, out_channels=cin, image_size=side, channels=base, channel_mult=mult,
                      num_res_blocks=2, attention_resolutions=(side // 2**attn_level,),
                      heads=max(1, widths[attn_level] // ours_head_dim))  # fmt: skip
     torch.manual_seed(0)
-    return UNet(cfg), DiffusersUNet(side, cin, widths, attn_level, scale_shift=True), side, cin, batch
+    theirs = DiffusersUNet(side, cin, widths, attn_level, scale_shift=True, head_dim=theirs_head_dim)
+    return UNet(cfg), theirs, side, cin, batch
 
 
 def make_step(model: torch.nn.Module, side: int, cin: int, batch: int):
@@ -75,9 +79,15 @@ def matmul_gflops(n: int = 1024, reps: int = 5) -> float:
 
 
 def run_case(
-    case: str, rounds: int, steps: int, peak: float, ours_head_dim: int = 8, compile: bool = False
+    case: str,
+    rounds: int,
+    steps: int,
+    peak: float,
+    ours_head_dim: int = 8,
+    compile: bool = False,
+    theirs_head_dim: int = 8,
 ) -> dict:
-    ours, theirs, side, cin, batch = build(case, ours_head_dim)
+    ours, theirs, side, cin, batch = build(case, ours_head_dim, theirs_head_dim)
     sides = {"difflab": ours, "diffusers": theirs}
     steps_fn, flops, rates, warmup = {}, {}, {k: [] for k in sides}, {}
     for name, model in sides.items():
@@ -102,6 +112,7 @@ def run_case(
         "rounds": rounds,
         "steps_per_round": steps,
         "compiled": compile,
+        "head_dim": {"difflab": ours_head_dim, "diffusers": theirs_head_dim},
     }
     for name, model in sides.items():
         ips = statistics.median(rates[name])
@@ -131,6 +142,8 @@ def main() -> int:
         help="our attention head width (default 8 = diffusers' attention_head_dim: matched); the "
         "head split changes neither parameters nor FLOPs, only which kernel path runs",
     )
+    p.add_argument("--diffusers-head-dim", type=int, default=8,
+                   help="diffusers' attention_head_dim (default 8, its own default)")  # fmt: skip
     p.add_argument("--compile", action="store_true",
                    help="torch.compile both networks (inductor); the warm-up time shows the compile cost")  # fmt: skip
     args = p.parse_args()
@@ -143,7 +156,7 @@ def main() -> int:
         "machine": {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
                     "torch": torch.__version__},
         "matmul_fp32_gflop_s": round(peak, 1),
-        "cases": [run_case(c, args.rounds, args.steps, peak, args.ours_head_dim, args.compile)
+        "cases": [run_case(c, args.rounds, args.steps, peak, args.ours_head_dim, args.compile, args.diffusers_head_dim)
                   for c in args.cases.split(",")],
     }  # fmt: skip
     print(json.dumps(result, indent=2))
