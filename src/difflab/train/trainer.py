@@ -233,7 +233,7 @@ class Trainer:
         local += [
             torch.as_tensor(extra[k], dtype=torch.float32, device=self.device).reshape(()) for k in keys
         ]
-        mean = distributed.all_reduce_mean(torch.stack(local)).tolist()
+        mean = distributed.all_reduce_mean(torch.stack(local).detach()).tolist()
         return mean[0], dict(zip(keys, mean[1:], strict=True))
 
     def lr_at(self, step: int) -> float:
