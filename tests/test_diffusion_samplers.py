@@ -223,3 +223,22 @@ def test_sampler_errors_name_the_bad_value():
     with pytest.raises(DifflabError, match="unknown timestep spacing 'uniform'"):
         get_sampler("heun")(den, x, LINEAR, 5, spacing="uniform")
     assert math.isfinite(get_sampler("dpmpp_2m")(den, x, LINEAR, 1).sum().item())
+
+
+def test_dpmpp_2m_sde_with_eta_0_is_the_ode_solver_and_eta_is_checked():
+    """eta scales the forgetting and the fresh noise (k-diffusion's eta): at 0 no noise is drawn and every
+    step is DPM-Solver++(2M)'s, bit for bit; a negative eta is named."""
+    data = mixture(dim=6, std=0.3)
+    s = make_schedule("cosine")
+    den = Denoiser(data.net(s, "epsilon"), s, "epsilon")
+    x = torch.randn(4, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+
+    def no_noise(i, x):
+        raise AssertionError("eta = 0 drew noise")
+
+    ode = get_sampler("dpmpp_2m")(den, x, s, 12, spacing="trailing")
+    assert torch.equal(
+        get_sampler("dpmpp_2m_sde")(den, x, s, 12, spacing="trailing", eta=0.0, noise=no_noise), ode
+    )
+    with pytest.raises(DifflabError, match="eta -0.5 is invalid"):
+        get_sampler("dpmpp_2m_sde")(den, x, s, 12, eta=-0.5)

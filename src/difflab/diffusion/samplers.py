@@ -148,7 +148,7 @@ def sample_dpmpp_2m(
 
 def sample_dpmpp_2m_sde(
     denoiser, x_T, schedule: Schedule, steps: int = 50, *, spacing: str = DEFAULT_SPACING, timesteps=None,
-    cond=None, noise=None, callback=None, progress: bool = False,
+    cond=None, noise=None, callback=None, progress: bool = False, eta: float = 1.0,
 ) -> torch.Tensor:  # fmt: skip
     r"""SDE-DPM-Solver++(2M): the multistep second-order solver of Lu et al. (2022, "DPM-Solver++") for
     the reverse *SDE* instead of the probability-flow ODE (their Sec. 5 and App. on SDE solvers;
@@ -163,7 +163,15 @@ def sample_dpmpp_2m_sde(
     correct earlier mistakes, as ancestral DDPM does at 1,000 steps, at the cost of a second-order
     solver's step count (docs/benchmarks.md, samplers against NFE). The first step is first order, and so
     is the last, which lands on \sigma = 0 and returns :math:`\hat x_0`.
+
+    ``eta`` scales how much is forgotten and re-noised (k-diffusion's ``eta``): the step is
+    :math:`x_s = \frac{\sigma_s}{\sigma_t} e^{-\eta h} x_t + \alpha_s (1 - e^{-(1+\eta) h}) D
+    + \sigma_s \sqrt{1 - e^{-2\eta h}}\, z`, with the second-order term of D weighted by the same
+    :math:`1 - e^{-(1+\eta)h}`. ``eta = 1`` is the SDE above; ``eta = 0`` is exactly
+    :func:`sample_dpmpp_2m`, the ODE solver.
     """
+    if eta < 0:
+        raise DifflabError(f"eta {eta} is invalid; expected eta >= 0 (0: the ODE solver, 1: the SDE)")
     plan, draw = make_plan(schedule, steps, spacing, timesteps), noise_source(noise)
     prev_x0, prev_h = None, None
 
@@ -179,9 +187,11 @@ def sample_dpmpp_2m_sde(
             r = prev_h / h
             d = (1 + 1 / (2 * r)) * x0 - (1 / (2 * r)) * prev_x0
         prev_x0, prev_h = x0, h
-        forget = -math.expm1(-2 * h)  # 1 - e^{-2h}, accurate for small h
-        x = (s.sigma / t.sigma) * math.exp(-h) * x + s.alpha * forget * d
-        return x + s.sigma * math.sqrt(forget) * draw(i, x)
+        forget = -math.expm1(-(1 + eta) * h)  # 1 - e^{-(1+eta)h}, accurate for small h
+        x = (s.sigma / t.sigma) * math.exp(-eta * h) * x + s.alpha * forget * d
+        if eta == 0:
+            return x
+        return x + s.sigma * math.sqrt(-math.expm1(-2 * eta * h)) * draw(i, x)
 
     return run_steps(
         "dpmpp_2m_sde", denoiser, x_T, plan, update, cond=cond, callback=callback, progress=progress
