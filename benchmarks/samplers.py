@@ -143,12 +143,12 @@ def world_hits(cfg, images: torch.Tensor, labels: torch.Tensor) -> np.ndarray | 
 
 
 def measure(
-    family, model, cfg, counter, labels, real_feats, *, sampler, steps, cfg_scale, spacing, seed
+    family, model, cfg, counter, labels, real_feats, *, sampler, steps, cfg_scale, spacing, seed, options=None
 ) -> dict:
     counter.calls = 0
     start = time.perf_counter()
     images = family.generate(model, cfg, len(labels), labels=labels, sampler=sampler, steps=steps,
-                             cfg_scale=cfg_scale, spacing=spacing, seed=seed)  # fmt: skip
+                             cfg_scale=cfg_scale, spacing=spacing, seed=seed, sampler_options=options)  # fmt: skip
     seconds = time.perf_counter() - start
     assert images.shape[0] == len(labels) and bool(torch.isfinite(images).all()), (
         f"{sampler} {steps}: bad samples"
@@ -159,7 +159,7 @@ def measure(
         "sampler": sampler, "steps": steps, "nfe": counter.calls, "nfe_nominal": network_calls(sampler, steps),
         "class_accuracy": acc, "accuracy_se": math.sqrt(acc * (1 - acc) / n), "n": n,
         "frechet_distance": frechet_distance(pixels8_features(images), real_feats), "frechet_n": n,
-        "seconds": round(seconds, 2), "hits": world_hits(cfg, images, labels),
+        "seconds": round(seconds, 2), "hits": world_hits(cfg, images, labels), "options": options or {},
     }  # fmt: skip
 
 
@@ -265,6 +265,8 @@ def main() -> int:
             metavar="STEPS",
             help=f"{name} step counts, comma-separated, '' for none (default: {DEFAULT_STEPS[name]})",
         )
+    p.add_argument("--sde-eta", type=float, default=1.0,
+                   help="dpmpp_2m_sde's eta (k-diffusion's): 0 is the ODE solver, 1 the SDE (default)")  # fmt: skip
     p.add_argument("--goal-nfe", type=int, default=10)
     p.add_argument("--goal-points", type=float, default=2.0, help="accuracy points (0.01 each)")
     p.add_argument("--plot", default=str(ROOT / "assets" / "samplers_nfe.png"), help="PNG path; '' for none")
@@ -290,7 +292,8 @@ def main() -> int:
     spacing = args.spacing or cfg.sample.spacing
     rows = []
     for name, steps in plan:
-        row = measure(family, model, cfg, counter, labels, real[:n], sampler=name, steps=steps,
+        options = {"eta": args.sde_eta} if name == "dpmpp_2m_sde" else None
+        row = measure(family, model, cfg, counter, labels, real[:n], sampler=name, steps=steps, options=options,
                       cfg_scale=cfg_scale, spacing=spacing, seed=args.seed)  # fmt: skip
         print(json.dumps({k: v for k, v in row.items() if k != "hits"}), file=sys.stderr, flush=True)
         rows.append(row)

@@ -142,7 +142,7 @@ def test_samplers_smallest_setting(tmp_path):
     tiny = ["--preset", "ldm_tiny", "--vae-preset", "vae_tiny", "--set", "train.steps=2", "--vae-set", "train.steps=2",
             "--cache-dir", str(tmp_path / "cache")]  # fmt: skip
     out = run_script("samplers.py", *tiny, "--per-class", "2", "--ddpm", "10", "--ddim", "2,5", "--dpmpp-2m", "3",
-                     "--dpmpp-2m-sde", "3", "--euler", "2", "--heun", "3", "--goal-nfe", "5",
+                     "--dpmpp-2m-sde", "3", "--sde-eta", "2", "--euler", "2", "--heun", "3", "--goal-nfe", "5",
                      "--plot", str(plot))  # fmt: skip
     result = json.loads(out.stdout)
     rows = result["rows"]
@@ -150,6 +150,7 @@ def test_samplers_smallest_setting(tmp_path):
         ("ddpm", 10), ("ddim", 2), ("ddim", 5), ("dpmpp_2m", 3), ("dpmpp_2m_sde", 3), ("euler", 2),
         ("heun", 3)]  # fmt: skip
     assert [r["nfe_nominal"] for r in rows] == [10, 2, 5, 3, 3, 2, 5]
+    assert rows[4]["options"] == {"eta": 2.0} and rows[3]["options"] == {}  # --sde-eta reaches the SDE solver
     # counted calls: Heun's first step starts above HEUN_MAX_SIGMA (cosine schedule at t = 999) and takes
     # the Euler step alone, one call fewer than 2 * 3 - 1
     assert [r["nfe"] for r in rows] == [10, 2, 5, 3, 3, 2, 4]

@@ -107,3 +107,19 @@ def test_every_preset_builds_and_takes_one_step(tmp_path):
         labels = torch.zeros(2, dtype=torch.long) if u.num_classes else None
         model(x, torch.tensor([0, 999]), class_labels=labels).square().mean().backward()
         assert all(p.grad is not None for p in model.parameters()), name
+
+
+def test_sampler_options_reach_the_sampler():
+    """``sampler_options`` go to the sampler itself: the SDE solver with eta = 0 is DPM-Solver++(2M)."""
+    from difflab.models import pixel as pixel_model
+
+    cfg = get_preset("tiny").build()
+    torch.manual_seed(0)
+    model = pixel_model.build_unet(cfg).eval()
+    with torch.no_grad():
+        ode = pixel_model.generate(model, cfg, 4, sampler="dpmpp_2m", steps=5, seed=0)
+        sde0 = pixel_model.generate(
+            model, cfg, 4, sampler="dpmpp_2m_sde", steps=5, seed=0, sampler_options={"eta": 0.0}
+        )
+        sde = pixel_model.generate(model, cfg, 4, sampler="dpmpp_2m_sde", steps=5, seed=0)
+    assert torch.equal(ode, sde0) and not torch.equal(ode, sde)

@@ -272,11 +272,13 @@ def run_sampler(
     seed: int = 0,
     callback=None,
     progress: bool = False,
+    sampler_options: dict | None = None,
 ) -> torch.Tensor:
     """Sample ``n`` draws of the UNet's input shape with conditioning ``cond`` (keyword arguments of the
     UNet), guided towards it from ``null_cond`` (batch 1, broadcast) when ``cfg_scale`` is not 1. The
     noise comes from a CPU generator seeded with ``seed``, so a seed gives the same sample on any device.
-    ``None`` arguments fall back to ``cfg.sample``; returns the final sample, unclamped."""
+    ``None`` arguments fall back to ``cfg.sample``; ``sampler_options`` go to the sampler itself (e.g.
+    ``{"eta": 2.0}`` for ``dpmpp_2m_sde``). Returns the final sample, unclamped."""
     s = cfg.sample
     sampler, steps = sampler or s.sampler, steps or s.steps
     cfg_scale = s.cfg_scale if cfg_scale is None else cfg_scale
@@ -297,7 +299,7 @@ def run_sampler(
     if s.clip_x0:  # after guidance, on the guided x0 (as diffusers clips the guided prediction)
         denoiser = clip_denoised(denoiser, schedule)
     return sample_fn(denoiser, x_T, schedule, steps, spacing=spacing, cond=cond, noise=gen,
-                     callback=callback, progress=progress)  # fmt: skip
+                     callback=callback, progress=progress, **(sampler_options or {}))  # fmt: skip
 
 
 def generate(model: UNet, cfg: PixelDiffusionConfig, n: int, **kwargs) -> torch.Tensor:
