@@ -288,8 +288,8 @@ def main() -> int:
     labels = torch.arange(args.per_class * classes) % classes
     n = len(labels)
     real = pixels8_features(held_out_images(cfg.data, 2 * n))  # n to compare with, n more for the floor
-    cfg_scale = cfg.sample.cfg_scale if args.cfg is None else args.cfg
-    spacing = args.spacing or cfg.sample.spacing
+    used = cfg.sample.resolve(cfg_scale=args.cfg, spacing=args.spacing)
+    cfg_scale, spacing = used.cfg_scale, used.spacing
     rows = []
     for name, steps in plan:
         options = {"eta": args.sde_eta} if name == "dpmpp_2m_sde" else None

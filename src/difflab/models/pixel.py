@@ -92,6 +92,13 @@ class SampleConfig:
     grid: int = 64
     """Images in the sample grids written during training."""
 
+    def resolve(self, sampler=None, steps=None, cfg_scale=None, spacing=None) -> SampleConfig:
+        """These defaults with the given settings in place of the ``None`` ones (a command's flags)."""
+        return dataclasses.replace(
+            self, sampler=sampler or self.sampler, steps=steps or self.steps, spacing=spacing or self.spacing,
+            cfg_scale=self.cfg_scale if cfg_scale is None else cfg_scale,
+        )  # fmt: skip
+
 
 @dataclass(frozen=True)
 class PixelDiffusionConfig:
@@ -279,26 +286,23 @@ def run_sampler(
     noise comes from a CPU generator seeded with ``seed``, so a seed gives the same sample on any device.
     ``None`` arguments fall back to ``cfg.sample``; ``sampler_options`` go to the sampler itself (e.g.
     ``{"eta": 2.0}`` for ``dpmpp_2m_sde``). Returns the final sample, unclamped."""
-    s = cfg.sample
-    sampler, steps = sampler or s.sampler, steps or s.steps
-    cfg_scale = s.cfg_scale if cfg_scale is None else cfg_scale
-    spacing = spacing or s.spacing
-    sample_fn = get_sampler(sampler)
+    s = cfg.sample.resolve(sampler, steps, cfg_scale, spacing)
+    sample_fn = get_sampler(s.sampler)
     schedule = cfg.diffusion.make_schedule()
     device = next(model.parameters()).device
     c, size = cfg.unet.in_channels, cfg.unet.image_size
     gen = torch.Generator(device="cpu").manual_seed(seed)
     x_T = torch.randn((n, c, size, size), generator=gen).to(device)
     denoiser = Denoiser(model, schedule, cfg.diffusion.prediction)
-    if cfg_scale != 1.0:
+    if s.cfg_scale != 1.0:
         if null_cond is None:
             raise DifflabError(
-                f"guidance scale {cfg_scale} needs a conditional model; this one is unconditional"
+                f"guidance scale {s.cfg_scale} needs a conditional model; this one is unconditional"
             )
-        denoiser = classifier_free_guidance(denoiser, cfg_scale, null_cond)
+        denoiser = classifier_free_guidance(denoiser, s.cfg_scale, null_cond)
     if s.clip_x0:  # after guidance, on the guided x0 (as diffusers clips the guided prediction)
         denoiser = clip_denoised(denoiser, schedule)
-    return sample_fn(denoiser, x_T, schedule, steps, spacing=spacing, cond=cond, noise=gen,
+    return sample_fn(denoiser, x_T, schedule, s.steps, spacing=s.spacing, cond=cond, noise=gen,
                      callback=callback, progress=progress, **(sampler_options or {}))  # fmt: skip
 
 

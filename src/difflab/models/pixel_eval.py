@@ -58,13 +58,14 @@ def evaluate(run_dir: Path, n: int, *, sampler=None, steps=None, cfg_scale=None,
         model, cfg, n, labels=labels, sampler=sampler, steps=steps, cfg_scale=cfg_scale, seed=seed
     )
     seconds = time.perf_counter() - start
+    used = cfg.sample.resolve(sampler, steps, cfg_scale)
     fd = frechet_distance(pixels8_features(images), pixels8_features(held_out_images(cfg.data, n)))
     return {
         "run": str(run_dir),
         "n": n,
-        "sampler": sampler or cfg.sample.sampler,
-        "steps": steps or cfg.sample.steps,
-        "cfg_scale": cfg.sample.cfg_scale if cfg_scale is None else cfg_scale,
+        "sampler": used.sampler,
+        "steps": used.steps,
+        "cfg_scale": used.cfg_scale,
         **score_samples(cfg, images, labels),
         "frechet_distance": fd,
         "frechet_feature_space": "pixels8 (8x8 area-averaged pixels)",

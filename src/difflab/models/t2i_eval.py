@@ -81,12 +81,13 @@ def evaluate(run_dir: Path, n: int = MAX_PER_CATEGORY, *, sampler=None, steps=No
     images = generate_batched(model, cfg, [p.text() for p in prompts], sampler=sampler, steps=steps,
                               cfg_scale=cfg_scale, seed=seed, progress=progress)  # fmt: skip
     seconds = time.perf_counter() - start
+    used = cfg.sample.resolve(sampler, steps, cfg_scale)
     return {
         "run": str(run_dir),
         "prompts_per_category": n,
-        "sampler": sampler or cfg.sample.sampler,
-        "steps": steps or cfg.sample.steps,
-        "cfg_scale": cfg.sample.cfg_scale if cfg_scale is None else cfg_scale,
+        "sampler": used.sampler,
+        "steps": used.steps,
+        "cfg_scale": used.cfg_scale,
         "judge": "toy-world reader + the prompt's own holds()",
         "heldout_pairs": list(cfg.data.heldout_pairs),
         "faithfulness": score(prompts, images, cfg.data.world, cfg.data.pairs()),

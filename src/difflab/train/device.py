@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from difflab.errors import DifflabError
+from difflab.train import distributed
 
 DEVICE_CHOICES = ("auto", "cpu", "cuda", "cuda:N", "mps")
 
@@ -53,7 +54,4 @@ def resolve_device(name: str) -> torch.device:
 
 def is_main_process() -> bool:
     """True on the one process that writes files: always, unless ``torch.distributed`` runs as rank > 0."""
-    dist = torch.distributed
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank() == 0
-    return True
+    return distributed.rank() == 0

@@ -160,7 +160,6 @@ class Trainer:
         self.model = model.to(self.device)
         if cfg.channels_last:  # before the optimizer and the EMA copy, so both see the same layout
             self.model = self.model.to(memory_format=torch.channels_last)
-        self.loss_fn = loss_fn
         self.data = data
         self._data_iter = data if hasattr(data, "__next__") else iter(data)
         self.sample_fn = sample_fn
@@ -479,14 +478,13 @@ class Trainer:
                 self._note(f"'{path.name}' has no EMA weights; the EMA restarts from the current weights")
                 self.ema = EMA(self.model, self.cfg.ema_decay, warmup=self.cfg.ema_warmup)
         self.optimizer.load_state_dict(state["optimizer"])
-        rng = state["rng"]
+        rng, step = state["rng"], int(state["trainer"]["step"])
         if rng["loss_generator_device"] == self.device.type:
             self.generator.set_state(rng["loss_generator"])
         else:  # CPU and CUDA generators are different algorithms; their states do not transfer
             self._note(f"'{path.name}' was trained on {rng['loss_generator_device']}; loss noise is reseeded")
-            self.generator.manual_seed(derive_seed(self.cfg.seed, f"loss@{state['trainer']['step']}"))
+            self.generator.manual_seed(derive_seed(self.cfg.seed, f"loss@{step}"))
         set_global_rng_state(rng["global"], rng["global_plain"])
-        step = int(state["trainer"]["step"])
         if self.rank > 0:  # the checkpoint holds rank 0's streams; the others draw new ones
             self.generator.manual_seed(derive_seed(self.cfg.seed, self._rank_key(f"loss@{step}")))
             torch.manual_seed(derive_seed(self.cfg.seed, self._rank_key(f"global@{step}")))
