@@ -180,6 +180,7 @@ def _ddp_worker(rank: int, world: int, init_file: str, out: str) -> None:
             grads[name] = p.grad / world
         grads["__loss__"] = loss.detach().reshape(1)
         save_file(grads, f"{out}/rank{rank}.safetensors")
+        dist.barrier()  # both ranks done with gloo before either tears it down (else: SIGABRT, 1 run in ~7)
     finally:
         dist.destroy_process_group()
 
