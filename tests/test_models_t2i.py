@@ -22,7 +22,7 @@ from difflab.models.text_encoder import export_text_encoder
 from difflab.nn.attention import MultiHeadAttention
 from difflab.nn.unet import UNet, UNetConfig
 from difflab.presets import get_preset
-from difflab.world.geneval import mentions_heldout
+from difflab.world.geneval import CATEGORIES, category, mentions_heldout
 from difflab.world.prompts import holds
 from difflab.world.reader import read
 from difflab.world.scene import world_preset
@@ -195,6 +195,29 @@ def test_captioned_scenes_hold_out_pairs_and_captions_are_true():
     a, b = scenes[7], scenes[7]
     assert torch.equal(a["image"], b["image"]) and torch.equal(a["ids"], b["ids"])
     assert a["ids"].shape == a["mask"].shape == (24,) and a["image"].shape == (3, 32, 32)
+
+
+def test_short_captions_take_their_share_and_leave_the_rest_unchanged():
+    """short_prob takes its share of the captions, in GenEval's forms, true of the scene; every other item
+    keeps the caption it had without short captions (one draw picks the kind), so earlier runs' data
+    is unchanged by the option's existence."""
+    base = t2i.CaptionedScenes(t2i.TextDataConfig(world="scene32", n=600))
+    mixed = t2i.CaptionedScenes(t2i.TextDataConfig(world="scene32", n=600, short_prob=0.5))
+    short = 0
+    for i in range(600):
+        text, prompt = mixed.caption(i)
+        assert holds(prompt, mixed.scene(i)), text
+        if text != base.caption(i)[0]:
+            short += 1
+            assert category(prompt) in CATEGORIES, text  # a GenEval form, without sizes or positions
+    # a short caption can coincide with the partial one it replaced ('a circle'), so a few are not counted
+    assert 0.40 * 600 < short <= 0.5 * 600 + 3 * (0.5 * 0.5 * 600) ** 0.5, short
+    with pytest.raises(
+        DifflabError,
+        match=r"short_prob 0.8 is invalid; expected a probability in \[0, 1 - "
+        r"describe_prob = 0.75\]",
+    ):
+        t2i.TextDataConfig(short_prob=0.8)
 
 
 def test_heldout_pairs_are_checked():

@@ -8,9 +8,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from difflab.errors import DifflabError
+from difflab.world.geneval import category
 from difflab.world.language import (
     CAPTION_STYLES,
     QUESTION_KINDS,
+    SHORT_FORMS,
     Question,
     answer,
     caption,
@@ -19,6 +21,8 @@ from difflab.world.language import (
     description,
     object_specs,
     questions,
+    short_caption,
+    short_forms,
 )
 from difflab.world.prompts import ObjectSpec, holds
 from difflab.world.reader import read
@@ -83,6 +87,36 @@ def test_every_caption_holds_in_the_scene_and_in_its_reading(world, seed):
         text, prompt = caption(scene, rng, style)
         assert text == prompt.text()
         assert holds(prompt, scene) and holds(prompt, reading), text
+
+
+@settings(max_examples=50, deadline=None)
+@given(world=worlds, seed=seeds)
+def test_short_captions_hold_and_are_the_geneval_forms(world, seed):
+    """Each short form is exactly one GenEval category's prompt form (geneval.category reads it off the
+    prompt's structure), and holds in the scene and in the reader's reading of its image."""
+    _, scene, reading = _scene_and_reading(world, seed)
+    rng = np.random.default_rng(seed)
+    geneval_of = {"shape": "single_object", "colored": "colors", "count": "counting", "two": "two_objects",
+                  "position": "position", "binding": "attribute_binding"}  # fmt: skip
+    assert set(geneval_of) == set(SHORT_FORMS)
+    for form in [*short_forms(scene), None, None]:
+        text, prompt = short_caption(scene, rng, form)
+        assert text == prompt.text() and holds(prompt, scene) and holds(prompt, reading), text
+        if form is not None:
+            assert category(prompt) == geneval_of[form], text
+
+
+def test_short_forms_follow_the_scene():
+    assert short_forms(SCENE) == SHORT_FORMS
+    two_circles = Scene((SCENE.objects[0], SCENE.objects[2]))  # same shape: no two-object forms
+    assert short_forms(two_circles) == ("shape", "colored", "count")
+    assert short_caption(two_circles, np.random.default_rng(0), "count")[0] == "two circles"
+    same_colour = Scene((SCENE.objects[0], Obj("square", "red", "small", 0.85, 0.85)))
+    assert "binding" not in short_forms(same_colour) and "position" in short_forms(same_colour)
+    with pytest.raises(DifflabError, match="short caption form 'binding' does not fit"):
+        short_caption(same_colour, np.random.default_rng(0), "binding")
+    with pytest.raises(DifflabError, match="unknown short caption form 'haiku'"):
+        short_caption(SCENE, np.random.default_rng(0), "haiku")
 
 
 @settings(max_examples=50, deadline=None)

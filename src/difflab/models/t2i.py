@@ -60,7 +60,11 @@ class TextDataConfig:
     n: int = 100_000
     seed: int = 0
     describe_prob: float = 0.25
-    """Probability that a caption is the scene's full description; else a random partial true caption."""
+    """Probability that a caption is the scene's full description."""
+    short_prob: float = 0.0
+    """Probability that a caption is a short form ('a red circle and a blue square', the forms people type
+    and GenEval asks: :func:`difflab.world.language.short_caption`); the rest are random partial captions
+    that name sizes and positions at random (:func:`difflab.world.language.caption`)."""
     heldout_pairs: tuple[str, ...] = tuple(f"{c} {s}" for c, s in HELDOUT_PAIRS)
     """'colour shape' pairs no training scene contains (--set 'data.heldout_pairs=' for none)."""
 
@@ -68,6 +72,11 @@ class TextDataConfig:
         if not 0.0 <= self.describe_prob <= 1.0:
             raise DifflabError(
                 f"describe_prob {self.describe_prob} is invalid; expected a probability in [0, 1]"
+            )
+        if not 0.0 <= self.short_prob <= 1.0 - self.describe_prob:
+            raise DifflabError(
+                f"short_prob {self.short_prob} is invalid; expected a probability in [0, 1 - describe_prob "
+                f"= {1.0 - self.describe_prob:g}]"
             )
         world = world_preset(self.world)
         for pair in self.heldout_pairs:
@@ -162,13 +171,16 @@ class CaptionedScenes(torch.utils.data.Dataset):
 
     def caption(self, i: int, scene: Scene | None = None) -> tuple[str, Prompt]:
         """The caption of item ``i`` and its structured prompt (true of the scene by construction)."""
-        from difflab.world.language import caption, description
+        from difflab.world.language import caption, description, short_caption
 
         scene = scene or self.scene(i)
         rng = np.random.default_rng([self.data.seed, i, _CAPTION_STREAM])
-        if rng.random() < self.data.describe_prob:
+        u = rng.random()  # one draw picks the kind, so short_prob = 0 keeps earlier runs' captions
+        if u < self.data.describe_prob:
             prompt = description(scene)
             return prompt.text(), prompt
+        if u < self.data.describe_prob + self.data.short_prob:
+            return short_caption(scene, rng)
         return caption(scene, rng)
 
     def __getitem__(self, i: int) -> dict:
