@@ -152,3 +152,35 @@ def test_head_dim_sets_heads_per_layer_width_and_changes_no_parameter():
     assert not torch.allclose(by_width(x, t), other(x, t))
     with pytest.raises(ValueError, match="head_dim 24 does not divide the attention width 64 at 8px"):
         UNetConfig(**base, head_dim=24)
+
+
+def test_attention_positions_break_pixel_permutation_equivariance():
+    """Attention alone is equivariant to permuting the pixels (it cannot know where a pixel is); the
+    learned position embedding breaks that, and with the embedding at zero the layer is the plain one."""
+    from difflab.errors import DifflabError
+    from difflab.nn.attention import SpatialAttention
+
+    torch.manual_seed(0)
+    x, ctx = torch.randn(2, 16, 4, 4), torch.randn(2, 3, 8)
+    perm = torch.randperm(16)
+
+    def permuted(t):  # the same permutation of the 4x4 pixels, (B, C, H, W) -> (B, C, H, W)
+        return t.flatten(2)[:, :, perm].reshape(t.shape)
+
+    plain = SpatialAttention(16, 2, 4, context_dim=8)
+    placed = SpatialAttention(16, 2, 4, context_dim=8, positions=16)
+    placed.load_state_dict(plain.state_dict(), strict=False)  # everything but the embedding
+    assert torch.allclose(plain(permuted(x), ctx), permuted(plain(x, ctx)), atol=1e-5)
+    assert not torch.allclose(placed(permuted(x), ctx), permuted(placed(x, ctx)), atol=1e-3)
+    with torch.no_grad():
+        placed.pos.zero_()
+    assert torch.allclose(placed(x, ctx), plain(x, ctx), atol=1e-6)
+    with pytest.raises(
+        DifflabError, match="a 2x2 feature map does not fit the position embedding of 16 pixels"
+    ):
+        placed(torch.randn(1, 16, 2, 2))
+    cfg = UNetConfig(image_size=16, channels=8, channel_mult=(1, 2), num_res_blocks=1,
+                     attention_resolutions=(16, 8), norm_groups=4, attention_positions=True)  # fmt: skip
+    rows = {n: p.shape[1] for n, p in UNet(cfg).named_parameters() if n.endswith(".pos")}
+    assert rows == {"down.0.1.pos": 256, "down.2.1.pos": 64, "mid_attn.pos": 64, "up.0.1.pos": 64,
+                    "up.1.1.pos": 64, "up.3.1.pos": 256, "up.4.1.pos": 256}  # fmt: skip

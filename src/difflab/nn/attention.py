@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from difflab.errors import DifflabError
+
 
 class MultiHeadAttention(nn.Module):
     """``softmax(Q K^T / sqrt(d)) V`` with ``heads`` heads (Vaswani et al. 2017, Eq. 1).
@@ -70,12 +72,26 @@ class SpatialAttention(nn.Module):
     """Attention on a feature map: GroupNorm then self-attention, and, when ``context_dim`` is given,
     LayerNorm then cross-attention to the context; each added back residually.
 
+    ``positions`` (H * W): a learned position embedding, added to the normalised pixels before both
+    attentions (as ViT and DiT add theirs to patch tokens). Attention alone is blind to where a pixel is;
+    Stable Diffusion's UNet has no such embedding and leaves position to the convolutions' padding.
+
     (B, C, H, W) -> (B, C, H, W)
     """
 
-    def __init__(self, channels: int, heads: int, groups: int, context_dim: int | None = None):
+    def __init__(
+        self,
+        channels: int,
+        heads: int,
+        groups: int,
+        context_dim: int | None = None,
+        positions: int | None = None,
+    ):
         super().__init__()
         self.norm = nn.GroupNorm(groups, channels)
+        self.pos = None
+        if positions:
+            self.pos = nn.Parameter(torch.randn(1, positions, channels) * 0.02)  # (1, H*W, C), ViT's init
         self.self_attn = MultiHeadAttention(channels, heads)
         self.cross_norm = nn.LayerNorm(channels) if context_dim else None
         self.cross_attn = MultiHeadAttention(channels, heads, context_dim) if context_dim else None
@@ -85,7 +101,14 @@ class SpatialAttention(nn.Module):
     ) -> torch.Tensor:
         b, c, hgt, wid = x.shape
         tokens = self.norm(x).flatten(2).transpose(1, 2)  # (B, H*W, C)
+        if self.pos is not None:
+            if self.pos.shape[1] != hgt * wid:
+                raise DifflabError(
+                    f"a {hgt}x{wid} feature map does not fit the position embedding of {self.pos.shape[1]} pixels"
+                )
+            tokens = tokens + self.pos
         out = x.flatten(2).transpose(1, 2) + self.self_attn(tokens)
         if self.cross_attn is not None and context is not None:
-            out = out + self.cross_attn(self.cross_norm(out), context, context_mask)
+            queries = self.cross_norm(out) if self.pos is None else self.cross_norm(out) + self.pos
+            out = out + self.cross_attn(queries, context, context_mask)
         return out.transpose(1, 2).reshape(b, c, hgt, wid)

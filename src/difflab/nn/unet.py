@@ -65,6 +65,9 @@ class UNetConfig:
     """Also add the masked mean of the context tokens (through a linear map) to the time embedding, as
     Imagen adds a pooled text embedding (Saharia et al. 2022, Sec. 2.2): a global summary of the prompt
     in every residual block, learned with the UNet. Needs ``context_dim``."""
+    attention_positions: bool = False
+    """A learned position embedding in every attention layer (:class:`difflab.nn.attention.SpatialAttention`),
+    so that attention knows where each pixel is: what 'to the left of' needs. Off: Stable Diffusion's UNet."""
 
     def __post_init__(self) -> None:
         levels = len(self.channel_mult)
@@ -141,7 +144,10 @@ class UNet(nn.Module):
         def attn(width: int, res: int) -> nn.Module | None:
             if res not in cfg.attention_resolutions:
                 return None
-            return SpatialAttention(width, cfg.heads_at(width), groups, cfg.context_dim)
+            return SpatialAttention(width, cfg.heads_at(width), groups, cfg.context_dim, positions(res))
+
+        def positions(res: int) -> int | None:
+            return res * res if cfg.attention_positions else None
 
         self.down = nn.ModuleList()  # entries: (resblock, attention or None) pairs, or a Downsample
         skip_widths = [ch]
@@ -158,7 +164,7 @@ class UNet(nn.Module):
                 res //= 2
 
         self.mid1 = ResBlock(width, width, emb_dim, groups, cfg.dropout)
-        self.mid_attn = SpatialAttention(width, cfg.heads_at(width), groups, cfg.context_dim)
+        self.mid_attn = SpatialAttention(width, cfg.heads_at(width), groups, cfg.context_dim, positions(res))
         self.mid2 = ResBlock(width, width, emb_dim, groups, cfg.dropout)
         self.skip_widths = tuple(skip_widths)
 
