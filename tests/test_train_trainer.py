@@ -156,6 +156,16 @@ def test_resume_refuses_a_changed_model_config_or_run_defining_key(tmp_path):
     make_trainer(tmp_path, cfg=cfg, model_config={"width": 16, "depth": 2}).fit()
     with pytest.raises(DifflabError, match=r"model config key 'width' was 16, now 32"):
         make_trainer(tmp_path, cfg=cfg, width=32, model_config={"width": 32, "depth": 2}).fit(resume=True)
+    # A key the checkpoint predates (an option added to the code since) resumes while it is off...
+    for off in (None, False, ()):
+        make_trainer(tmp_path, cfg=cfg, model_config={"width": 16, "depth": 2, "new_option": off}).fit(
+            resume=True
+        )
+    # ... and is refused when it is on, since the checkpoint's network never had it.
+    with pytest.raises(DifflabError, match=r"model config key 'new_option' was '<absent>', now True"):
+        make_trainer(tmp_path, cfg=cfg, model_config={"width": 16, "depth": 2, "new_option": True}).fit(
+            resume=True
+        )
     # Without a model config, the weight shapes themselves are checked.
     with pytest.raises(
         DifflabError, match=r"weight '0.weight' has shape \(16, 4\), the model expects \(32, 4\)"

@@ -99,6 +99,12 @@ def batch_items(batch) -> int:
     return 0
 
 
+OPTION_OFF = (None, False, 0, [], ())
+"""Values of a model-config key that a checkpoint written before the key existed is taken to have. Every
+architecture option (``UNetConfig.head_dim``, ``attention_positions``, ...) is added with an 'off'
+default (None, False, 0, empty), so runs trained before it resume, and switching it on for them is refused."""
+
+
 def _flatten(tree, prefix: str = "") -> dict[str, Any]:
     if isinstance(tree, dict):
         out = {}
@@ -448,6 +454,8 @@ class Trainer:
         if saved is not None and self.model_config is not None:
             old, new = _flatten(saved), _flatten(self.model_config)
             for key in sorted(old.keys() | new.keys()):
+                if key not in old and new[key] in OPTION_OFF:
+                    continue  # an architecture option newer than the checkpoint, off: the network it trained
                 if old.get(key, "<absent>") != new.get(key, "<absent>"):
                     raise DifflabError(
                         f"cannot resume from '{path}': model config key '{key}' was "
