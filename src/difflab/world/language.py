@@ -125,10 +125,10 @@ def short_caption(scene: Scene, rng: np.random.Generator, form: str | None = Non
     :func:`short_forms` of the scene), without sizes or positions, and its structured prompt.
 
     The full captioner (:func:`caption`) names size and position at random and adds long descriptions;
-    a model trained only on those sees the short prompts people type (and GenEval asks) in under 1 % of
-    its two-object captions. This is the caption-distribution lever of DALL-E 3 (Betker et al. 2023,
-    Sec. 3.4), which mixes short captions with descriptive ones so that short prompts stay in-distribution.
-    """
+    in the text-to-image data (scene32) only 3.5 % of two-object scenes' captions have a two-object short
+    form (binding 2.8 %, position 0.4 %, two objects 0.3 %). Mixing short captions with descriptive ones,
+    so that short prompts stay in-distribution, is what DALL-E 3 does (Betker et al. 2023, "Improving Image
+    Generation with Better Captions")."""
     if not scene.objects:
         raise DifflabError("cannot caption an empty scene; expected at least one object")
     allowed = short_forms(scene)
