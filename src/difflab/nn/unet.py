@@ -67,7 +67,8 @@ class UNetConfig:
     in every residual block, learned with the UNet. Needs ``context_dim``."""
     attention_positions: bool = False
     """A learned position embedding in every attention layer (:class:`difflab.nn.attention.SpatialAttention`),
-    so that attention knows where each pixel is: what 'to the left of' needs. Off: Stable Diffusion's UNet."""
+    so that attention knows where each pixel is: what 'to the left of' needs. Off: Stable Diffusion's UNet.
+    On the text-to-image demo it did not help, position prompts included (docs/t2i.md)."""
 
     def __post_init__(self) -> None:
         levels = len(self.channel_mult)
