@@ -113,6 +113,16 @@ def sample_ddim(
     return run_steps("ddim", denoiser, x_T, plan, update, cond=cond, callback=callback, progress=progress)
 
 
+def _multistep_x0(x0: torch.Tensor, prev_x0: torch.Tensor | None, prev_h: float | None, h: float):
+    r"""DPM-Solver++(2M)'s data estimate D for a step of log-SNR length h: :math:`\hat x_0` itself on the
+    first step (no history), else :math:`(1 + \tfrac{1}{2r})\hat x_0^{(i)} - \tfrac{1}{2r}\hat x_0^{(i-1)}`
+    with :math:`r = h_{i-1} / h`. Shared by the ODE and SDE solvers."""
+    if prev_x0 is None:
+        return x0
+    r = prev_h / h
+    return (1 + 1 / (2 * r)) * x0 - (1 / (2 * r)) * prev_x0
+
+
 def sample_dpmpp_2m(
     denoiser, x_T, schedule: Schedule, steps: int = 50, *, spacing: str = DEFAULT_SPACING, timesteps=None,
     cond=None, noise=None, callback=None, progress: bool = False,
@@ -135,11 +145,7 @@ def sample_dpmpp_2m(
         nonlocal prev_x0, prev_h
         t, s = plan.level(i), plan.level(i + 1)
         h = s.lam - t.lam
-        if prev_x0 is None or s.sigma == 0:
-            d = x0
-        else:
-            r = prev_h / h
-            d = (1 + 1 / (2 * r)) * x0 - (1 / (2 * r)) * prev_x0
+        d = x0 if s.sigma == 0 else _multistep_x0(x0, prev_x0, prev_h, h)
         prev_x0, prev_h = x0, h
         return (s.sigma / t.sigma) * x - s.alpha * math.expm1(-h) * d
 
@@ -181,11 +187,7 @@ def sample_dpmpp_2m_sde(
         if s.sigma == 0:  # h is infinite: e^{-h} = 0 and no noise is left to add
             return x0
         h = s.lam - t.lam
-        if prev_x0 is None:
-            d = x0
-        else:
-            r = prev_h / h
-            d = (1 + 1 / (2 * r)) * x0 - (1 / (2 * r)) * prev_x0
+        d = _multistep_x0(x0, prev_x0, prev_h, h)
         prev_x0, prev_h = x0, h
         forget = -math.expm1(-(1 + eta) * h)  # 1 - e^{-(1+eta)h}, accurate for small h
         x = (s.sigma / t.sigma) * math.exp(-eta * h) * x + s.alpha * forget * d

@@ -109,6 +109,8 @@ class SpatialAttention(nn.Module):
             tokens = tokens + self.pos
         out = x.flatten(2).transpose(1, 2) + self.self_attn(tokens)
         if self.cross_attn is not None and context is not None:
-            queries = self.cross_norm(out) if self.pos is None else self.cross_norm(out) + self.pos
+            queries = self.cross_norm(out)
+            if self.pos is not None:
+                queries = queries + self.pos
             out = out + self.cross_attn(queries, context, context_mask)
         return out.transpose(1, 2).reshape(b, c, hgt, wid)

@@ -142,13 +142,13 @@ class UNet(nn.Module):
         )
         self.conv_in = nn.Conv2d(cfg.in_channels, ch, 3, padding=1)
 
+        def positions(res: int) -> int | None:  # rows of an attention layer's position embedding at side res
+            return res * res if cfg.attention_positions else None
+
         def attn(width: int, res: int) -> nn.Module | None:
             if res not in cfg.attention_resolutions:
                 return None
             return SpatialAttention(width, cfg.heads_at(width), groups, cfg.context_dim, positions(res))
-
-        def positions(res: int) -> int | None:
-            return res * res if cfg.attention_positions else None
 
         self.down = nn.ModuleList()  # entries: (resblock, attention or None) pairs, or a Downsample
         skip_widths = [ch]

@@ -62,6 +62,12 @@ def _detail(obj, rng: np.random.Generator, position: bool) -> ObjectSpec:
     return spec_of(obj, ["shape"] + [a for a, p in chance.items() if rng.random() < p])
 
 
+def _true_relation(a, b, rng: np.random.Generator) -> str:
+    """A random relation that holds between objects ``a`` and ``b`` (never none: distinct cells)."""
+    true = [r for r in RELATIONS if relation_holds(r, a, b)]
+    return true[int(rng.integers(len(true)))]
+
+
 def _styles(scene: Scene) -> tuple[str, ...]:
     return CAPTION_STYLES if len(scene.objects) >= 2 else ("object", "count", "describe")
 
@@ -92,8 +98,7 @@ def caption(scene: Scene, rng: np.random.Generator, style: str | None = None) ->
         a, b = objs[i], objs[j]
         sa, sb = _detail(a, rng, position=False), _detail(b, rng, position=False)
         if style == "relation":
-            true = [r for r in RELATIONS if relation_holds(r, a, b)]  # never empty: distinct cells
-            prompt = Relation(sa, true[int(rng.integers(len(true)))], sb)
+            prompt = Relation(sa, _true_relation(a, b, rng), sb)
         else:
             if sa == sb:  # 'a circle and a circle' is true but reads badly: tell them apart
                 sa, sb = spec_of(a), spec_of(b)
@@ -107,12 +112,16 @@ SHORT_FORMS = ("shape", "colored", "count", "two", "position", "binding")
 'a circle to the left of a square', 'a red circle and a blue square'."""
 
 
+def _shape_pairs(scene: Scene) -> list[tuple]:
+    """Ordered pairs of the scene's objects that have different shapes: what two-object short forms name."""
+    return [(a, b) for a in scene.objects for b in scene.objects if a.shape != b.shape]
+
+
 def short_forms(scene: Scene) -> tuple[str, ...]:
     """The short forms that can describe ``scene`` truly: the two-object forms need two objects of
     different shapes (as GenEval's prompts name them), and binding also two different colours."""
-    objs = scene.objects
     forms = ["shape", "colored", "count"]
-    pairs = [(a, b) for a in objs for b in objs if a.shape != b.shape]
+    pairs = _shape_pairs(scene)
     if pairs:
         forms += ["two", "position"]
         if any(a.color != b.color for a, b in pairs):
@@ -143,15 +152,12 @@ def short_caption(scene: Scene, rng: np.random.Generator, form: str | None = Non
         spec = spec_of(o, ("shape",) if form != "colored" else ("color", "shape"))
         prompt: Prompt = Exists(spec) if form != "count" else Count(spec, sum(matches(spec, p) for p in objs))
     else:
-        pairs = [(a, b) for a in objs for b in objs if a.shape != b.shape]
+        pairs = _shape_pairs(scene)
         if form == "binding":
             pairs = [(a, b) for a, b in pairs if a.color != b.color]
         a, b = pairs[int(rng.integers(len(pairs)))]
         if form == "position":
-            true = [r for r in RELATIONS if relation_holds(r, a, b)]  # never empty: distinct cells
-            prompt = Relation(
-                spec_of(a, ("shape",)), true[int(rng.integers(len(true)))], spec_of(b, ("shape",))
-            )
+            prompt = Relation(spec_of(a, ("shape",)), _true_relation(a, b, rng), spec_of(b, ("shape",)))
         else:
             attributes = ("shape",) if form == "two" else ("color", "shape")
             prompt = Conjunction((spec_of(a, attributes), spec_of(b, attributes)))
