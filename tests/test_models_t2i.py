@@ -25,7 +25,7 @@ from difflab.presets import get_preset
 from difflab.world.geneval import CATEGORIES, category, mentions_heldout
 from difflab.world.prompts import holds
 from difflab.world.reader import read
-from difflab.world.scene import world_preset
+from difflab.world.scene import scene_at, world_preset
 
 pytestmark = pytest.mark.usefixtures("single_thread_module")
 
@@ -218,6 +218,26 @@ def test_short_captions_take_their_share_and_leave_the_rest_unchanged():
         r"describe_prob = 0.75\]",
     ):
         t2i.TextDataConfig(short_prob=0.8)
+
+
+def test_min_objects_draws_only_scenes_with_that_many_and_none_keeps_the_world():
+    """min_objects = 2 on scene32 gives two objects in every scene (the reader counts them in the pixels),
+    with true captions; None leaves the world's own scenes, so earlier runs' data is unchanged."""
+    two = t2i.CaptionedScenes(t2i.TextDataConfig(world="scene32", n=200, min_objects=2))
+    default = t2i.CaptionedScenes(t2i.TextDataConfig(world="scene32", n=200))
+    world = world_preset("scene32")
+    for i in range(200):
+        scene = two.scene(i)
+        assert len(scene.objects) == 2 and holds(two.caption(i)[1], scene), i
+        drawn = scene_at(world, 0, i)  # the world's own scene i (seed 0), unless it shows a held-out pair
+        if not mentions_heldout(drawn, default.data.pairs()):
+            assert default.scene(i) == drawn, i
+    assert {len(default.scene(i).objects) for i in range(200)} == {1, 2}
+    assert all(len(read(two[i]["image"], world).objects) == 2 for i in range(20))
+    with pytest.raises(
+        DifflabError, match="min_objects 3 is invalid; the 'scene32' world has 1 to 2 objects"
+    ):
+        t2i.TextDataConfig(world="scene32", min_objects=3)
 
 
 def test_heldout_pairs_are_checked():

@@ -47,7 +47,7 @@ from difflab.train.distributed import main_process_first
 from difflab.train.trainer import TrainConfig
 from difflab.world.geneval import HELDOUT_PAIRS, mentions_heldout
 from difflab.world.prompts import Prompt
-from difflab.world.scene import Scene, scene_at, world_preset
+from difflab.world.scene import Scene, WorldConfig, scene_at, world_preset
 
 _CAPTION_STREAM = 21  # per-item random stream of text-to-image captions (ToyWorldDataset: 1-3, CLIP: 11)
 _REDRAW_SEED = 7_919  # seed step between redraws of a scene that shows a held-out pair
@@ -67,6 +67,10 @@ class TextDataConfig:
     that name sizes and positions at random (:func:`difflab.world.language.caption`)."""
     heldout_pairs: tuple[str, ...] = tuple(f"{c} {s}" for c, s in HELDOUT_PAIRS)
     """'colour shape' pairs no training scene contains (--set 'data.heldout_pairs=' for none)."""
+    min_objects: int | None = None
+    """At least this many objects in every training scene (None: the world's own range). On scene32,
+    2 trains on two-object scenes only, where every composition (position, binding, counting) is learned;
+    single objects are still named by the partial captions ('a circle' of a two-object scene)."""
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.describe_prob <= 1.0:
@@ -79,6 +83,11 @@ class TextDataConfig:
                 f"= {1.0 - self.describe_prob:g}]"
             )
         world = world_preset(self.world)
+        if self.min_objects is not None and not world.min_objects <= self.min_objects <= world.max_objects:
+            raise DifflabError(
+                f"min_objects {self.min_objects} is invalid; the '{self.world}' world has "
+                f"{world.min_objects} to {world.max_objects} objects per scene"
+            )
         for pair in self.heldout_pairs:
             words = pair.split()
             if len(words) != 2 or words[0] not in world.colors or words[1] not in world.shapes:
@@ -93,6 +102,12 @@ class TextDataConfig:
     @property
     def image_size(self) -> int:
         return world_preset(self.world).resolution
+
+    def world_config(self) -> WorldConfig:
+        """The world the training scenes are drawn from: the preset, with ``min_objects`` if set."""
+        if self.min_objects is None:
+            return world_preset(self.world)
+        return world_preset(self.world, min_objects=self.min_objects)
 
     def pairs(self) -> tuple[tuple[str, str], ...]:
         """The held-out pairs as (colour, shape) tuples."""
@@ -155,7 +170,7 @@ class CaptionedScenes(torch.utils.data.Dataset):
 
     def __init__(self, data: TextDataConfig, tokenizer=None, latents: dict[str, np.ndarray] | None = None):
         self.data, self.tokenizer = data, tokenizer
-        self.world = world_preset(data.world)
+        self.world = data.world_config()
         self.heldout = set(data.pairs())
         self.latents = None if latents is None else {k: torch.from_numpy(v) for k, v in latents.items()}
 
@@ -206,6 +221,8 @@ def training_set(cfg: TextToImageConfig, encoder: FrozenTextEncoder, autoencoder
     # the images are a function of the scenes alone (not of the captions): world, n, seed, held-out pairs
     d = cfg.data
     scenes = {"world": d.world, "n": d.n, "seed": d.seed, "heldout_pairs": list(d.heldout_pairs)}
+    if d.min_objects is not None:  # only when set, so the latents cached before the option still match
+        scenes["min_objects"] = d.min_objects
     key = {"data": scenes, "renderer": RENDERER_VERSION, "dataset": "t2i-captioned-scenes"}
     latents = ldm.cached_latents(cfg, images, key, autoencoder)
     return CaptionedScenes(cfg.data, encoder.tokenizer, latents)
