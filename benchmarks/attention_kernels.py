@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import sys
 import time
 
 import torch
 import torch.nn.functional as F
+from machine import machine
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 
@@ -77,8 +77,7 @@ def main() -> int:
                                                    for name, fn in KERNELS.items()}})  # fmt: skip
     result = {
         "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "machine": {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
-                    "torch": torch.__version__},
+        "machine": machine(),
         "batch": args.batch, "tokens": tokens, "channels": args.channels, "unit": "ms per forward + backward",
         "rows": rows,
     }  # fmt: skip

@@ -20,13 +20,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+from machine import machine
 from pixel_learning import TimeUp, run_variant
 
 from difflab.config import apply_overrides
@@ -131,8 +131,8 @@ def main() -> int:
     p.add_argument("--ldm-set", action="append", default=[], metavar="KEY=VALUE", help="override in ldm_toy")
     p.add_argument("--pixel-set", action="append", default=[], metavar="KEY=VALUE", help="override in demo")
     args = p.parse_args()
-    emit({"machine": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
-          "torch": torch.__version__, "date": time.strftime("%Y-%m-%d")})  # fmt: skip
+    emit({"machine": machine(), "threads": torch.get_num_threads(), "torch": torch.__version__,
+          "date": time.strftime("%Y-%m-%d")})  # fmt: skip
     rows = []
     if not args.no_pixel:
         pixel = run_variant("demo", "demo", args.minutes, args.eval_every, args.per_class, args.pixel_set)

@@ -21,13 +21,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 import tempfile
 import time
 
 import torch
 from diffusers_baseline import DiffusersUNet
+from machine import machine
 
 from difflab.config import apply_overrides
 from difflab.models.pixel import build_unet, generate, make_dataset, make_loss_fn
@@ -128,10 +128,11 @@ def main() -> int:
     p.add_argument("--eval-every", type=int, default=250)
     p.add_argument("--per-class", type=int, default=2, help="samples per class at each evaluation")
     args = p.parse_args()
-    print(json.dumps({"machine": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
+    variants = args.variants.split(",")
+    print(json.dumps({"machine": machine(diffusers="diffusers_naive" in variants), "threads": torch.get_num_threads(),
                       "torch": torch.__version__, "date": time.strftime("%Y-%m-%d")}))  # fmt: skip
     summary = []
-    for name in args.variants.split(","):
+    for name in variants:
         recs = run_variant(args.preset, name, args.minutes, args.eval_every, args.per_class, args.overrides)
         first95 = next((r for r in recs if r["class_accuracy"] >= 0.95), None)
         best = max(recs, key=lambda r: r["class_accuracy"])

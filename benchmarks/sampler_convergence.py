@@ -17,11 +17,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 import time
 
 import torch
+from machine import machine
 
 from difflab.diffusion.analytic import gaussian_output_error
 from difflab.diffusion.discretization import SPACINGS
@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
         "schedule": schedule.name,
         "timesteps": schedule.timesteps,
         "data": {"mean": args.mean, "std": args.std},
-        "machine": platform.platform(),
+        "machine": machine(),
         "seconds": round(time.perf_counter() - start, 2),
         "rows": rows,
     }

@@ -41,13 +41,13 @@ import argparse
 import hashlib
 import json
 import math
-import platform
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+from machine import machine
 from sampler_convergence import network_calls
 
 from difflab.config import apply_overrides, to_dict
@@ -305,8 +305,7 @@ def main() -> int:
         rows.append(row)
     result = {
         "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "machine": {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
-                    "torch": torch.__version__, "python": platform.python_version()},
+        "machine": machine(),
         "model": {"run": str(run), "preset_or_run": args.run or args.preset, "family": kind,
                   "world": cfg.data.world, "classes": classes, "train_steps": cfg.train.steps,
                   "cfg_scale": cfg_scale, "spacing": spacing, "schedule": cfg.diffusion.schedule,

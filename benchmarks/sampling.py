@@ -31,12 +31,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import sys
 import time
 
 import torch
+from machine import machine
 from train_throughput import CASES, build
 
 from difflab.diffusion.denoiser import Denoiser
@@ -133,14 +133,6 @@ def run_case(
     return result
 
 
-def machine() -> dict:
-    import diffusers
-
-    return {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
-            "torch": torch.__version__, "diffusers": diffusers.__version__,
-            "python": platform.python_version()}  # fmt: skip
-
-
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--cases", default=",".join(CASES), help="comma-separated: " + ", ".join(CASES))
@@ -166,7 +158,7 @@ def main() -> int:
     start = time.perf_counter()
     result = {
         "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "machine": machine(),
+        "machine": machine(diffusers=True),
         "options": {
             "cases": cases,
             "samplers": samplers,

@@ -15,11 +15,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 import time
 
 import torch
+from machine import machine
 
 from difflab.models import t2i, t2i_eval
 
@@ -58,8 +58,7 @@ def main() -> int:
 
     model, cfg = t2i.load_model(args.run_dir)
     prompts = t2i_eval.eval_prompts(cfg.data.world, args.n)
-    machine = platform.processor() or platform.machine()
-    header = {"run": args.run_dir, "machine": machine, "threads": torch.get_num_threads(), "torch": torch.__version__,
+    header = {"run": args.run_dir, "machine": machine(), "threads": torch.get_num_threads(), "torch": torch.__version__,
               "date": time.strftime("%Y-%m-%d")}  # fmt: skip
     print(json.dumps(header), flush=True)
     s = cfg.sample

@@ -21,14 +21,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import sys
 import time
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from diffusers_baseline import DiffusersUNet
+from machine import machine
 
 from difflab.nn.unet import UNet, UNetConfig, count_parameters, training_step_flops
 
@@ -52,19 +53,28 @@ def build(
     return UNet(cfg), theirs, side, cin, batch
 
 
-def make_step(model: torch.nn.Module, side: int, cin: int, batch: int):
+def training_step(model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> Callable[[], None]:
+    """One fp32 training step of ``model`` on fixed ``inputs`` as a closure: forward, MSE loss to
+    ``inputs["x"]``, backward, AdamW (lr 1e-4). Written once for this script and unet_defaults.py, so
+    that the images/s of both count the same work."""
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(batch, cin, side, side, generator=g)
-    t = torch.randint(0, 1000, (batch,), generator=g)
 
     def step() -> None:
-        loss = F.mse_loss(model(x, t), x)
+        loss = F.mse_loss(model(**inputs), inputs["x"])
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    return step, {"x": x, "t": t}
+    return step
+
+
+def make_step(model: torch.nn.Module, side: int, cin: int, batch: int):
+    g = torch.Generator().manual_seed(0)
+    inputs = {
+        "x": torch.randn(batch, cin, side, side, generator=g),
+        "t": torch.randint(0, 1000, (batch,), generator=g),
+    }
+    return training_step(model, inputs), inputs
 
 
 def matmul_gflops(n: int = 1024, reps: int = 5) -> float:
@@ -153,8 +163,7 @@ def main() -> int:
     peak = matmul_gflops()
     result = {
         "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "machine": {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
-                    "torch": torch.__version__},
+        "machine": machine(diffusers=True),
         "matmul_fp32_gflop_s": round(peak, 1),
         "cases": [run_case(c, args.rounds, args.steps, peak, args.ours_head_dim, args.compile, args.diffusers_head_dim)
                   for c in args.cases.split(",")],

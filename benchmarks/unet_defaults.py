@@ -22,13 +22,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import platform
 import statistics
 import sys
 import time
 
 import torch
-import torch.nn.functional as F
+from machine import machine
+from train_throughput import training_step
 
 from difflab.nn.unet import UNet, count_parameters, example_inputs
 from difflab.presets import get_preset
@@ -61,15 +61,7 @@ def make_step(network: str, variant: str, batch: int):
         inputs["x"] = inputs["x"].contiguous(memory_format=torch.channels_last)
     if variant == "compile":
         model.compile(dynamic=False)  # fixed shapes: no symbolic-shape recompiles
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-
-    def step() -> None:
-        loss = F.mse_loss(model(**inputs), inputs["x"])
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
-    return step, model
+    return training_step(model, inputs), model
 
 
 def heads_of(model: torch.nn.Module) -> list[int]:
@@ -132,12 +124,7 @@ def main(argv: list[str] | None = None) -> int:
                     f"variants: {', '.join(VARIANTS)}")  # fmt: skip
     report = {
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "machine": {
-            "cpu": platform.processor() or platform.machine(),
-            "threads": torch.get_num_threads(),
-            "torch": torch.__version__,
-            "python": platform.python_version(),
-        },  # fmt: skip
+        "machine": machine(),
         "rounds": args.rounds,
         "steps": args.steps,
         "networks": {

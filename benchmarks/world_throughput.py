@@ -29,6 +29,7 @@ import tempfile
 import time
 
 import torch
+from machine import machine
 from torch.utils.data import DataLoader
 
 from difflab.data.toy import ToyWorldDataset
@@ -142,13 +143,7 @@ def main() -> None:
 
     result: dict = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "machine": {
-            "cpu": cpu_model(),
-            "cpu_count": os.cpu_count(),
-            "torch_threads": torch.get_num_threads(),
-            "torch": torch.__version__,
-            "python": platform.python_version(),
-        },
+        "machine": {**machine(), "cpu_model": cpu_model(), "cpu_count": os.cpu_count()},
         "renderer_version": RENDERER_VERSION,
         "batch_size": args.batch_size,
         "workers": args.workers,

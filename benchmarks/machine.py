@@ -1,0 +1,29 @@
+"""What a benchmark ran on, in one shape for every script.
+
+Every benchmark result must say on what it was measured, or its figures cannot be compared with another
+run's; each script used to describe the machine in its own way (a string here, a dict there, the thread
+count under two names). Scripts import it by bare name (``from machine import machine``), as they import
+their other siblings: ``python benchmarks/X.py`` puts this folder first on ``sys.path``.
+"""
+
+from __future__ import annotations
+
+import platform
+
+import torch
+
+
+def machine(diffusers: bool = False) -> dict:
+    """CPU, torch's thread count at the time of the call, torch and Python versions; with ``diffusers``,
+    diffusers' version too (imported only then: only the benchmarks that compare against it need it)."""
+    out = {
+        "cpu": platform.processor() or platform.machine(),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+    }
+    if diffusers:
+        import diffusers as diffusers_module
+
+        out["diffusers"] = diffusers_module.__version__
+    return out
