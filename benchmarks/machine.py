@@ -8,16 +8,31 @@ their other siblings: ``python benchmarks/X.py`` puts this folder first on ``sys
 
 from __future__ import annotations
 
+import os
 import platform
 
 import torch
 
 
+def cpu_model() -> str:
+    """The CPU's model name ('AMD EPYC'), which ``platform`` does not give on Linux (it says 'x86_64')."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def machine(diffusers: bool = False) -> dict:
-    """CPU, torch's thread count at the time of the call, torch and Python versions; with ``diffusers``,
-    diffusers' version too (imported only then: only the benchmarks that compare against it need it)."""
+    """CPU model and core count, torch's thread count at the time of the call, torch and Python versions;
+    with ``diffusers``, diffusers' version too (imported only then: only the benchmarks that compare
+    against it need it)."""
     out = {
-        "cpu": platform.processor() or platform.machine(),
+        "cpu": cpu_model(),
+        "cpu_count": os.cpu_count(),
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "python": platform.python_version(),

@@ -24,7 +24,6 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import tempfile
 import time
 
@@ -38,17 +37,6 @@ from difflab.world.render import RENDERER_VERSION, render
 from difflab.world.scene import scene_at, world_preset
 
 PRESETS = ("single32", "scene32", "scene64")
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def rate(n: int, seconds: float) -> float:
@@ -143,7 +131,7 @@ def main() -> None:
 
     result: dict = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "machine": {**machine(), "cpu_model": cpu_model(), "cpu_count": os.cpu_count()},
+        "machine": machine(),
         "renderer_version": RENDERER_VERSION,
         "batch_size": args.batch_size,
         "workers": args.workers,
