@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
 from difflab.cli import main
 from difflab.config import apply_overrides
+from difflab.data.toy import scene_image
 from difflab.diffusion.denoiser import Denoiser
 from difflab.diffusion.guidance import classifier_free_guidance
 from difflab.diffusion.schedules import make_schedule
@@ -23,7 +25,7 @@ from difflab.nn.attention import MultiHeadAttention
 from difflab.nn.unet import UNet, UNetConfig
 from difflab.presets import get_preset
 from difflab.world.geneval import CATEGORIES, category, mentions_heldout
-from difflab.world.prompts import holds
+from difflab.world.prompts import holds, scene_for
 from difflab.world.reader import read
 from difflab.world.scene import scene_at, world_preset
 
@@ -278,6 +280,26 @@ def test_eval_reports_faithfulness_per_category_with_n(t2i_run):
     assert {faith[c]["n"] for c in ("single_object", "counting", "colors")} == {4}
     assert faith["overall"]["n"] == 12 and 0 <= faith["overall"]["score"] <= 1
     assert report["steps"] == 5 and report["prompts_per_category"] == 4
+
+
+def test_score_of_a_perfect_model_is_one_and_counts_its_objects():
+    """Images of scenes in which each prompt holds (world.prompts.scene_for: a perfect text-to-image model)
+    score 1.0 in every category, and objects_read counts exactly the objects those scenes hold (the reader
+    is exact on real scenes), category by category."""
+    world = world_preset("scene32")
+    prompts = t2i_eval.eval_prompts("scene32", 5)
+    rng = np.random.default_rng(0)
+    scenes = [scene_for(p, rng, world) for p in prompts]
+    images = torch.stack([scene_image(s, world) for s in scenes])
+    report = t2i_eval.score(prompts, images, "scene32", ())
+    assert all(v["score"] == 1.0 for v in report["all"].values())
+    expected: dict[str, dict[str, int]] = {}
+    for p, s in zip(prompts, scenes, strict=True):
+        counts = expected.setdefault(category(p), {})
+        counts[str(len(s.objects))] = counts.get(str(len(s.objects)), 0) + 1
+    assert report["objects_read"] == {c: dict(sorted(h.items())) for c, h in expected.items()}
+    assert {sum(h.values()) for h in report["objects_read"].values()} == {5}
+    assert set(report["objects_read"]["attribute_binding"]) == {"2"}  # two named objects, at most two
 
 
 def test_attention_maps_are_probabilities_over_tokens(t2i_run):

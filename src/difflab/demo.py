@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import platform
 import time
+from collections import Counter
 from pathlib import Path
 
 from difflab.errors import DifflabError
@@ -251,6 +252,18 @@ def _text_to_image(args, cfg, out: Path, report: dict, timings: dict, start: flo
     overall = faith["all"]["overall"]
     cats = ", ".join(f"{c} {v['score']:.2f}" for c, v in faith["all"].items() if c != "overall")
     print(f"[5/5] faithfulness {overall['score']:.1%} overall on {overall['n']} prompts ({cats})")
+    pairs = [
+        faith["objects_read"][c]
+        for c in ("two_objects", "position", "attribute_binding")
+        if c in faith["objects_read"]
+    ]
+    if pairs:  # how the two-object misses look: a missing object, or one the model added
+        total = Counter()
+        for h in pairs:
+            total.update({min(int(k), 3): n for k, n in h.items()})
+        n = sum(total.values())
+        shares = ", ".join(f"{'3+' if k == 3 else k}: {total[k] / n:.0%}" for k in sorted(total))
+        print(f"      objects the reader found for two-object prompts: {shares}")
     if "heldout_pairs" in faith:
         unseen = faith["heldout_pairs"]["overall"]
         print(f"      prompts naming a (colour, shape) pair never seen in training: {unseen['score']:.1%} "

@@ -8,21 +8,32 @@ category is its fraction of hits and 'overall' is the mean over categories (GenE
 Prompts that name a (colour, shape) pair the run never saw in training (``data.heldout_pairs``) are
 scored apart, as ``heldout_pairs``: compositional generalisation, not recall. ``seen`` is the rest. Every
 score carries its n.
+
+``objects_read`` says how the misses look: per category, how many images the reader found 0, 1, 2, ...
+objects in. On scene32, whose training scenes hold one or two objects, a '3' there is an object the model
+invented (docs/t2i.md: guidance brings the missing second object and an extra third together).
 """
 
 from __future__ import annotations
 
 import time
+from collections import Counter
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
 from difflab.errors import DifflabError
-from difflab.world.geneval import check_faithfulness, load_prompt_set, make_prompt_set, mentions_heldout
+from difflab.world.geneval import (
+    category,
+    check_faithfulness,
+    load_prompt_set,
+    make_prompt_set,
+    mentions_heldout,
+)
 from difflab.world.prompts import Prompt
 from difflab.world.reader import read
-from difflab.world.scene import world_preset
+from difflab.world.scene import Scene, world_preset
 
 MAX_PER_CATEGORY = 100
 
@@ -55,12 +66,21 @@ def generate_batched(model, cfg, texts: list[str], *, batch_size: int = 100, see
     return torch.cat(out)
 
 
+def object_counts(prompts: list[Prompt], scenes: list[Scene]) -> dict[str, dict[str, int]]:
+    """``{category: {"k": images in which the reader found k objects}}``, each category's counts in
+    ascending k; they sum to the category's n."""
+    counts: dict[str, Counter] = {}
+    for p, s in zip(prompts, scenes, strict=True):
+        counts.setdefault(category(p), Counter())[len(s.objects)] += 1
+    return {c: {str(k): n for k, n in sorted(h.items())} for c, h in counts.items()}
+
+
 def score(prompts: list[Prompt], images: torch.Tensor, world: str, heldout_pairs) -> dict:
     """Faithfulness of ``images`` (one per prompt) by the reader: all prompts, and split into prompts that
-    do and do not name a held-out pair."""
+    do and do not name a held-out pair; and the number of objects read per category (``objects_read``)."""
     cfg = world_preset(world)
     scenes = [read(image, cfg) for image in images]
-    report = {"all": check_faithfulness(prompts, scenes)}
+    report = {"all": check_faithfulness(prompts, scenes), "objects_read": object_counts(prompts, scenes)}
     if heldout_pairs:
         split = [mentions_heldout(p, heldout_pairs) for p in prompts]
         for name, keep in (("seen", False), ("heldout_pairs", True)):
