@@ -60,8 +60,10 @@ from difflab.presets import family_module, get_preset
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_STEPS = {"ddpm": "10,20,100,1000", "ddim": "10,20,50,100", "dpmpp_2m": "5,10,20",
-                 "dpmpp_2m_sde": "5,10,20,50", "euler": "5,10,20", "heun": "3,5,10"}  # fmt: skip
-STYLE = {"ddpm": "k*-", "ddim": "o-", "dpmpp_2m": "s-", "dpmpp_2m_sde": "D-", "euler": "v--", "heun": "^-"}
+                 "dpmpp_2m_sde": "5,10,20,50", "sa_solver": "5,10,20", "euler": "5,10,20",
+                 "heun": "3,5,10"}  # fmt: skip
+STYLE = {"ddpm": "k*-", "ddim": "o-", "dpmpp_2m": "s-", "dpmpp_2m_sde": "D-", "sa_solver": "P-", "euler": "v--",
+         "heun": "^-"}  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------------------- model
@@ -268,6 +270,8 @@ def main() -> int:
         )
     p.add_argument("--sde-eta", type=float, default=1.0,
                    help="dpmpp_2m_sde's eta (k-diffusion's): 0 is the ODE solver, 1 the SDE (default)")  # fmt: skip
+    p.add_argument("--sa-eta", type=float, default=0.0,
+                   help="sa_solver's eta (tau^2 of Xue et al.): 0 is the ODE (default), 1 the reverse SDE")  # fmt: skip
     p.add_argument("--goal-nfe", type=int, default=10)
     p.add_argument("--goal-points", type=float, default=2.0, help="accuracy points (0.01 each)")
     p.add_argument(
@@ -298,7 +302,7 @@ def main() -> int:
     cfg_scale, spacing = used.cfg_scale, used.spacing
     rows = []
     for name, steps in plan:
-        options = {"eta": args.sde_eta} if name == "dpmpp_2m_sde" else None
+        options = {"dpmpp_2m_sde": {"eta": args.sde_eta}, "sa_solver": {"eta": args.sa_eta}}.get(name)
         row = measure(family, model, cfg, counter, labels, real[:n], sampler=name, steps=steps, options=options,
                       cfg_scale=cfg_scale, spacing=spacing, seed=args.seed)  # fmt: skip
         print(json.dumps({k: v for k, v in row.items() if k != "hits"}), file=sys.stderr, flush=True)

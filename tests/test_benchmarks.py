@@ -142,29 +142,30 @@ def test_samplers_smallest_setting(tmp_path):
     tiny = ["--preset", "ldm_tiny", "--vae-preset", "vae_tiny", "--set", "train.steps=2", "--vae-set", "train.steps=2",
             "--cache-dir", str(tmp_path / "cache")]  # fmt: skip
     out = run_script("samplers.py", *tiny, "--per-class", "2", "--ddpm", "10", "--ddim", "2,5", "--dpmpp-2m", "3",
-                     "--dpmpp-2m-sde", "3", "--sde-eta", "2", "--euler", "2", "--heun", "3", "--goal-nfe", "5",
-                     "--plot", str(plot))  # fmt: skip
+                     "--dpmpp-2m-sde", "3", "--sde-eta", "2", "--sa-solver", "3", "--sa-eta", "0.5", "--euler", "2",
+                     "--heun", "3", "--goal-nfe", "5", "--plot", str(plot))  # fmt: skip
     result = json.loads(out.stdout)
     rows = result["rows"]
     assert [(r["sampler"], r["steps"]) for r in rows] == [
-        ("ddpm", 10), ("ddim", 2), ("ddim", 5), ("dpmpp_2m", 3), ("dpmpp_2m_sde", 3), ("euler", 2),
-        ("heun", 3)]  # fmt: skip
-    assert [r["nfe_nominal"] for r in rows] == [10, 2, 5, 3, 3, 2, 5]
+        ("ddpm", 10), ("ddim", 2), ("ddim", 5), ("dpmpp_2m", 3), ("dpmpp_2m_sde", 3), ("sa_solver", 3),
+        ("euler", 2), ("heun", 3)]  # fmt: skip
+    assert [r["nfe_nominal"] for r in rows] == [10, 2, 5, 3, 3, 3, 2, 5]
     assert rows[4]["options"] == {"eta": 2.0} and rows[3]["options"] == {}  # --sde-eta reaches the SDE solver
+    assert rows[5]["options"] == {"eta": 0.5}  # and --sa-eta SA-Solver
     # counted calls: Heun's first step starts above HEUN_MAX_SIGMA (cosine schedule at t = 999) and takes
     # the Euler step alone, one call fewer than 2 * 3 - 1
-    assert [r["nfe"] for r in rows] == [10, 2, 5, 3, 3, 2, 4]
+    assert [r["nfe"] for r in rows] == [10, 2, 5, 3, 3, 3, 2, 4]
     for r in rows:
         assert r["n"] == r["frechet_n"] == 8 and 0.0 <= r["class_accuracy"] <= 1.0
         assert math.isfinite(r["frechet_distance"]) and r["frechet_distance"] >= 0 and r["seconds"] >= 0
     goal = result["goal"]
     assert goal["checked"] and goal["reference"] == "ddpm 10" and isinstance(goal["met"], bool)
-    assert [r["nfe"] for r in goal["rows"]] == [2, 5, 3, 3, 2, 4]
+    assert [r["nfe"] for r in goal["rows"]] == [2, 5, 3, 3, 3, 2, 4]
     assert result["model"]["family"] == "ldm" and result["machine"]["threads"] >= 1
     assert plot.stat().st_size > 0 and result["plot"] == str(plot)
     assert "| heun | 3 | 4 (5 nominal) |" in out.stderr and out.stderr.count("training '") == 2
     again = run_script("samplers.py", *tiny, "--per-class", "1", "--ddpm", "", "--ddim", "2", "--dpmpp-2m", "",
-                       "--dpmpp-2m-sde", "", "--euler", "", "--heun", "", "--plot", "")  # fmt: skip
+                       "--dpmpp-2m-sde", "", "--sa-solver", "", "--euler", "", "--heun", "", "--plot", "")  # fmt: skip
     assert "training '" not in again.stderr  # both runs come from the cache
     assert json.loads(again.stdout)["model"]["run"] == result["model"]["run"]
 
@@ -177,9 +178,8 @@ def test_samplers_on_a_pixel_run(tmp_path):
 
     run = pixel.train(apply_overrides(get_preset("tiny").build(), ["train.steps=2"]), tmp_path / "run")
     out = run_script("samplers.py", "--run", str(run), "--per-class", "1", "--ddpm", "4", "--ddim", "2",
-                     "--dpmpp-2m", "", "--dpmpp-2m-sde", "", "--euler", "", "--heun", "", "--goal-nfe", "2",
-                     "--plot", "",
-                     "--cache-dir", str(tmp_path / "unused"))  # fmt: skip
+                     "--dpmpp-2m", "", "--dpmpp-2m-sde", "", "--sa-solver", "", "--euler", "", "--heun", "",
+                     "--goal-nfe", "2", "--plot", "", "--cache-dir", str(tmp_path / "unused"))  # fmt: skip
     result = json.loads(out.stdout)
     assert [(r["sampler"], r["nfe"], r["n"]) for r in result["rows"]] == [("ddpm", 4, 4), ("ddim", 2, 4)]
     assert result["model"]["family"] == "pixel" and result["model"]["run"] == str(run)

@@ -18,7 +18,7 @@ import torch
 
 from difflab.diffusion.analytic import GaussianMixture, gaussian_output_error
 from difflab.diffusion.denoiser import Denoiser
-from difflab.diffusion.discretization import make_plan
+from difflab.diffusion.discretization import make_plan, noise_level
 from difflab.diffusion.forward import q_posterior, q_sample
 from difflab.diffusion.samplers import SAMPLERS, get_sampler
 from difflab.diffusion.schedules import make_schedule
@@ -40,6 +40,8 @@ LINEAR = make_schedule("linear")
         ("dpmpp_2m", 50, {}, 0.05),
         ("dpmpp_2m_sde", 20, {"spacing": "trailing"}, 0.05),
         ("dpmpp_2m_sde", 160, {"spacing": "trailing"}, 0.005),
+        ("sa_solver", 20, {"spacing": "trailing"}, 0.05),
+        ("sa_solver", 20, {"spacing": "trailing", "eta": 1.0}, 0.05),
         ("heun", 18, {}, 0.05),
         ("euler", 50, {}, 0.05),
     ],
@@ -82,6 +84,8 @@ def test_error_falls_at_the_order_of_the_method(sampler, spacing, n, order):
         ("ddim", 50, {}),
         ("dpmpp_2m", 20, {"spacing": "trailing"}),
         ("dpmpp_2m_sde", 20, {"spacing": "trailing"}),
+        ("sa_solver", 20, {"spacing": "trailing"}),
+        ("sa_solver", 20, {"spacing": "trailing", "eta": 1.0}),
         ("heun", 18, {}),
         ("euler", 50, {}),
     ],
@@ -193,7 +197,7 @@ def test_zero_terminal_snr_sampling():
     (DPM-Solver++'s first step takes the exact h -> inf limit) and still reproduce the data;
     Euler/Heun, which divide by alpha, refuse with a clear error."""
     z = make_schedule("linear", rescale_zero_snr=True)
-    for name, steps in (("ddim", 50), ("dpmpp_2m", 20)):
+    for name, steps in (("ddim", 50), ("dpmpp_2m", 20), ("sa_solver", 20)):
         err = gaussian_output_error(get_sampler(name), z, steps, spacing="trailing")
         assert err["w2"] < 0.05, (name, err)
     den = Denoiser(mixture().net(z, "v_prediction"), z, "v_prediction")
@@ -208,7 +212,7 @@ def test_sampler_errors_name_the_bad_value():
     den = Denoiser(lambda x, t: torch.zeros_like(x), LINEAR, "epsilon")
     with pytest.raises(
         DifflabError,
-        match=r"unknown sampler 'ddmi' .*; choose one of: ddpm, ddim, dpmpp_2m, dpmpp_2m_sde, euler, heun$",
+        match=r"unknown sampler 'ddmi' .*; choose one of: ddpm, ddim, dpmpp_2m, dpmpp_2m_sde, sa_solver, euler, heun$",
     ):
         get_sampler("ddmi")
     x = torch.randn(2, 3)
@@ -242,3 +246,55 @@ def test_dpmpp_2m_sde_with_eta_0_is_the_ode_solver_and_eta_is_checked():
     )
     with pytest.raises(DifflabError, match="eta -0.5 is invalid"):
         get_sampler("dpmpp_2m_sde")(den, x, s, 12, eta=-0.5)
+
+
+@pytest.mark.parametrize("schedule", ["linear", "cosine"])
+def test_sa_solver_is_exact_when_x0_is_linear_in_lambda(schedule):
+    r"""If the network's x0 estimate along the path is a + b * lambda, the probability-flow ODE has a closed
+    form, x(l) = (sigma_l / sigma_t) x_t + sigma_l * [e^lambda (a + b lambda - b)] from lambda_t to l. SA-Solver's
+    exact coefficients integrate a line exactly, extrapolated (predictor) or interpolated (corrector), so
+    from the second step on every sample lands on the closed form to rounding. The first step is first
+    order until the corrector redoes it, so without the corrector the error stays; the 'bh1' coefficients
+    are off at O(h^3) per step."""
+    s = make_schedule(schedule)
+    g = torch.Generator().manual_seed(0)
+    a, b, x_T = (torch.randn(3, 4, dtype=torch.float64, generator=g) for _ in range(3))
+
+    def den(x, t):
+        level = noise_level(float(s.alphas_cumprod[t]))
+        x0 = a + b * level.lam
+        return (x - level.alpha * x0) / level.sigma, x0
+
+    steps = 12
+    plan = make_plan(s, steps, "trailing")
+    start = plan.level(0)
+
+    def exact(i):  # the ODE's solution at level i + 1, where the callback of step i reports
+        end = plan.level(i + 1)
+        integral = end.alpha * (a + b * end.lam - b) - end.sigma * math.exp(start.lam) * (
+            a + b * start.lam - b
+        )
+        return end.sigma / start.sigma * x_T + integral
+
+    def errors(**options):
+        seen = []
+        get_sampler("sa_solver")(den, x_T, s, steps, spacing="trailing", callback=lambda i, x, t, x0: seen.append(x),
+                                 **options)  # fmt: skip
+        return [float((x - exact(i)).abs().max() / exact(i).abs().max()) for i, x in enumerate(seen[:-1])]
+
+    assert max(errors()[1:]) < 1e-12
+    assert min(errors(corrector=False)[1:]) > 1e-4
+    assert max(errors(coefficients="bh1")[1:]) > 1e-4
+
+
+def test_sa_solver_errors_name_the_bad_value():
+    den = Denoiser(lambda x, t: torch.zeros_like(x), LINEAR, "epsilon")
+    x = torch.randn(2, 3)
+    with pytest.raises(DifflabError, match="eta -1.0 is invalid; expected eta >= 0"):
+        get_sampler("sa_solver")(den, x, LINEAR, 5, eta=-1.0)
+    with pytest.raises(DifflabError, match="unknown SA-Solver coefficients 'midpoint'"):
+        get_sampler("sa_solver")(den, x, LINEAR, 5, coefficients="midpoint")
+    z = make_schedule("linear", rescale_zero_snr=True)
+    with pytest.raises(DifflabError, match="coefficients 'bh1' cannot step from zero SNR"):
+        get_sampler("sa_solver")(Denoiser(mixture().net(z, "v_prediction"), z, "v_prediction"), torch.randn(2, 8), z,
+                                 5, spacing="trailing", coefficients="bh1")  # fmt: skip

@@ -308,3 +308,41 @@ def test_clipped_ddim_matches_clip_sample(prediction_type):
         start = x_T if i == 0 else ours[i - 1]
         theirs = ref.step(outputs[i], t, start, use_clipped_model_output=True).prev_sample
         assert rel_err(ours[i], theirs) < 1e-6, i
+
+
+@pytest.mark.parametrize("eta", [0.0, 1.0])
+@pytest.mark.parametrize("prediction_type", PREDICTION_TYPES)
+@pytest.mark.parametrize("schedule", list(SCHEDULES))
+def test_sa_solver_bh1_matches_sasolver_scheduler(schedule, prediction_type, eta):
+    """SA-Solver with ``coefficients="bh1"`` against diffusers' SASolverScheduler (predictor_order=2,
+    corrector_order=2, constant tau = sqrt(eta)), from the same model outputs and the same fresh noise,
+    every step but the last to 1e-10 relative. Its last step ends on sigma_0 where ours ends on 0 (it
+    cannot take h = inf), so it is left out; the corrector, which redoes each step from the next model
+    output, is inside every compared step from the second on."""
+    steps = 10
+    g = torch.Generator().manual_seed(0)
+    x_T = torch.randn(2, 3, 4, 4, generator=g, dtype=torch.float64)
+    outputs = [torch.randn(x_T.shape, generator=g, dtype=torch.float64) for _ in range(steps)]
+    s = make_schedule(schedule)
+    t = timestep_spacing(1000, steps, "trailing")
+    ref = diffusers.SASolverScheduler(
+        num_train_timesteps=1000, prediction_type=prediction_type, predictor_order=2, corrector_order=2,
+        tau_func=lambda _: math.sqrt(eta), timestep_spacing="trailing", **SCHEDULES[schedule],
+    )  # fmt: skip
+    ref.set_timesteps(steps)
+    assert ref.timesteps.tolist() == t.tolist()
+    ref.alphas_cumprod = s.alphas_cumprod.clone()  # our float64 schedule, as make_reference does
+    ref.sigmas = torch.cat([s.sigmas[t], s.sigmas[:1]])
+    net, lat, theirs = Replay(outputs), x_T.clone(), []
+    noise = torch.Generator().manual_seed(5)  # it draws one normal tensor per step, as ours does at eta > 0
+    for step_t in ref.timesteps:
+        lat = ref.step(net(lat, step_t), step_t, lat, generator=noise).prev_sample
+        theirs.append(lat)
+    ours, noise = [], torch.Generator().manual_seed(5)
+    get_sampler("sa_solver")(
+        Denoiser(Replay(outputs), s, prediction_type), x_T, s, steps, spacing="trailing", eta=eta,
+        coefficients="bh1", noise=lambda i, x: torch.randn(x.shape, generator=noise, dtype=x.dtype),
+        callback=lambda i, x, t, x0: ours.append(x),
+    )  # fmt: skip
+    for i, (a, b) in enumerate(zip(ours[:-1], theirs[:-1], strict=True)):
+        assert rel_err(a, b) < 1e-10, f"step {i}: {rel_err(a, b):.2e}"

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from difflab.errors import DifflabError
 
-SAMPLER_HELP = "ddpm, ddim, dpmpp_2m, dpmpp_2m_sde, euler or heun (default: the run's)"
+SAMPLER_HELP = "ddpm, ddim, dpmpp_2m, dpmpp_2m_sde, sa_solver, euler or heun (default: the run's)"
 
 
 def add_preset_args(p, example: str) -> None:
