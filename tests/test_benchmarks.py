@@ -184,3 +184,18 @@ def test_samplers_on_a_pixel_run(tmp_path):
     assert [(r["sampler"], r["nfe"], r["n"]) for r in result["rows"]] == [("ddpm", 4, 4), ("ddim", 2, 4)]
     assert result["model"]["family"] == "pixel" and result["model"]["run"] == str(run)
     assert "plot" not in result and not (tmp_path / "unused").exists()
+
+
+def test_step_profile_smallest_setting():
+    """One profiled step of each matched latent network: every kind of work gets a share, the shares sum
+    to 1, and the convolutions, which both libraries hand to the same oneDNN kernels, are the largest."""
+    out = run_script("step_profile.py", "--case", "latent8", "--warmup", "1", "--steps", "1")
+    result = json.loads(out.stdout)
+    assert result["case"] == "latent8" and result["machine"]["threads"] >= 1
+    for side in ("difflab", "diffusers"):
+        shares = result["sides"][side]["shares"]
+        assert set(shares) == {"convolution", "matmul", "attention", "normalisation", "activation", "optimizer",
+                               "other"}  # fmt: skip
+        assert abs(sum(shares.values()) - 1) < 1e-3 and all(v >= 0 for v in shares.values())
+        assert max(shares, key=shares.get) == "convolution"
+    assert "| difflab |" in out.stderr and "| diffusers |" in out.stderr
