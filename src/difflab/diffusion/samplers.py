@@ -249,7 +249,7 @@ def sample_sa_solver(
 
     The first step is first order, and the last lands on \sigma = 0 and returns :math:`\hat x_0`.
     Why have it: on ``ldm_toy`` trained 30,000 steps, at 10 NFE and w = 3, the corrected ODE (``eta = 0``,
-    the default) reads the reader's accuracy 0.84 points below DDPM-1000's over eight seeds, where
+    the default) scores 0.84 points below DDPM-1000 in the reader's accuracy over eight seeds, where
     SDE-DPM-Solver++(2M) is 2.25 below (docs/benchmarks.md, samplers against NFE).
     ``coefficients="bh1"`` reproduces diffusers' ``SASolverScheduler`` (``predictor_order=2,
     corrector_order=2``, constant ``tau = sqrt(eta)``) step for step, up to its last step, which ends
