@@ -260,7 +260,7 @@ def sample_sa_solver(
     check_choice("SA-Solver coefficients", coefficients, SA_COEFFICIENTS)
     plan, draw = make_plan(schedule, steps, spacing, timesteps), noise_source(noise)
     k = 1 + eta
-    last = None  # the step just taken: (x_t, x0_t, z, level t, h); the multistep history
+    last = None  # the step just taken: (x_t, x0_t, z, level t); the multistep history
 
     def step(x, x0, delta, t, s, z):
         h = s.lam - t.lam
@@ -272,15 +272,17 @@ def sample_sa_solver(
     def update(i, x, eps, x0):
         nonlocal last
         t, s = plan.level(i), plan.level(i + 1)
-        if corrector and last is not None:  # redo the last step with the line through x0_t' and x0 here
-            x_prev, x0_prev, z_prev, t_prev, _ = last
-            x = step(x_prev, x0_prev, x0 - x0_prev, t_prev, t, z_prev)
-        if s.sigma == 0:  # h is infinite: the step returns the x0 estimate
+        if s.sigma == 0:  # h is infinite: the step returns the x0 estimate (a correction would go unused)
             return x0
-        h = s.lam - t.lam
-        delta = torch.zeros_like(x0) if last is None else (x0 - last[1]) * (h / last[4])
+        delta = torch.zeros_like(x0)
+        if last is not None:
+            x_prev, x0_prev, z_prev, t_prev = last
+            if corrector:  # redo the last step with the line through x0_t' and x0 here
+                x = step(x_prev, x0_prev, x0 - x0_prev, t_prev, t, z_prev)
+            h, h_prev = s.lam - t.lam, t.lam - t_prev.lam
+            delta = (x0 - x0_prev) * (h / h_prev)  # the slope over the last step, times this step's h
         z = draw(i, x) if eta > 0 else None
-        last = (x, x0, z, t, h)
+        last = (x, x0, z, t)
         return step(x, x0, delta, t, s, z)
 
     return run_steps(
