@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import math
+import textwrap
 from pathlib import Path
 
+import matplotlib
+import matplotlib.pyplot as plt
 import numpy as np
 import torch
 from PIL import Image
@@ -75,12 +78,7 @@ def save_captioned_grid(
 ) -> Path:
     """Images (N, C, H, W) in [-1, 1], each under its caption (a prompt), ``ncol`` per row. ``marks``:
     a judge's verdict per image, drawn as a green (holds) or red (does not) caption."""
-    import textwrap
-
-    import matplotlib
-
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
     n = len(images)
     rows = math.ceil(n / ncol)
@@ -99,8 +97,6 @@ def save_captioned_grid(
 
 def save_figure(fig, path: str | Path, dpi: int = 110) -> Path:
     """Lay out a matplotlib figure, write it as PNG (making the folder) and free it; returns the path."""
-    import matplotlib.pyplot as plt
-
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

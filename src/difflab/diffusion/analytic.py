@@ -19,6 +19,8 @@ from dataclasses import dataclass
 
 import torch
 
+from difflab.diffusion.denoiser import Denoiser
+from difflab.diffusion.discretization import DEFAULT_SPACING, make_plan
 from difflab.diffusion.objectives import from_eps_x0
 from difflab.diffusion.schedules import Schedule, broadcast_like
 
@@ -84,9 +86,6 @@ def gaussian_output_error(
     Returns ``mean_error``, ``std_error`` and ``w2`` (the 2-Wasserstein distance between the output
     Gaussian and the data Gaussian: sqrt(mean_error^2 + std_error^2)).
     """
-    from difflab.diffusion.denoiser import Denoiser
-    from difflab.diffusion.discretization import DEFAULT_SPACING, make_plan
-
     data = GaussianMixture(torch.tensor([[mean]], dtype=torch.float64), std)
     denoiser = Denoiser(data.net(schedule, "sample"), schedule, "sample")
     plan = make_plan(schedule, steps, options.get("spacing", DEFAULT_SPACING), options.get("timesteps"))

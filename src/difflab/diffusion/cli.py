@@ -1,7 +1,6 @@
 """``difflab schedule``: print (or plot) the numbers that describe a noise schedule.
 
-Everything printed is explained in docs/diffusion.md ("What difflab schedule prints"). Torch and
-matplotlib are imported only when the command runs, so ``difflab --help`` stays fast.
+Everything printed is explained in docs/diffusion.md ("What difflab schedule prints").
 """
 
 from __future__ import annotations
@@ -10,9 +9,13 @@ import json
 import math
 import sys
 
-# The names of difflab.diffusion.schedules.BETA_SCHEDULES, listed here so building the parser does not
-# import torch (a test checks the two lists agree).
-SCHEDULE_NAMES = ("linear", "cosine", "scaled_linear", "sigmoid")
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from difflab.diffusion.schedules import BETA_SCHEDULES, make_schedule
+from difflab.errors import DifflabError
+
+SCHEDULE_NAMES = tuple(BETA_SCHEDULES)
 
 
 def register(subparsers) -> None:
@@ -110,9 +113,6 @@ def _summary(d: dict) -> str:
 
 def plot_schedules(schedules, path: str) -> None:
     """Draw alpha_bar_t, log-SNR(t) and beta_t of several schedules side by side into ``path``."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
     fig = Figure(figsize=(13, 3.8))
     FigureCanvasAgg(fig)
     axes = fig.subplots(1, 3)
@@ -137,9 +137,6 @@ def plot_schedules(schedules, path: str) -> None:
 
 
 def run_schedule(args) -> int:
-    from difflab.diffusion.schedules import make_schedule
-    from difflab.errors import DifflabError
-
     def build(name: str):
         return make_schedule(
             name, args.timesteps, rescale_zero_snr=args.rescale_zero_snr,

@@ -24,6 +24,7 @@ import math
 from collections.abc import Callable
 
 import torch
+from tqdm.auto import tqdm
 
 from difflab.diffusion.discretization import DEFAULT_SPACING, SamplingPlan, make_plan
 from difflab.diffusion.forward import posterior_coefficients, strided_beta
@@ -50,8 +51,6 @@ def run_steps(
 ) -> torch.Tensor:
     """The loop every sampler shares: evaluate the denoiser at step i, apply the sampler's update,
     report to the callback. ``update(i, x, eps_hat, x0_hat) -> x`` holds the sampler's equation."""
-    from tqdm.auto import tqdm
-
     cond = cond or {}
     for i in tqdm(range(len(plan)), desc=name, disable=not progress):
         t = int(plan.timesteps[i])

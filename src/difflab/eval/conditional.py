@@ -16,6 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from difflab.data.digits import DigitsDataset
 from difflab.world.reader import read
 from difflab.world.scene import WorldConfig
 
@@ -47,8 +48,6 @@ class DigitsJudge:
 
     def __post_init__(self) -> None:
         from sklearn.svm import SVC
-
-        from difflab.data.digits import DigitsDataset
 
         train = DigitsDataset("train", size=self.size, seed=self.seed)
         test = DigitsDataset("test", size=self.size, seed=self.seed)

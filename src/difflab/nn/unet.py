@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 
 from difflab.nn.attention import SpatialAttention
 from difflab.nn.embeddings import TimestepEmbedding
@@ -270,8 +271,6 @@ def example_inputs(cfg: UNetConfig, batch: int, context_length: int = 24) -> dic
 def training_step_flops(model: nn.Module, example_inputs: dict, loss_fn=None) -> int:
     """FLOPs of one forward + backward pass, counted by ``torch.utils.flop_counter`` (a multiply-add is
     2 FLOPs; convolutions, matmuls and attention are counted, elementwise ops are not)."""
-    from torch.utils.flop_counter import FlopCounterMode
-
     with FlopCounterMode(display=False) as counter:
         out = model(**example_inputs)
         (out.float().square().mean() if loss_fn is None else loss_fn(out)).backward()

@@ -105,6 +105,9 @@ def all_gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     """
     if world_size() == 1:
         return x
+    # Imported here, not at the top: torch.distributed.nn.functional raises ImportError on PyTorch builds
+    # without torch.distributed (USE_DISTRIBUTED=0), which this module otherwise supports, and importing
+    # it builds torch's RPC RemoteModule template. Reaching this line means a process group exists.
     from torch.distributed.nn.functional import all_gather
 
     return torch.cat(all_gather(x), dim=0)

@@ -7,6 +7,8 @@ import json
 import sys
 
 from difflab.errors import DifflabError
+from difflab.world.check import check_reader
+from difflab.world.preview import save_preview
 from difflab.world.scene import BACKGROUNDS, WORLD_PRESETS, world_preset
 
 
@@ -60,8 +62,6 @@ def _config(args):
 
 
 def _preview(args) -> int:
-    from difflab.world.preview import save_preview
-
     cfg = _config(args)
     save_preview(cfg, args.n, args.seed, args.out, field=args.field)
     print(f"wrote {args.n} {args.preset} scenes to {args.out}")
@@ -69,8 +69,6 @@ def _preview(args) -> int:
 
 
 def _check(args) -> int:
-    from difflab.world.check import check_reader
-
     if args.noise < 0:
         raise DifflabError(f"--noise {args.noise} is invalid; expected a standard deviation >= 0")
     cfg = _config(args)

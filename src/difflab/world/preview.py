@@ -6,8 +6,11 @@ import math
 import textwrap
 from pathlib import Path
 
+import matplotlib
+import matplotlib.pyplot as plt
 import numpy as np
 
+from difflab.world.language import describe
 from difflab.world.render import render
 from difflab.world.scene import WorldConfig, scene_at
 
@@ -15,12 +18,7 @@ from difflab.world.scene import WorldConfig, scene_at
 def save_preview(cfg: WorldConfig, n: int, seed: int, out: str | Path, field: str = "image") -> Path:
     """Render scenes ``0..n-1`` of ``seed`` and save a captioned grid (PNG, or any format matplotlib
     writes) to ``out``. ``field`` picks image, depth, edges or mask."""
-    import matplotlib
-
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from difflab.world.language import describe
 
     cols = math.ceil(math.sqrt(n))
     rows = math.ceil(n / cols)
