@@ -247,9 +247,9 @@ def sample_sa_solver(
       evaluation (as in UniPC, Zhao et al. 2023); ``callback`` sees the predicted sample.
 
     The first step is first order, and the last lands on \sigma = 0 and returns :math:`\hat x_0`.
-    Why have it: on ``ldm_toy`` trained 30,000 steps, at 10 NFE and w = 3, the corrected ODE (``eta = 0``,
-    the default) scores 0.84 points below DDPM-1000 in the reader's accuracy over eight seeds, where
-    SDE-DPM-Solver++(2M) is 2.25 below (docs/benchmarks.md, samplers against NFE).
+    Why have it: on a trained model at few steps, the corrected ODE (``eta = 0``, the default) comes
+    closer to ancestral DDPM at 1,000 steps than SDE-DPM-Solver++(2M) does (measured on ``ldm_toy``:
+    docs/benchmarks.md, samplers against NFE).
     ``coefficients="bh1"`` reproduces diffusers' ``SASolverScheduler`` (``predictor_order=2,
     corrector_order=2``, constant ``tau = sqrt(eta)``) step for step, up to its last step, which ends
     on \sigma_0 rather than 0.
@@ -346,8 +346,8 @@ def sample_heun(
     fewer). The trapezoid moves x/alpha by :math:`(\sigma_{i+1}-\sigma_i)(d_i + d_{i+1})/2`, so any
     disagreement between the two slopes is multiplied by the step's length in sigma. Karras et al. start
     at sigma = 80; the cosine schedule's clipped last beta puts its first sigma near 2e4, where this
-    product swamps the image (on Gaussian data, 18 trailing steps: W2 error 0.83 instead of Euler's
-    0.04). Diffusers' HeunDiscreteScheduler has no such guard."""
+    product swamps the image (measured on Gaussian data: docs/diffusion.md, "Samplers"). Diffusers'
+    HeunDiscreteScheduler has no such guard."""
     plan = _karras_plan(schedule, steps, spacing, timesteps, "heun")
     cond_kwargs = cond or {}
 

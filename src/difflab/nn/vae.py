@@ -44,7 +44,8 @@ class AutoencoderConfig:
     """'pyramid': the paper's encoder, convolutions at every resolution from H down to H/f (widths
     ``channels * channel_mult[i]``). 'patch': space-to-depth by f (``F.pixel_unshuffle``) and every block
     at the latent resolution, the decoder ending in ``F.pixel_shuffle`` (Shi et al. 2016): on a CPU it
-    trains ~8x more steps per second (docs/ldm.md), and toy scenes need no full-resolution features."""
+    trains several times more steps per second (measured: docs/ldm.md), and toy scenes need no
+    full-resolution features."""
     channels: int = 64
     """Width of the blocks (pyramid: of the first, full-resolution level)."""
     channel_mult: tuple[int, ...] = ()

@@ -54,7 +54,7 @@ class TrainConfig:
     skips the steps whose gradients overflow; meant for CUDA)."""
     channels_last: bool = False
     """Keep the network's 4-D weights (and so its convolutions' activations) in channels-last memory
-    order: 8-14 % more images/s for the presets' UNets on this machine's CPU (docs/benchmarks.md)."""
+    order: more images/s for the presets' UNets on a CPU (measured: docs/benchmarks.md)."""
     compile: str = "no"
     """'inductor': ``torch.compile`` the model's forward (opt-in: the first steps pay for compiling; see
     docs/benchmarks.md for when it pays); 'eager' only traces it (a quick check that it compiles)."""

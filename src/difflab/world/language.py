@@ -134,9 +134,9 @@ def short_caption(scene: Scene, rng: np.random.Generator, form: str | None = Non
     :func:`short_forms` of the scene), without sizes or positions, and its structured prompt.
 
     The full captioner (:func:`caption`) names size and position at random and adds long descriptions;
-    in the text-to-image data (scene32) only 3.5 % of two-object scenes' captions have a two-object short
-    form (binding 2.8 %, position 0.4 %, two objects 0.3 %). Mixing short captions with descriptive ones,
-    so that short prompts stay in-distribution, is what DALL-E 3 does (Betker et al. 2023, "Improving Image
+    in the text-to-image data (scene32) only a small share of two-object scenes' captions have a
+    two-object short form (counted: docs/t2i.md). Mixing short captions with descriptive ones, so that
+    short prompts stay in-distribution, is what DALL-E 3 does (Betker et al. 2023, "Improving Image
     Generation with Better Captions")."""
     if not scene.objects:
         raise DifflabError("cannot caption an empty scene; expected at least one object")
