@@ -31,9 +31,13 @@ from pixel_learning import TimeUp, run_variant
 
 from difflab.config import apply_overrides
 from difflab.models import ldm, vae
+from difflab.models.codecs import Latents
+from difflab.models.conditioners import class_conditioner
 from difflab.models.pixel_eval import score_samples
+from difflab.models.recipe import make_loss_fn
+from difflab.models.registry import get_preset
+from difflab.models.system import DiffusionSystem
 from difflab.nn.unet import UNet, count_parameters
-from difflab.presets import get_preset
 from difflab.train.trainer import Trainer, make_loader
 
 
@@ -63,12 +67,14 @@ def run_latent(f: int, args, root: Path) -> dict:
 
     budget = ["train.steps=100000", "train.checkpoint_every=100000", "train.progress=false",
               f"train.sample_every={args.eval_every}", f"vae={vae_run}"]  # fmt: skip
-    cfg = ldm.attach_vae(apply_overrides(get_preset("ldm_toy").build(), [*budget, *args.ldm_set]))
+    cfg = ldm.resolve(apply_overrides(get_preset("ldm_toy").build(), [*budget, *args.ldm_set]))
     start = time.perf_counter()
     data = ldm.latent_dataset(cfg, autoencoder)
     encode_seconds = time.perf_counter() - start
     emit({"phase": "encode", "f": f, "seconds": round(encode_seconds, 1), "items": len(data)})
 
+    conditioner = class_conditioner(cfg.data, cfg.cond_drop)
+    codec = Latents(autoencoder, cfg.latent_scale, cfg.posterior)
     torch.manual_seed(cfg.train.seed)
     unet = UNet(cfg.unet)
     classes = cfg.unet.num_classes
@@ -78,7 +84,7 @@ def run_latent(f: int, args, root: Path) -> dict:
 
     def sample_fn(ema_unet, step, run_dir):
         trainer = holder["trainer"]
-        system = ldm.LatentDiffusion(ema_unet, autoencoder, cfg.latent_scale)
+        system = DiffusionSystem(ema_unet, conditioner, codec)
         images = ldm.generate(system, cfg, len(labels), labels=labels, seed=1)
         acc = score_samples(cfg, images, labels)["class_accuracy"]
         rec = emit({"phase": "ldm", "f": f, "step": step, "train_seconds": round(trainer.elapsed_seconds(), 1),
@@ -88,7 +94,7 @@ def run_latent(f: int, args, root: Path) -> dict:
             raise TimeUp
 
     loader = make_loader(data, cfg.train)
-    trainer = Trainer(unet, ldm.make_loss_fn(cfg, cfg.diffusion.make_schedule()), loader, cfg.train,
+    trainer = Trainer(unet, make_loss_fn(cfg, cfg.diffusion.make_schedule(), conditioner, codec), loader, cfg.train,
                       root / f"ldm_f{f}", sample_fn=sample_fn)  # fmt: skip
     holder["trainer"] = trainer
     try:

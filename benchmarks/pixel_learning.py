@@ -30,10 +30,15 @@ from diffusers_baseline import DiffusersUNet
 from machine import machine
 
 from difflab.config import apply_overrides
-from difflab.models.pixel import build_unet, generate, make_dataset, make_loss_fn
+from difflab.data.config import make_dataset
+from difflab.models import pixel
+from difflab.models.codecs import Pixels
+from difflab.models.conditioners import class_conditioner
 from difflab.models.pixel_eval import score_samples
-from difflab.nn.unet import count_parameters
-from difflab.presets import get_preset
+from difflab.models.recipe import make_loss_fn
+from difflab.models.registry import get_preset
+from difflab.models.system import DiffusionSystem, generate_classes
+from difflab.nn.unet import UNet, count_parameters
 from difflab.train.trainer import Trainer, make_loader
 
 VARIANTS: dict[str, list[str]] = {
@@ -61,13 +66,14 @@ def run_variant(
 ) -> list[dict]:
     # a variant that sets train.steps (a cosine decay needs its length) stops there; others run on time
     budget = ["train.steps=100000", "train.checkpoint_every=100000", "train.progress=false"]
-    cfg = apply_overrides(get_preset(preset).build(), [*budget, *overrides, *VARIANTS[name]])
+    cfg = pixel.resolve(apply_overrides(get_preset(preset).build(), [*budget, *overrides, *VARIANTS[name]]))
+    conditioner = class_conditioner(cfg.data, cfg.cond_drop)
     torch.manual_seed(cfg.train.seed)
     classes = cfg.unet.num_classes
     if name == "diffusers_naive":  # the network: widths 32/64/64, attention at 16x16
         model = DiffusersUNet(32, cfg.unet.in_channels, (32, 64, 64), 1, num_class_embeds=classes + 1)
     else:
-        model = build_unet(cfg)
+        model = UNet(cfg.unet)
     records: list[dict] = []
     holder: dict = {}
 
@@ -82,7 +88,8 @@ def run_variant(
         }
 
         def accuracy(w: float) -> float:
-            images = generate(ema_model, cfg, len(labels), labels=labels, cfg_scale=w, seed=1)
+            system = DiffusionSystem(ema_model, conditioner, Pixels())
+            images = generate_classes(system, cfg, len(labels), labels=labels, cfg_scale=w, seed=1)
             return score_samples(cfg, images, labels)["class_accuracy"]
 
         rec["class_accuracy"] = accuracy(cfg.sample.cfg_scale)
@@ -98,7 +105,8 @@ def run_variant(
     with tempfile.TemporaryDirectory() as run_dir:
         loader = make_loader(make_dataset(cfg.data), cfg.train)
         cfg_train = apply_overrides(cfg, [f"train.sample_every={eval_every}"]).train
-        trainer = Trainer(model, make_loss_fn(cfg, cfg.diffusion.make_schedule()), loader, cfg_train, run_dir,
+        loss_fn = make_loss_fn(cfg, cfg.diffusion.make_schedule(), conditioner, Pixels())
+        trainer = Trainer(model, loss_fn, loader, cfg_train, run_dir,
                           sample_fn=sample_fn)  # fmt: skip
         holder["trainer"] = trainer
         try:

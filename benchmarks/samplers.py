@@ -51,12 +51,13 @@ from machine import machine
 from sampler_convergence import network_calls
 
 from difflab.config import apply_overrides, to_dict
+from difflab.data.config import held_out_images, num_classes
 from difflab.diffusion.samplers import SAMPLERS
 from difflab.eval.frechet import frechet_distance, pixels8_features
-from difflab.models.pixel import held_out_images, num_classes
 from difflab.models.pixel_eval import score_samples
-from difflab.models.runs import run_kind
-from difflab.presets import family_module, get_preset
+from difflab.models.registry import family_of_run, get_family, get_preset
+from difflab.models.runs import load_run_config
+from difflab.models.system import generate_classes
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_STEPS = {"ddpm": "10,20,100,1000", "ddim": "10,20,50,100", "dpmpp_2m": "5,10,20",
@@ -79,7 +80,7 @@ def same_config(module, run_dir: Path, wanted) -> bool:
     from difflab.errors import DifflabError
 
     try:
-        return module.load_config(run_dir) == wanted
+        return load_run_config(run_dir, module.config, module.name, module.what) == wanted
     except DifflabError:  # not a run, or one of an incompatible version
         return False
 
@@ -90,8 +91,8 @@ def trained(family: str, cfg, cache: Path, name: str) -> Path:
     from difflab.models.runs import has_checkpoints
     from difflab.train.checkpoint import list_checkpoints
 
-    module = family_module(family)
-    wanted = module.attach_vae(cfg) if family == "ldm" else cfg  # what an ldm run saves as its config
+    module = get_family(family)
+    wanted = module.resolve(cfg)  # the run record, what a run saves as its config
     same = [d for d in sorted(cache.glob(f"{name}-*")) if same_config(module, d, wanted)]
     run_dir = same[0] if same else cache / f"{name}-{config_hash(cfg)}"
     done = max((step for step, _ in list_checkpoints(run_dir / "checkpoints")), default=0)
@@ -150,8 +151,8 @@ def measure(
 ) -> dict:
     counter.calls = 0
     start = time.perf_counter()
-    images = family.generate(model, cfg, len(labels), labels=labels, sampler=sampler, steps=steps,
-                             cfg_scale=cfg_scale, spacing=spacing, seed=seed, sampler_options=options)  # fmt: skip
+    images = generate_classes(model, cfg, len(labels), labels=labels, sampler=sampler, steps=steps,
+                              cfg_scale=cfg_scale, spacing=spacing, seed=seed, sampler_options=options)  # fmt: skip
     seconds = time.perf_counter() - start
     assert images.shape[0] == len(labels) and bool(torch.isfinite(images).all()), (
         f"{sampler} {steps}: bad samples"
@@ -286,15 +287,14 @@ def main() -> int:
     t0 = time.perf_counter()
     run = Path(args.run) if args.run else cached_run(args)
     train_seconds = time.perf_counter() - t0
-    kind = run_kind(run)
-    if kind not in ("pixel", "ldm"):
-        p.error(f"'{run}' holds a '{kind}' run; expected a pixel or ldm run")
-    family = family_module(kind)
-    model, cfg = family.load_model(run)
+    family = family_of_run(run)
+    if family.draws != "classes":
+        p.error(f"'{run}' holds a '{family.name}' run; expected a pixel or ldm run")
+    model, cfg = family.load(run)
     classes = num_classes(cfg.data)
     if classes is None:
         p.error(f"'{run}' is unconditional; class accuracy needs a class-conditional run")
-    counter = CallCounter(model.unet if kind == "ldm" else model)
+    counter = CallCounter(model.network)
     labels = torch.arange(args.per_class * classes) % classes
     n = len(labels)
     real = pixels8_features(held_out_images(cfg.data, 2 * n))  # n to compare with, n more for the floor
@@ -310,7 +310,7 @@ def main() -> int:
     result = {
         "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "machine": machine(),
-        "model": {"run": str(run), "preset_or_run": args.run or args.preset, "family": kind,
+        "model": {"run": str(run), "preset_or_run": args.run or args.preset, "family": family.name,
                   "world": cfg.data.world, "classes": classes, "train_steps": cfg.train.steps,
                   "cfg_scale": cfg_scale, "spacing": spacing, "schedule": cfg.diffusion.schedule,
                   "prediction": cfg.diffusion.prediction},

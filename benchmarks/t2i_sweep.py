@@ -22,6 +22,7 @@ import torch
 from machine import machine
 
 from difflab.models import t2i, t2i_eval
+from difflab.world.geneval import eval_prompts
 
 
 def run_setting(model, cfg, prompts, *, sampler: str, steps: int, cfg_scale: float, seed: int) -> dict:
@@ -57,7 +58,7 @@ def main() -> int:
     args = p.parse_args()
 
     model, cfg = t2i.load_model(args.run_dir)
-    prompts = t2i_eval.eval_prompts(cfg.data.world, args.n)
+    prompts = eval_prompts(cfg.data.world, args.n)
     header = {"run": args.run_dir, "machine": machine(), "threads": torch.get_num_threads(), "torch": torch.__version__,
               "date": time.strftime("%Y-%m-%d")}  # fmt: skip
     print(json.dumps(header), flush=True)

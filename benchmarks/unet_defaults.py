@@ -30,8 +30,8 @@ import torch
 from machine import machine
 from train_throughput import training_step
 
+from difflab.models.registry import get_preset
 from difflab.nn.unet import UNet, count_parameters, example_inputs
-from difflab.presets import get_preset
 
 # The networks as their runs train them. t2i_demo's UNet runs on vae_t2i's 16x16x4 latents (its
 # preset alone describes pixels until a VAE is attached, see 'difflab info').

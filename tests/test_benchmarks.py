@@ -101,7 +101,7 @@ def test_t2i_sweep_smallest_setting(tmp_path):
     """One prompt per category, one guidance scale and one sampler setting on a 2-step tiny run."""
     from difflab.config import apply_overrides
     from difflab.models import clip, t2i
-    from difflab.presets import get_preset
+    from difflab.models.registry import get_preset
 
     clip_run = clip.train(
         apply_overrides(get_preset("clip_tiny").build(), ["train.steps=2"]), tmp_path / "clip"
@@ -174,7 +174,7 @@ def test_samplers_on_a_pixel_run(tmp_path):
     """--run: an existing pixel run (tiny, 2 steps) is measured as it is, nothing is trained."""
     from difflab.config import apply_overrides
     from difflab.models import pixel
-    from difflab.presets import get_preset
+    from difflab.models.registry import get_preset
 
     run = pixel.train(apply_overrides(get_preset("tiny").build(), ["train.steps=2"]), tmp_path / "run")
     out = run_script("samplers.py", "--run", str(run), "--per-class", "1", "--ddpm", "4", "--ddim", "2",

@@ -15,15 +15,15 @@ from safetensors.torch import load_file, save_file
 
 from difflab.cli import main
 from difflab.errors import DifflabError
-from difflab.models.clip import CLIP, CaptionedScenes, clip_loss, make_loss_fn, make_tokenizer
+from difflab.models.clip import CLIP, CaptionedScenes, clip_loss, make_loss_fn, make_tokenizer, resolve
+from difflab.models.registry import get_preset
 from difflab.nn.text_transformer import TextTransformer, TextTransformerConfig
 from difflab.nn.transformer import causal_padding_mask
 from difflab.nn.vit import VisionTransformer, ViTConfig
-from difflab.presets import get_preset
 
 
 def tiny_cfg(hard_negatives: bool = False):
-    cfg = get_preset("clip_tiny").build()
+    cfg = resolve(get_preset("clip_tiny").build())
     return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, hard_negatives=hard_negatives))
 
 
@@ -218,12 +218,12 @@ def test_captioned_scenes_are_deterministic_and_mixed():
 
 
 def test_every_clip_preset_builds_and_takes_one_step():
-    from difflab.presets import all_presets
+    from difflab.models.registry import PRESETS
 
-    for name, preset in all_presets().items():
+    for name, preset in PRESETS.items():
         if preset.family != "clip":
             continue
-        cfg = preset.build()
+        cfg = resolve(preset.build())
         model = CLIP(cfg)
         data = CaptionedScenes(cfg.data, make_tokenizer(cfg))
         batch = {k: torch.stack([data[i][k] for i in range(2)]) for k in data[0]}
@@ -234,7 +234,7 @@ def test_every_clip_preset_builds_and_takes_one_step():
 
 
 def test_config_derives_tower_sizes_and_checks_values():
-    cfg = get_preset("clip_demo").build()
+    cfg = resolve(get_preset("clip_demo").build())
     assert cfg.vision.image_size == 32 and cfg.text.vocab_size == make_tokenizer(cfg).vocab_size
     with pytest.raises(DifflabError, match="describe_prob 1.5"):
         dataclasses.replace(cfg.data, describe_prob=1.5)

@@ -13,13 +13,15 @@ import torch
 
 from difflab.cli import main
 from difflab.config import apply_overrides
+from difflab.data.config import make_dataset
 from difflab.errors import DifflabError
 from difflab.models import ldm, vae
-from difflab.models.pixel import make_dataset
+from difflab.models.codecs import Latents, Pixels
+from difflab.models.recipe import make_loss_fn
+from difflab.models.registry import get_preset
 from difflab.models.runs import checkpoint_id
 from difflab.nn.discriminator import hinge_d_loss
 from difflab.nn.vae import Encoder, KLAutoencoder
-from difflab.presets import get_preset
 from difflab.train.checkpoint import list_checkpoints, read_checkpoint
 
 
@@ -131,7 +133,7 @@ def test_gan_and_perceptual_paths_train(tmp_path):
     disc = sorted(k for k in states[6] if k.startswith("discriminator."))
     assert disc and all(k in states[2] for k in disc)
     torch.manual_seed(cfg.train.seed)  # the initial weights, as train() draws them
-    initial = vae.VAETrainee(cfg).state_dict()
+    initial = vae.VAETrainee(vae.resolve(cfg)).state_dict()
     # no gradient reached the discriminator before gan_start; afterwards its hinge loss trained it
     assert all(torch.equal(states[2][k], initial[k]) for k in disc)
     assert any(not torch.equal(states[6][k], states[2][k]) for k in disc)
@@ -157,10 +159,10 @@ def test_each_adversarial_loss_reaches_only_its_own_network():
     discriminator, the hinge loss on a detached reconstruction. A plain ``disc(rec)`` in the generator
     term would push the discriminator toward calling fakes real; a non-detached ``rec`` in the hinge
     loss would train the decoder to help the discriminator. Either breaks the equality below."""
-    cfg = apply_overrides(
+    cfg = vae.resolve(apply_overrides(
         get_preset("vae_tiny").build(),
         ["loss.gan_weight=0.7", "loss.gan_start=0", "loss.kl_weight=0.01", "loss.disc_channels=8"],
-    )
+    ))  # fmt: skip
     torch.manual_seed(0)
     trainee = vae.VAETrainee(cfg)
     x = _held_out(cfg, 8)
@@ -237,9 +239,7 @@ def test_training_never_runs_the_encoder_once_the_cache_exists(vae_run, ldm_run,
 
 
 def test_ldm_learns_the_classes(ldm_run):
-    from difflab.models.pixel_eval import evaluate
-
-    report = evaluate(ldm_run, 128)
+    report = ldm.evaluate(ldm_run, 128)
     assert report["judge"] == "toy-world reader"
     assert report["class_accuracy"] >= 0.6, report  # 4 classes: chance is 0.25
     for name in ("config.json", "metrics.jsonl", "samples.png", "trajectory.png"):
@@ -259,7 +259,7 @@ def test_ldm_config_holds_the_vae_run_it_was_trained_on(vae_run, ldm_run):
     assert unet["in_channels"] == unet["out_channels"] == c and unet["image_size"] == h == w
 
     model, cfg = ldm.load_model(ldm_run)
-    assert model.scale == stats["scale"] and cfg.unet.in_channels == c
+    assert model.codec.scale == stats["scale"] and cfg.unet.in_channels == c
     images = ldm.generate(model, cfg, 4, labels=torch.tensor([0, 1, 2, 3]), seed=1, steps=4)
     assert images.shape == (4, 3, 16, 16) and images.abs().max() <= 1.0
     again = ldm.generate(model, cfg, 4, labels=torch.tensor([0, 1, 2, 3]), seed=1, steps=4)
@@ -268,25 +268,23 @@ def test_ldm_config_holds_the_vae_run_it_was_trained_on(vae_run, ldm_run):
 
 def test_loss_trains_on_scaled_latents(vae_run, ldm_run):
     """posterior='mode' is the pixel loss on scale * mean; 'sample' draws z = mean + std * eps first."""
-    from difflab.models import pixel
-
     cfg = ldm.load_config(ldm_run)
-    unet, _ = ldm.load_model(ldm_run)
-    unet = unet.unet
+    system, _ = ldm.load_model(ldm_run)
+    unet, labels = system.network, system.conditioner
     schedule = cfg.diffusion.make_schedule()
     gen = torch.Generator().manual_seed(0)
     batch = {"mean": torch.randn(6, 4, 8, 8, generator=gen), "std": torch.rand(6, 4, 8, 8, generator=gen),
              "label": torch.tensor([0, 1, 2, 3, 0, 1])}  # fmt: skip
-    inner = pixel.make_loss_fn(cfg, schedule)
+    inner = make_loss_fn(cfg, schedule, labels, Pixels())
     with torch.no_grad():
-        mode = ldm.make_loss_fn(dataclasses.replace(cfg, posterior="mode"), schedule)
+        mode = make_loss_fn(cfg, schedule, labels, Latents(None, cfg.latent_scale, posterior="mode"))
         expected = inner(unet, {"image": batch["mean"] * cfg.latent_scale, "label": batch["label"]},
                          torch.Generator().manual_seed(3))[0]  # fmt: skip
         torch.testing.assert_close(mode(unet, batch, torch.Generator().manual_seed(3))[0], expected)
         wide = {**batch, "std": batch["std"] * 100}
         torch.testing.assert_close(mode(unet, wide, torch.Generator().manual_seed(3))[0], expected)
 
-        sample = ldm.make_loss_fn(cfg, schedule)
+        sample = make_loss_fn(cfg, schedule, labels, Latents(None, cfg.latent_scale, posterior="sample"))
         g = torch.Generator().manual_seed(3)
         z = batch["mean"] + batch["std"] * torch.randn(batch["mean"].shape, generator=g)
         expected = inner(unet, {"image": z * cfg.latent_scale, "label": batch["label"]}, g)[0]
@@ -301,7 +299,7 @@ def test_ldm_resume_is_bit_exact(vae_run, tmp_path):
     for ema in (False, True):
         a, _ = ldm.load_model(tmp_path / "straight", ema=ema)
         b, _ = ldm.load_model(tmp_path / "split", ema=ema)
-        for (name, p), q in zip(a.unet.state_dict().items(), b.unet.state_dict().values(), strict=True):
+        for (name, p), q in zip(a.network.state_dict().items(), b.network.state_dict().values(), strict=True):
             assert torch.equal(p, q), (ema, name)
 
 

@@ -20,11 +20,11 @@ from difflab.diffusion.schedules import make_schedule
 from difflab.errors import DifflabError
 from difflab.models import clip, t2i, t2i_eval, vae
 from difflab.models.attention_maps import CrossAttentionMaps
+from difflab.models.registry import get_preset
 from difflab.models.text_encoder import export_text_encoder
 from difflab.nn.attention import MultiHeadAttention
 from difflab.nn.unet import UNet, UNetConfig
-from difflab.presets import get_preset
-from difflab.world.geneval import CATEGORIES, category, mentions_heldout
+from difflab.world.geneval import CATEGORIES, category, eval_prompts, mentions_heldout
 from difflab.world.prompts import holds, scene_for
 from difflab.world.reader import read
 from difflab.world.scene import scene_at, world_preset
@@ -273,7 +273,7 @@ def test_tiny_text_to_image_follows_colour_words(t2i_run):
 
 
 def test_eval_reports_faithfulness_per_category_with_n(t2i_run):
-    report = t2i_eval.evaluate(t2i_run, 4, steps=5)
+    report = t2i.evaluate(t2i_run, 4, steps=5)
     faith = report["faithfulness"]["all"]
     # the tiny world has one object a scene: single object, counting and colours (2 + 2 + 4 prompts)
     assert set(faith) == {"single_object", "counting", "colors", "overall"}
@@ -287,7 +287,7 @@ def test_score_of_a_perfect_model_is_one_and_counts_its_objects():
     score 1.0 in every category, and objects_read counts exactly the objects those scenes hold (the reader
     is exact on real scenes), category by category."""
     world = world_preset("scene32")
-    prompts = t2i_eval.eval_prompts("scene32", 5)
+    prompts = eval_prompts("scene32", 5)
     rng = np.random.default_rng(0)
     scenes = [scene_for(p, rng, world) for p in prompts]
     images = torch.stack([scene_image(s, world) for s in scenes])
@@ -312,7 +312,7 @@ def test_attention_maps_are_probabilities_over_tokens(t2i_run):
     assert torch.allclose(m.sum(1), torch.ones(2, 16, 16), atol=1e-4)
     assert m[:, 5:].abs().max() < 1e-6  # 'a red circle' is <bos> a red circle <eos>: the rest is padding
     assert all(
-        layer.probs_hook is None for layer in model.unet.modules() if isinstance(layer, MultiHeadAttention)
+        layer.probs_hook is None for layer in model.network.modules() if isinstance(layer, MultiHeadAttention)
     )
 
 
@@ -323,7 +323,7 @@ def test_resume_is_exact(encoder_dir, tmp_path):
     t2i.train(cfg, half, resume=True)
     a, _ = t2i.load_model(whole)
     b, _ = t2i.load_model(half)
-    for (name, p), q in zip(a.unet.state_dict().items(), b.unet.state_dict().values(), strict=True):
+    for (name, p), q in zip(a.network.state_dict().items(), b.network.state_dict().values(), strict=True):
         assert torch.equal(p, q), name
 
 
@@ -348,11 +348,11 @@ def test_text_refiner_is_trained_saved_and_resumed(encoder_dir, tmp_path):
     cfg = _cfg(encoder_dir, "text_refiner_layers=1", "train.steps=3", "sample.grid=2")
     run = t2i.train(cfg, tmp_path / "run")
     model, saved = t2i.load_model(run)
-    net = model.unet
+    net = model.network
     assert isinstance(net, t2i.TextConditionedUNet) and saved.text_refiner_layers == 1
     assert any(name.startswith("refiner.") for name, _ in net.named_parameters())
     x, t = torch.randn(2, 3, 16, 16), torch.tensor([5, 500])
-    enc = model.encoder(["a red circle", "a blue square"])
+    enc = model.conditioner.encoder(["a red circle", "a blue square"])
     out = net(x, t, context=enc.tokens, context_mask=enc.mask, pooled=enc.pooled)
     padded = enc.tokens.clone()
     padded[:, 6:] = 7.0  # beyond <eos>
@@ -372,7 +372,7 @@ def test_errors_name_the_problem(encoder_dir, t2i_run, tmp_path, capsys):
     with pytest.raises(DifflabError, match="prompts must be a non-empty list of strings"):
         t2i.generate(model, cfg, "a red circle")
     with pytest.raises(DifflabError, match=r"--n 101 is invalid; expected 1..100 prompts per category"):
-        t2i_eval.eval_prompts("scene32", 101)
+        eval_prompts("scene32", 101)
     assert main(["generate", str(tmp_path / "nothing"), "a red circle"]) == 2
     assert "is not a difflab run directory" in capsys.readouterr().err
 

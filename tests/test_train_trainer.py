@@ -363,14 +363,15 @@ def test_channels_last_trains_the_same_network_and_saves_plain_checkpoints(tmp_p
     model in the default layout."""
     from difflab.config import apply_overrides
     from difflab.models import pixel
-    from difflab.presets import get_preset
+    from difflab.models.registry import get_preset
+    from difflab.nn.unet import UNet
 
     finals = []
     for layout in ("false", "true"):
         keys = ["train.steps=3", f"train.channels_last={layout}", "train.device=cpu", "sample.grid=4"]
-        cfg = apply_overrides(get_preset("tiny").build(), keys)
+        cfg = pixel.resolve(apply_overrides(get_preset("tiny").build(), keys))
         run = pixel.train(cfg, tmp_path / layout)
-        model = pixel.build_unet(cfg)
+        model = UNet(cfg.unet)
         load_model_weights(latest_checkpoint(run / "checkpoints"), model, ema=False)
         assert model.conv_in.weight.is_contiguous()
         finals.append(torch.cat([p.flatten() for p in model.parameters()]))

@@ -7,19 +7,16 @@ this file only wires them together and turns ``DifflabError`` into a one-line me
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
 
-from difflab import __version__
+from difflab import __version__, demo
+from difflab.diffusion import cli as diffusion_cli
 from difflab.errors import DifflabError
+from difflab.models import cli as models_cli
+from difflab.world import cli as world_cli
 
 # Modules that define a ``register(subparsers)`` function, in the order ``--help`` lists them.
-COMMAND_MODULES = [
-    "difflab.demo",
-    "difflab.models.cli",
-    "difflab.world.cli",
-    "difflab.diffusion.cli",
-]
+COMMAND_MODULES = (demo, models_cli, world_cli, diffusion_cli)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -33,8 +30,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"difflab {__version__}")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks for input errors")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name in COMMAND_MODULES:
-        importlib.import_module(name).register(subparsers)
+    for module in COMMAND_MODULES:
+        module.register(subparsers)
     return parser
 
 

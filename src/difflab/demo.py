@@ -16,14 +16,32 @@ class accuracy; ``--preset tiny`` finishes in seconds; ``--preset digits`` is ju
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import platform
 import time
 from collections import Counter
 from pathlib import Path
 
+import torch
+
+from difflab.config import apply_overrides
+from difflab.data.config import class_factors, num_classes
 from difflab.errors import DifflabError
-from difflab.models.cli import add_preset_args
+from difflab.models import pixel, t2i, t2i_eval
+from difflab.models.attention_maps import CrossAttentionMaps, save_attention_overlays
+from difflab.models.cli import add_preset_args, check_n, config_from_args
+from difflab.models.registry import get_family, get_preset
+from difflab.models.runs import has_checkpoints
+from difflab.models.text_encoder import export_text_encoder
+from difflab.train.device import resolve_device
+from difflab.viz import save_captioned_grid, save_grid
+from difflab.world.check import check_reader
+from difflab.world.geneval import eval_prompts
+from difflab.world.preview import save_preview
+from difflab.world.prompts import holds
+from difflab.world.reader import read
+from difflab.world.scene import world_preset
 
 
 def register(subparsers) -> None:
@@ -62,35 +80,19 @@ def register(subparsers) -> None:
 
 def _sample_grid(run_dir: Path, path: Path, seed: int) -> Path:
     """Two samples of every class; on the toy world the rows are shapes and the columns colours."""
-    import torch
-
-    from difflab.models.pixel import class_factors, generate, load_model, num_classes
-    from difflab.viz import save_grid
-
-    model, cfg = load_model(run_dir)
+    model, cfg = pixel.load_model(run_dir)
     classes = num_classes(cfg.data)
     if classes is None:
-        return save_grid(generate(model, cfg, 64, seed=seed), path)
+        return save_grid(pixel.generate(model, cfg, 64, seed=seed), path)
     factors = class_factors(cfg.data)
     per_row = factors[1] if factors else classes  # class = shape * colours + colour
     # two copies of the class table, one under the other: (2 * classes / per_row, per_row) tiles
     labels = torch.arange(classes).repeat(2)
-    images = generate(model, cfg, len(labels), labels=labels, seed=seed)
+    images = pixel.generate(model, cfg, len(labels), labels=labels, seed=seed)
     return save_grid(images, path, nrow=per_row)
 
 
 def run_demo(args) -> int:
-    import torch
-
-    from difflab.models.cli import check_n, config_from_args
-    from difflab.models.pixel import train
-    from difflab.models.pixel_eval import evaluate
-    from difflab.models.runs import has_checkpoints
-    from difflab.presets import get_preset
-    from difflab.world.check import check_reader
-    from difflab.world.preview import save_preview
-    from difflab.world.scene import world_preset
-
     family = get_preset(args.preset).family
     if family not in ("pixel", "t2i"):
         raise DifflabError(
@@ -99,7 +101,11 @@ def run_demo(args) -> int:
     if args.n is None:
         args.n = 50 if family == "t2i" else 400
     check_n(args.n)
-    cfg = config_from_args(args)
+    # Everything the run will need is checked before any work starts; a t2i request is resolved again by
+    # its training, once the text encoder and the autoencoder it names exist.
+    request = config_from_args(args)
+    record = get_family(family).resolve(request, attach=False)
+    cfg = record if family == "pixel" else request
     out = Path(args.out)
     run_dir = out / "run"
     if has_checkpoints(run_dir):  # refused before any work, with a message that fits the demo
@@ -132,7 +138,7 @@ def run_demo(args) -> int:
 
     t0 = time.perf_counter()
     print(f"[2/4] training '{args.preset}' for {cfg.train.steps} steps into {run_dir} ...", flush=True)
-    train(cfg, run_dir)
+    pixel.train(cfg, run_dir)
     timings["train_seconds"] = time.perf_counter() - t0
     last = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
     report["train"] = {
@@ -147,7 +153,7 @@ def run_demo(args) -> int:
     print(f"[3/4] samples of every class -> {grid}")
 
     t0 = time.perf_counter()
-    scores = evaluate(run_dir, args.n, seed=args.seed)
+    scores = pixel.evaluate(run_dir, args.n, seed=args.seed)
     timings["eval_seconds"] = time.perf_counter() - t0
     report["eval"] = scores
     _finish(out, report, timings, start)
@@ -168,27 +174,45 @@ def _finish(out: Path, report: dict, timings: dict, start: float) -> None:
 
 def _text_to_image(args, cfg, out: Path, report: dict, timings: dict, start: float) -> int:
     """Steps 2-5 of the text-to-image demo (see the module docstring)."""
-    import dataclasses
+    run_dir = _train_text_to_image(args, cfg, out, timings)
+    last = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
+    report["train"] = {"steps": cfg.train.steps, "batch_size": cfg.train.batch_size, "final_loss": last["loss"]}
 
-    from difflab.models import t2i, t2i_eval
-    from difflab.models.attention_maps import CrossAttentionMaps, save_attention_overlays
-    from difflab.models.text_encoder import export_text_encoder
-    from difflab.presets import family_module, get_preset
-    from difflab.viz import save_captioned_grid
-    from difflab.world.prompts import holds
-    from difflab.world.reader import read
-    from difflab.world.scene import world_preset
+    t0 = time.perf_counter()
+    model, cfg = t2i.load_model(run_dir, device=str(resolve_device(args.device or "auto")))
+    _prompt_grid(model, cfg, out, args.seed)
+    timings["grid_seconds"] = time.perf_counter() - t0
+    print(f"[4/5] prompts of every category -> {out / 'samples.png'} (green: the reader finds the prompt true), "
+          f"cross-attention maps -> {out / 'attention.png'}")  # fmt: skip
+
+    t0 = time.perf_counter()
+    prompts = eval_prompts(cfg.data.world, args.n)
+    images = t2i_eval.generate_batched(model, cfg, [p.text() for p in prompts], seed=args.seed).cpu()
+    faith = t2i_eval.score(prompts, images, cfg.data.world, cfg.data.pairs())
+    timings["eval_seconds"] = time.perf_counter() - t0
+    report["eval"] = {"prompts_per_category": args.n, "sampler": cfg.sample.sampler, "steps": cfg.sample.steps,
+                      "cfg_scale": cfg.sample.cfg_scale, "judge": "toy-world reader",
+                      "heldout_pairs": list(cfg.data.heldout_pairs), "faithfulness": faith}  # fmt: skip
+    _finish(out, report, timings, start)
+    _print_faithfulness(faith)
+    print(
+        f"done in {timings['total_seconds']:.0f} s: {out / 'samples.png'}, {out / 'attention.png'}, "
+        f'{out / "report.json"}; try: difflab generate {run_dir} "a red circle to the left of a blue square"'
+    )
+    return 0
+
+
+def _train_text_to_image(args, cfg, out: Path, timings: dict) -> Path:
+    """Steps 2-3: the autoencoder and the CLIP whose text tower is exported, then the t2i run itself."""
 
     def stage_config(preset: str):  # the demo's --device applies to every stage
-        from difflab.config import apply_overrides
-
         return apply_overrides(
             get_preset(preset).build(), [f"train.device={args.device}"] if args.device else []
         )
 
     def train_stage(name: str, preset: str, stage_cfg, stage_dir: Path) -> None:
         t0 = time.perf_counter()
-        family_module(get_preset(preset).family).train(stage_cfg, stage_dir)
+        get_family(get_preset(preset).family).train(stage_cfg, stage_dir)
         timings[f"{name}_seconds"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -207,27 +231,19 @@ def _text_to_image(args, cfg, out: Path, report: dict, timings: dict, start: flo
     cfg = dataclasses.replace(
         cfg, text_encoder=str(encoder_dir), vae=None if vae_dir is None else str(vae_dir)
     )
-
     print(f"[3/5] training text-to-image '{args.preset}' for {cfg.train.steps} steps into {out / 'run'} ...",
           flush=True)  # fmt: skip
     train_stage("t2i", args.preset, cfg, out / "run")
-    run_dir = out / "run"
-    last = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
-    report["train"] = {
-        "steps": cfg.train.steps,
-        "batch_size": cfg.train.batch_size,
-        "final_loss": last["loss"],
-    }
     timings["train_seconds"] = time.perf_counter() - t0
+    return out / "run"
 
-    t0 = time.perf_counter()
-    from difflab.train.device import resolve_device
 
-    model, cfg = t2i.load_model(run_dir, device=str(resolve_device(args.device or "auto")))
-    per_category = 6  # one row per category
-    prompts = t2i_eval.eval_prompts(cfg.data.world, per_category)  # category by category
+def _prompt_grid(model, cfg, out: Path, seed: int, per_category: int = 6) -> None:
+    """Step 4: one row of prompts per category (captions green where the reader finds the prompt true)
+    into samples.png, and the cross-attention maps of each category's first prompt into attention.png."""
+    prompts = eval_prompts(cfg.data.world, per_category)  # category by category
     maps = CrossAttentionMaps(cfg.data.image_size)
-    images = t2i.generate(model, cfg, [p.text() for p in prompts], seed=args.seed, attention=maps).cpu()
+    images = t2i.generate(model, cfg, [p.text() for p in prompts], seed=seed, attention=maps).cpu()
     world = world_preset(cfg.data.world)
     marks = [holds(p, read(im, world)) for p, im in zip(prompts, images, strict=True)]
     save_captioned_grid(
@@ -236,19 +252,10 @@ def _text_to_image(args, cfg, out: Path, report: dict, timings: dict, start: flo
     first_of_each = list(range(0, len(prompts), per_category))  # the first prompt of each category
     save_attention_overlays(images[first_of_each], maps.maps()[first_of_each],
                             [prompts[i].text() for i in first_of_each], out / "attention.png")  # fmt: skip
-    timings["grid_seconds"] = time.perf_counter() - t0
-    print(f"[4/5] prompts of every category -> {out / 'samples.png'} (green: the reader finds the prompt true), "
-          f"cross-attention maps -> {out / 'attention.png'}")  # fmt: skip
 
-    t0 = time.perf_counter()
-    prompts = t2i_eval.eval_prompts(cfg.data.world, args.n)
-    images = t2i_eval.generate_batched(model, cfg, [p.text() for p in prompts], seed=args.seed).cpu()
-    faith = t2i_eval.score(prompts, images, cfg.data.world, cfg.data.pairs())
-    timings["eval_seconds"] = time.perf_counter() - t0
-    report["eval"] = {"prompts_per_category": args.n, "sampler": cfg.sample.sampler, "steps": cfg.sample.steps,
-                      "cfg_scale": cfg.sample.cfg_scale, "judge": "toy-world reader",
-                      "heldout_pairs": list(cfg.data.heldout_pairs), "faithfulness": faith}  # fmt: skip
-    _finish(out, report, timings, start)
+
+def _print_faithfulness(faith: dict) -> None:
+    """Step 5's lines: the scores, how the two-object misses look, and the held-out pairs."""
     overall = faith["all"]["overall"]
     cats = ", ".join(f"{c} {v['score']:.2f}" for c, v in faith["all"].items() if c != "overall")
     print(f"[5/5] faithfulness {overall['score']:.1%} overall on {overall['n']} prompts ({cats})")
@@ -268,8 +275,3 @@ def _text_to_image(args, cfg, out: Path, report: dict, timings: dict, start: flo
         unseen = faith["heldout_pairs"]["overall"]
         print(f"      prompts naming a (colour, shape) pair never seen in training: {unseen['score']:.1%} "
               f"(n={unseen['n']})")  # fmt: skip
-    print(
-        f"done in {timings['total_seconds']:.0f} s: {out / 'samples.png'}, {out / 'attention.png'}, "
-        f'{out / "report.json"}; try: difflab generate {run_dir} "a red circle to the left of a blue square"'
-    )
-    return 0

@@ -10,7 +10,18 @@ import json
 import sys
 from pathlib import Path
 
+import torch
+
+from difflab.config import apply_overrides
 from difflab.errors import DifflabError
+from difflab.models.attention_maps import CrossAttentionMaps, save_attention_overlays
+from difflab.models.registry import FAMILIES, PRESETS, family_of_run, get_family, get_preset
+from difflab.models.system import generate, generate_classes
+from difflab.models.text_encoder import export_text_encoder, load_text_encoder
+from difflab.nn.unet import count_parameters, training_step_flops
+from difflab.train import distributed
+from difflab.train.device import resolve_device
+from difflab.viz import TrajectoryRecorder, save_captioned_grid, save_grid
 
 SAMPLER_HELP = "ddpm, ddim, dpmpp_2m, dpmpp_2m_sde, sa_solver, euler or heun (default: the run's)"
 
@@ -144,18 +155,14 @@ def register(subparsers) -> None:
 
 
 def _presets(args) -> int:
-    from difflab.presets import all_presets
-
-    for name, preset in all_presets().items():
+    for name, preset in PRESETS.items():
         print(f"{name:10s} [{preset.family}] {preset.description}")
     return 0
 
 
 def config_from_args(args):
-    """The config of ``--preset`` with ``--set`` overrides (and ``--device``, where the command has it)."""
-    from difflab.config import apply_overrides
-    from difflab.presets import get_preset
-
+    """The user's request: ``--preset`` with ``--set`` overrides (and ``--device``, ``--compile`` and
+    ``--skip-bad``, where the command has them). Not yet resolved: see :func:`record_from_args`."""
     cfg = apply_overrides(get_preset(args.preset).build(), args.overrides)
     if getattr(args, "device", None):
         cfg = apply_overrides(cfg, [f"train.device={args.device}"])
@@ -170,33 +177,17 @@ def config_from_args(args):
     return cfg
 
 
+def record_from_args(args, *, attach: bool = True):
+    """The family of ``--preset`` and the resolved run record of the request: every derived field set and
+    everything the run will need checked before any work starts."""
+    family = get_family(get_preset(args.preset).family)
+    return family, family.resolve(config_from_args(args), attach=attach)
+
+
 def _info(args) -> int:
-    import torch
-
-    from difflab.models.pixel import build_unet
-    from difflab.nn.unet import count_parameters, example_inputs, training_step_flops
-    from difflab.presets import get_preset
-
-    cfg = config_from_args(args)
+    family, cfg = record_from_args(args, attach=False)
+    model, inputs, loss_fn = family.network(cfg)
     b = cfg.train.batch_size
-    family = get_preset(args.preset).family
-    if family == "vae":
-        from difflab.nn.vae import KLAutoencoder
-
-        model, loss_fn = KLAutoencoder(cfg.vae), lambda out: out[0].square().mean()
-        v = cfg.vae
-        inputs = {"x": torch.randn(b, v.in_channels, v.image_size, v.image_size)}
-    elif family == "clip":
-        from difflab.models.clip import CLIP, clip_loss
-
-        model, loss_fn = CLIP(cfg), lambda out: clip_loss(*out)
-        v, t = cfg.vision, cfg.text
-        ids = torch.randint(0, t.vocab_size, (b, t.context_length))
-        inputs = {"images": torch.randn(b, v.in_channels, v.image_size, v.image_size), "ids": ids,
-                  "mask": torch.ones_like(ids, dtype=torch.bool)}  # fmt: skip
-    else:  # pixel, latent and text-to-image diffusion: the UNet (for ldm and t2i, at the preset's latent shape)
-        model, loss_fn = build_unet(cfg), None
-        inputs = example_inputs(cfg.unet, b)
     report = {
         "preset": args.preset,
         "parameters": count_parameters(model),
@@ -212,23 +203,16 @@ def _info(args) -> int:
 
 
 def _train(args) -> int:
-    from difflab.presets import family_module, get_preset
-    from difflab.train import distributed
-
-    family = get_preset(args.preset).family
-    cfg = config_from_args(args)
+    family, cfg = record_from_args(args)
     distributed.init_from_env(cfg.train.device)  # under torchrun: join the process group
     rank = distributed.rank()
     try:
-        run_dir = family_module(family).train(cfg, args.out, resume=args.resume)
+        run_dir = family.train(cfg, args.out, resume=args.resume)
     finally:
         distributed.shutdown()
     if rank != 0:
         return 0  # rank 0 reports
-    wrote = {"pixel": "samples.png, trajectory.png, ", "ldm": "samples.png, trajectory.png, ",
-             "vae": "reconstructions.png, latent_stats.json, ", "clip": "tokenizer.json, ",
-             "t2i": "samples.png, prompts.txt, trajectory.png, "}[family]  # fmt: skip
-    print(f"trained '{args.preset}' into {run_dir}: {wrote}metrics.jsonl, checkpoints/")
+    print(f"trained '{args.preset}' into {run_dir}: {family.writes}, metrics.jsonl, checkpoints/")
     return 0
 
 
@@ -237,27 +221,38 @@ def check_n(n: int) -> None:
         raise DifflabError(f"--n {n} is invalid; expected a positive number of samples")
 
 
-def _sample(args) -> int:
-    import torch
+_DRAWS = {  # what a generative run is asked for -> (the command, what its runs are called)
+    "classes": ("sample", "diffusion runs"),
+    "prompts": ("generate", "text-to-image runs"),
+}
 
-    from difflab.models.runs import run_kind
-    from difflab.presets import family_module
-    from difflab.viz import TrajectoryRecorder, save_grid
 
-    check_n(args.n)
-    kind = run_kind(args.run_dir)
-    if kind not in ("pixel", "ldm"):
-        hint = f' (for prompts: difflab generate {args.run_dir} "a red circle")' if kind == "t2i" else ""
+def _generative_family(run_dir: str, draws: str):
+    """The family of ``run_dir``; an error pointing to the right command when it draws something else."""
+    family = family_of_run(run_dir)
+    if family.draws != draws:
+        command, called = _DRAWS[draws]
+        names = ", ".join(f.name for f in FAMILIES.values() if f.draws == draws)
+        hint = ""
+        if family.draws is not None:
+            example = ' "a red circle"' if family.draws == "prompts" else ""
+            hint = f" (use: difflab {_DRAWS[family.draws][0]} {run_dir}{example})"
         raise DifflabError(
-            f"'{args.run_dir}' is a {kind} run; difflab sample draws from diffusion runs (pixel, ldm){hint}"
+            f"'{run_dir}' is a {family.name} run; difflab {command} draws from {called} ({names}){hint}"
         )
-    family = family_module(kind)
-    model, cfg = family.load_model(args.run_dir)
+    return family
+
+
+def _sample(args) -> int:
+    check_n(args.n)
+    family = _generative_family(args.run_dir, "classes")
+    model, cfg = family.load(args.run_dir)
     labels = None if args.klass is None else torch.full((args.n,), args.klass)
     steps = args.steps or cfg.sample.steps
     recorder = TrajectoryRecorder(steps) if args.trajectory else None
-    images = family.generate(model, cfg, args.n, labels=labels, sampler=args.sampler, steps=steps, cfg_scale=args.cfg,
-                      seed=args.seed, callback=recorder, progress=sys.stderr.isatty())  # fmt: skip
+    images = generate_classes(model, cfg, args.n, labels=labels, sampler=args.sampler, steps=steps,
+                              cfg_scale=args.cfg, seed=args.seed, callback=recorder,
+                              progress=sys.stderr.isatty())  # fmt: skip
     save_grid(images, args.out)
     if recorder is not None:
         recorder.save(args.trajectory)
@@ -269,22 +264,13 @@ def _sample(args) -> int:
 
 
 def _generate(args) -> int:
-    from difflab.models.attention_maps import CrossAttentionMaps, save_attention_overlays
-    from difflab.models.runs import run_kind
-    from difflab.models.t2i import generate, load_model
-    from difflab.train.device import resolve_device
-    from difflab.viz import save_captioned_grid
-
     check_n(args.n)
-    kind = run_kind(args.run_dir)
-    if kind != "t2i":
-        raise DifflabError(f"'{args.run_dir}' is a {kind} run; difflab generate draws from text-to-image (t2i) "
-                           "runs (use 'difflab sample' for pixel and ldm runs)")  # fmt: skip
-    model, cfg = load_model(args.run_dir, device=str(resolve_device(args.device or "auto")))
+    family = _generative_family(args.run_dir, "prompts")
+    model, cfg = family.load(args.run_dir, device=str(resolve_device(args.device or "auto")))
     texts = [p for p in args.prompts for _ in range(args.n)]  # (prompt 0) x n, (prompt 1) x n, ...
     maps = CrossAttentionMaps(cfg.data.image_size) if args.attention else None
-    images = generate(model, cfg, texts, sampler=args.sampler, steps=args.steps, cfg_scale=args.cfg, seed=args.seed,
-                      attention=maps, progress=sys.stderr.isatty()).cpu()  # fmt: skip
+    images = generate(model, cfg, len(texts), texts, sampler=args.sampler, steps=args.steps, cfg_scale=args.cfg,
+                      seed=args.seed, attention=maps, progress=sys.stderr.isatty()).cpu()  # fmt: skip
     save_captioned_grid(images, texts, args.out, ncol=args.n)
     wrote = f"wrote {len(texts)} images of {len(args.prompts)} prompt(s) to {args.out}"
     if maps is not None:
@@ -295,43 +281,27 @@ def _generate(args) -> int:
     return 0
 
 
+_EVAL_FLAGS = {"sampler": "--sampler", "steps": "--steps", "cfg_scale": "--cfg", "plot": "--plot"}
+
+
 def _eval(args) -> int:
-    from difflab.models.runs import run_kind
-
-    kind = run_kind(args.run_dir)
+    family = family_of_run(args.run_dir)
     if args.n is None:
-        args.n = 100 if kind == "t2i" else 500
+        args.n = family.eval_n
     check_n(args.n)
-    if kind in ("clip", "vae"):
-        given = [f"--{k}" for k in ("sampler", "steps", "cfg") if getattr(args, k) is not None]
-        if given:
-            raise DifflabError(
-                f"{', '.join(given)} apply to diffusion runs; '{args.run_dir}' is a {kind} run"
-            )
-    if kind == "vae":
-        if args.plot:
-            raise DifflabError(f"--plot applies to CLIP runs; '{args.run_dir}' is an autoencoder run")
-        from difflab.models.vae import evaluate as evaluate_vae
-
-        report = evaluate_vae(Path(args.run_dir), args.n, seed=args.seed)
-    elif kind == "clip":
-        from difflab.models.clip_eval import evaluate as evaluate_clip
-
-        report = evaluate_clip(Path(args.run_dir), args.n, seed=args.seed, plot=args.plot)
-    elif kind == "t2i":
-        if args.plot:
-            raise DifflabError(f"--plot applies to CLIP runs; '{args.run_dir}' is a text-to-image run")
-        from difflab.models.t2i_eval import evaluate as evaluate_t2i
-
-        report = evaluate_t2i(Path(args.run_dir), args.n, sampler=args.sampler, steps=args.steps,
-                              cfg_scale=args.cfg, seed=args.seed, progress=sys.stderr.isatty())  # fmt: skip
-    else:
-        if args.plot:
-            raise DifflabError(f"--plot applies to CLIP runs; '{args.run_dir}' is a diffusion run")
-        from difflab.models.pixel_eval import evaluate
-
-        report = evaluate(Path(args.run_dir), args.n, sampler=args.sampler, steps=args.steps,
-                          cfg_scale=args.cfg, seed=args.seed)  # fmt: skip
+    given = {"sampler": args.sampler, "steps": args.steps, "cfg_scale": args.cfg, "plot": args.plot}
+    refused = [k for k, v in given.items() if v is not None and k not in family.eval_options]
+    if refused:
+        takers = [f for f in FAMILIES.values() if all(k in f.eval_options for k in refused)]
+        called = "diffusion runs" if takers and all(f.draws for f in takers) else "runs of"
+        raise DifflabError(
+            f"{', '.join(_EVAL_FLAGS[k] for k in refused)} apply to {called} ({', '.join(f.name for f in takers)}); "
+            f"'{args.run_dir}' is a {family.name} run"
+        )
+    options = {k: v for k, v in given.items() if k in family.eval_options}
+    if "progress" in family.eval_options:
+        options["progress"] = sys.stderr.isatty()
+    report = family.evaluate(Path(args.run_dir), args.n, seed=args.seed, **options)
     if args.json:
         print(json.dumps(report))
     else:
@@ -341,8 +311,6 @@ def _eval(args) -> int:
 
 
 def _export_text_encoder(args) -> int:
-    from difflab.models.text_encoder import export_text_encoder, load_text_encoder
-
     out = export_text_encoder(args.run_dir, args.out)
     encoder = load_text_encoder(out)  # read back: what was written loads
     print(f"wrote the frozen text encoder ({sum(p.numel() for p in encoder.parameters()) / 1e6:.2f} M parameters, "

@@ -33,14 +33,16 @@ from torch.utils.data import Dataset
 from difflab.config import to_dict
 from difflab.data.toy import ToyWorldDataset, scene_image
 from difflab.errors import DifflabError, check_choice
+from difflab.models import clip_eval
+from difflab.models.family import Family, Preset
 from difflab.models.runs import load_latest_weights, load_run_config, prepare_run_dir
 from difflab.nn.text_transformer import TextTransformer, TextTransformerConfig
 from difflab.nn.vit import VisionTransformer, ViTConfig
-from difflab.presets import register_preset
 from difflab.text.tokenizer import WordTokenizer, load_tokenizer
+from difflab.train.config import TrainConfig
 from difflab.train.device import is_main_process
 from difflab.train.distributed import all_gather_with_grad
-from difflab.train.trainer import TrainConfig
+from difflab.train.trainer import Trainer, make_loader
 from difflab.world.language import caption, contrast, description
 from difflab.world.scene import Scene, world_preset
 
@@ -90,13 +92,16 @@ class CLIPConfig:
                 f"max_logit_scale {self.max_logit_scale} is below the initial 1/temperature "
                 f"{1.0 / self.init_temperature:.3g}; expected a larger cap"
             )
-        # The towers' input sizes follow from the data and the tokenizer, so that --set data.world=...
-        # cannot leave a network built for another image size or vocabulary.
-        world = world_preset(self.data.world)
-        vision = dataclasses.replace(self.vision, image_size=world.resolution)
-        text = dataclasses.replace(self.text, vocab_size=world_tokenizer(self.text.context_length).vocab_size)
-        object.__setattr__(self, "vision", vision)
-        object.__setattr__(self, "text", text)
+
+
+def resolve(cfg: CLIPConfig, *, attach: bool = True) -> CLIPConfig:
+    """The run record of a request: the towers' input sizes follow from the data and the tokenizer, so
+    that --set data.world=... cannot leave a network built for another image size or vocabulary. (No
+    parent run: ``attach`` is accepted for the family interface.)"""
+    world = world_preset(cfg.data.world)
+    vision = dataclasses.replace(cfg.vision, image_size=world.resolution)
+    text = dataclasses.replace(cfg.text, vocab_size=world_tokenizer(cfg.text.context_length).vocab_size)
+    return dataclasses.replace(cfg, vision=vision, text=text)
 
 
 @functools.lru_cache(maxsize=8)
@@ -238,59 +243,60 @@ class CaptionedScenes(Dataset):
 # -------------------------------------------------------------------------------------------- presets
 
 
-register_preset(
-    "clip_tiny",
-    "clip",
-    "CLIP on the 16x16 tiny world (2 shapes x 2 colours): learns in seconds (tests)",
-    lambda: CLIPConfig(
-        data=CLIPDataConfig(world="tiny", n=4096),
-        vision=ViTConfig(patch_size=4, width=32, depth=2, heads=2),
-        text=TextTransformerConfig(context_length=16, width=32, depth=1, heads=2),
-        embed_dim=32,
-        train=TrainConfig(steps=120, batch_size=64, lr=2e-3, warmup_steps=10, weight_decay=0.1, ema_decay=None,
-                          log_every=10, checkpoint_every=None, progress=False),
+PRESETS = (
+    Preset(
+        "clip_tiny",
+        "clip",
+        "CLIP on the 16x16 tiny world (2 shapes x 2 colours): learns in seconds (tests)",
+        lambda: CLIPConfig(
+            data=CLIPDataConfig(world="tiny", n=4096),
+            vision=ViTConfig(patch_size=4, width=32, depth=2, heads=2),
+            text=TextTransformerConfig(context_length=16, width=32, depth=1, heads=2),
+            embed_dim=32,
+            train=TrainConfig(steps=120, batch_size=64, lr=2e-3, warmup_steps=10, weight_decay=0.1, ema_decay=None,
+                              log_every=10, checkpoint_every=None, progress=False),
+        ),
     ),
-)  # fmt: skip
-# clip_demo: zero-shot colour 1.0 and shape 0.998, text->image recall@1 1.0 (docs/clip.md) after 2,000 of its
-# 3,000 steps (12 minutes here); the whole run takes about 19 minutes on 2 CPU cores.
-register_preset(
-    "clip_demo",
-    "clip",
-    "CLIP on 32x32 scenes of one or two objects: zero-shot colour and shape, retrieval; minutes on a CPU",
-    lambda: CLIPConfig(
-        data=CLIPDataConfig(world="scene32", hard_negatives=True),
-        vision=ViTConfig(patch_size=4, width=64, depth=4, heads=2, stem="conv", pool="max"),
-        text=TextTransformerConfig(context_length=24, width=64, depth=2, heads=2),
-        embed_dim=64,
-        train=TrainConfig(steps=3000, batch_size=128, lr=2e-3, warmup_steps=100, weight_decay=0.1, ema_decay=None,
-                          lr_schedule="cosine", min_lr_ratio=0.1, log_every=25, checkpoint_every=250),
+    # clip_demo: what it reaches and how long it takes are in docs/clip.md.
+    Preset(
+        "clip_demo",
+        "clip",
+        "CLIP on 32x32 scenes of one or two objects: zero-shot colour and shape, retrieval; minutes on a CPU",
+        lambda: CLIPConfig(
+            data=CLIPDataConfig(world="scene32", hard_negatives=True),
+            vision=ViTConfig(patch_size=4, width=64, depth=4, heads=2, stem="conv", pool="max"),
+            text=TextTransformerConfig(context_length=24, width=64, depth=2, heads=2),
+            embed_dim=64,
+            train=TrainConfig(steps=3000, batch_size=128, lr=2e-3, warmup_steps=100, weight_decay=0.1, ema_decay=None,
+                              lr_schedule="cosine", min_lr_ratio=0.1, log_every=25, checkpoint_every=250),
+        ),
     ),
-)  # fmt: skip
-register_preset(
-    "clip_t2i",
-    "clip",
-    "a small CLIP on 32x32 scenes of one or two objects, trained for its text tower (text-to-image): about 1 min",
-    lambda: CLIPConfig(
-        data=CLIPDataConfig(world="scene32", hard_negatives=True),
-        vision=ViTConfig(patch_size=4, width=32, depth=2, heads=2, stem="conv", pool="max"),
-        text=TextTransformerConfig(context_length=24, width=64, depth=2, heads=2),
-        embed_dim=64,
-        train=TrainConfig(steps=500, batch_size=64, lr=2e-3, warmup_steps=100, weight_decay=0.1, ema_decay=None,
-                          lr_schedule="cosine", min_lr_ratio=0.1, log_every=25, checkpoint_every=250),
+    Preset(
+        "clip_t2i",
+        "clip",
+        "a small CLIP on 32x32 scenes of one or two objects, trained for its text tower (text-to-image): about 1 min",
+        lambda: CLIPConfig(
+            data=CLIPDataConfig(world="scene32", hard_negatives=True),
+            vision=ViTConfig(patch_size=4, width=32, depth=2, heads=2, stem="conv", pool="max"),
+            text=TextTransformerConfig(context_length=24, width=64, depth=2, heads=2),
+            embed_dim=64,
+            train=TrainConfig(steps=500, batch_size=64, lr=2e-3, warmup_steps=100, weight_decay=0.1, ema_decay=None,
+                              lr_schedule="cosine", min_lr_ratio=0.1, log_every=25, checkpoint_every=250),
+        ),
     ),
-)  # fmt: skip
-register_preset(
-    "clip_base",
-    "clip",
-    "CLIP on 64x64 scenes of one to four objects, ViT-8/256: for a GPU",
-    lambda: CLIPConfig(
-        data=CLIPDataConfig(world="scene64", n=1_000_000),
-        vision=ViTConfig(patch_size=8, width=256, depth=8, heads=8),
-        text=TextTransformerConfig(context_length=48, width=256, depth=6, heads=8),
-        embed_dim=256,
-        train=TrainConfig(steps=30_000, batch_size=512, lr=5e-4, warmup_steps=1000, weight_decay=0.2,
-                          betas=(0.9, 0.98), eps=1e-6, ema_decay=None, lr_schedule="cosine", log_every=100,
-                          checkpoint_every=2000),
+    Preset(
+        "clip_base",
+        "clip",
+        "CLIP on 64x64 scenes of one to four objects, ViT-8/256: for a GPU",
+        lambda: CLIPConfig(
+            data=CLIPDataConfig(world="scene64", n=1_000_000),
+            vision=ViTConfig(patch_size=8, width=256, depth=8, heads=8),
+            text=TextTransformerConfig(context_length=48, width=256, depth=6, heads=8),
+            embed_dim=256,
+            train=TrainConfig(steps=30_000, batch_size=512, lr=5e-4, warmup_steps=1000, weight_decay=0.2,
+                              betas=(0.9, 0.98), eps=1e-6, ema_decay=None, lr_schedule="cosine", log_every=100,
+                              checkpoint_every=2000),
+        ),
     ),
 )  # fmt: skip
 
@@ -350,8 +356,7 @@ def load_encoder(run_dir: str | Path, *, device: str = "cpu") -> tuple[ImageText
 
 def train(cfg: CLIPConfig, run_dir: str | Path, *, resume: bool = False) -> Path:
     """Train CLIP into ``run_dir`` (config.json, tokenizer.json, checkpoints/, metrics.jsonl)."""
-    from difflab.train.trainer import Trainer, make_loader
-
+    cfg = resolve(cfg)
     run_dir = prepare_run_dir(run_dir, cfg, resume, load_config)
     tokenizer = make_tokenizer(cfg)
     if is_main_process():
@@ -363,3 +368,33 @@ def train(cfg: CLIPConfig, run_dir: str | Path, *, resume: bool = False) -> Path
     trainer = Trainer(model, make_loss_fn(), loader, cfg.train, run_dir, model_config=model_config)
     trainer.fit(resume=resume)
     return run_dir
+
+
+def info_network(cfg: CLIPConfig):
+    """CLIP with an example batch of images and captions, its loss the InfoNCE loss (``difflab info``)."""
+    b, v, t = cfg.train.batch_size, cfg.vision, cfg.text
+    ids = torch.randint(0, t.vocab_size, (b, t.context_length))
+    inputs = {"images": torch.randn(b, v.in_channels, v.image_size, v.image_size), "ids": ids,
+              "mask": torch.ones_like(ids, dtype=torch.bool)}  # fmt: skip
+    return CLIP(cfg), inputs, lambda out: clip_loss(*out)
+
+
+def evaluate(run_dir: str | Path, n: int, *, seed: int = 0, plot: str | None = None) -> dict:
+    """Zero-shot accuracy, retrieval, CLIP score and binding on held-out scenes (:mod:`clip_eval`)."""
+    encoder, cfg = load_encoder(run_dir)
+    return clip_eval.evaluate(encoder, cfg, run_dir, n, seed=seed, plot=plot)
+
+
+FAMILY = Family(
+    name="clip",
+    what="a CLIP run",
+    config=CLIPConfig,
+    presets=PRESETS,
+    resolve=resolve,
+    train=train,
+    load=load_model,
+    evaluate=evaluate,
+    network=info_network,
+    writes="tokenizer.json",
+    eval_options=("plot",),
+)

@@ -34,7 +34,8 @@ import torch
 
 from difflab.data.toy import scene_image
 from difflab.errors import DifflabError
-from difflab.world.language import describe
+from difflab.viz import save_figure
+from difflab.world.language import caption, describe, description
 from difflab.world.prompts import Conjunction, ObjectSpec
 from difflab.world.render import render
 from difflab.world.scene import Scene, WorldConfig, scene_at, world_preset
@@ -180,14 +181,9 @@ def binding(encoder, world: WorldConfig, n: int, seed: int = 0) -> dict:
     }
 
 
-def evaluate(
-    run_dir: str | Path, n: int = 500, seed: int = 0, device: str = "cpu", plot: str | Path | None = None
-) -> dict:
-    """Every CLIP measurement of a trained run, as one JSON-able dict (and the retrieval figure at
-    ``plot``, when given)."""
-    from difflab.models.clip import load_encoder
-
-    encoder, cfg = load_encoder(run_dir, device=device)
+def evaluate(encoder, cfg, run_dir: str | Path, n: int = 500, seed: int = 0, plot: str | Path | None = None) -> dict:
+    """Every CLIP measurement of a trained run (``encoder``, an :class:`~difflab.models.clip.ImageTextEncoder`
+    of it, and ``cfg`` its record), as one JSON-able dict (and the retrieval figure at ``plot``, when given)."""
     world = world_preset(cfg.data.world)
     if plot is not None:
         retrieval_figure(encoder, world, plot, seed)
@@ -205,13 +201,10 @@ def retrieval_figure(encoder, world: WorldConfig, out: str | Path, seed: int = 0
     """Text -> image search among 100 held-out scenes, drawn: one row per query (three full descriptions
     and three short captions of other styles), its ``k`` most similar scenes left to right with their
     cosines, framed green where the query holds in the scene (the world's own truth) and red where not."""
-    import matplotlib
+    import matplotlib  # imported when a figure is drawn: it picks the Agg backend, for files only
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from difflab.viz import save_figure
-    from difflab.world.language import caption, description
 
     scenes = held_out_scenes(world, GROUP, seed + 1)
     image_emb = encoder.embed_images(images_of(scenes, world))

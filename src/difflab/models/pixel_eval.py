@@ -15,27 +15,25 @@ from pathlib import Path
 
 import torch
 
+from difflab.data.config import held_out_images, num_classes
+from difflab.eval.conditional import DigitsJudge, toy_class_hits
 from difflab.eval.frechet import frechet_distance, pixels8_features
-from difflab.models.pixel import PixelDiffusionConfig, held_out_images, num_classes
+from difflab.models.system import DiffusionSystem, generate
+from difflab.world.scene import world_preset
 
 
 @functools.lru_cache(maxsize=4)
 def _digits_judge(size: int, seed: int):
     """The digits judge, trained once per (size, seed) in a process (about 2 s): a benchmark scores
     the same run many times."""
-    from difflab.eval.conditional import DigitsJudge
-
     return DigitsJudge(size=size, seed=seed)
 
 
-def score_samples(cfg: PixelDiffusionConfig, images: torch.Tensor, labels: torch.Tensor | None) -> dict:
+def score_samples(cfg, images: torch.Tensor, labels: torch.Tensor | None) -> dict:
     """Class accuracy of conditional samples by the dataset's judge (empty for unconditional runs)."""
     if labels is None:
         return {}
     if cfg.data.dataset == "toy":
-        from difflab.eval.conditional import toy_class_hits
-        from difflab.world.scene import world_preset
-
         hits = toy_class_hits(images, labels, world_preset(cfg.data.world))
         return {"class_accuracy": float(hits.mean()), "judge": "toy-world reader"}
     judge = _digits_judge(cfg.data.image_size, cfg.data.seed)
@@ -44,19 +42,13 @@ def score_samples(cfg: PixelDiffusionConfig, images: torch.Tensor, labels: torch
             "judge_heldout_n": judge.heldout_n}  # fmt: skip
 
 
-def evaluate(run_dir: Path, n: int, *, sampler=None, steps=None, cfg_scale=None, seed: int = 0) -> dict:
-    """Score a pixel or latent diffusion run (both families share ``load_model`` and ``generate``)."""
-    from difflab.models.runs import run_kind
-    from difflab.presets import family_module
-
-    family = family_module(run_kind(run_dir))
-    model, cfg = family.load_model(run_dir)
+def evaluate(system: DiffusionSystem, cfg, run_dir: str | Path, n: int, *, sampler=None, steps=None,
+             cfg_scale=None, seed: int = 0) -> dict:  # fmt: skip
+    """Score the loaded system of a pixel or latent diffusion run (``cfg`` is its record)."""
     classes = num_classes(cfg.data)
     labels = torch.arange(n) % classes if classes else None
     start = time.perf_counter()
-    images = family.generate(
-        model, cfg, n, labels=labels, sampler=sampler, steps=steps, cfg_scale=cfg_scale, seed=seed
-    )
+    images = generate(system, cfg, n, labels, sampler=sampler, steps=steps, cfg_scale=cfg_scale, seed=seed)
     seconds = time.perf_counter() - start
     used = cfg.sample.resolve(sampler, steps, cfg_scale)
     fd = frechet_distance(pixels8_features(images), pixels8_features(held_out_images(cfg.data, n)))

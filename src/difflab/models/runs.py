@@ -1,8 +1,8 @@
 """Run directories, the same for every model family: ``config.json`` (whose ``kind`` names the family),
 ``checkpoints/`` and the checks made before training into one.
 
-A family module (``pixel``, ``clip``) keeps its own config class and network; everything about where they
-live on disk is here, so ``difflab train/eval`` treat every family alike.
+A family (:mod:`difflab.models.family`) keeps its own config class and network; everything about where
+they live on disk is here, so ``difflab train/eval`` treat every family alike.
 """
 
 from __future__ import annotations
@@ -13,7 +13,8 @@ from pathlib import Path
 from torch import nn
 
 from difflab.config import from_dict, save_json, to_dict
-from difflab.errors import DifflabError, check_choice
+from difflab.errors import DifflabError
+from difflab.train.checkpoint import latest_checkpoint, load_model_weights, read_meta
 from difflab.train.device import is_main_process
 from difflab.train.distributed import barrier
 
@@ -24,10 +25,9 @@ def has_checkpoints(run_dir: str | Path) -> bool:
     return checkpoints.is_dir() and any(checkpoints.iterdir())
 
 
-def _read_run_config(run_dir: str | Path) -> tuple[str, dict]:
-    """The model family ("kind", checked) and the raw config dict of ``run_dir``'s config.json."""
-    from difflab.presets import FAMILY_MODULES
-
+def read_run_config(run_dir: str | Path) -> tuple[str, dict]:
+    """The model family ("kind", as written; :func:`difflab.models.registry.family_of_run` checks it) and
+    the raw config dict of ``run_dir``'s config.json."""
     path = Path(run_dir) / "config.json"
     if not path.is_file():
         raise DifflabError(f"'{run_dir}' is not a difflab run directory (no config.json)")
@@ -36,17 +36,12 @@ def _read_run_config(run_dir: str | Path) -> tuple[str, dict]:
         kind = data.get("kind", "pixel")
     except (json.JSONDecodeError, AttributeError) as err:
         raise DifflabError(f"'{path}' is not a valid run config ({err})") from None
-    return check_choice("model family", kind, FAMILY_MODULES), data
-
-
-def run_kind(run_dir: str | Path) -> str:
-    """The model family of a run directory, read from its config.json ("kind")."""
-    return _read_run_config(run_dir)[0]
+    return kind, data
 
 
 def load_run_config(run_dir: str | Path, cls, kind: str, what: str):
     """The ``cls`` config stored in ``run_dir``; an error naming both when the run is of another kind."""
-    found, data = _read_run_config(run_dir)
+    found, data = read_run_config(run_dir)
     if found != kind:
         raise DifflabError(f"'{run_dir}' holds a '{found}' run; expected {what}")
     return from_dict(cls, data)
@@ -85,8 +80,6 @@ def prepare_run_dir(
 def load_latest_weights(run_dir: str | Path, model: nn.Module, *, ema: bool = True) -> nn.Module:
     """Load the newest good checkpoint of ``run_dir`` into ``model`` (its EMA weights when it has them
     and ``ema``); an error when the run has none yet."""
-    from difflab.train.checkpoint import latest_checkpoint, load_model_weights
-
     ckpt = latest_checkpoint(Path(run_dir) / "checkpoints")
     if ckpt is None:
         raise DifflabError(f"run '{run_dir}' has no checkpoint yet (train it first)")
@@ -98,8 +91,6 @@ def checkpoint_id(run_dir: str | Path, what: str = "run") -> str:
     """``step_XXXXXXX:<sha256 prefix>`` of the newest good checkpoint of ``run_dir``: what a run built on
     another run (latent diffusion on an autoencoder, text-to-image on a text encoder) records of it, to
     notice when it is retrained. ``what`` names the run in errors ("autoencoder run")."""
-    from difflab.train.checkpoint import latest_checkpoint, read_meta
-
     if not Path(run_dir).is_dir():
         raise DifflabError(f"{what} '{run_dir}' does not exist (moved or deleted?)")
     ckpt = latest_checkpoint(Path(run_dir) / "checkpoints")

@@ -31,22 +31,32 @@ import numpy as np
 import torch
 from torch import nn
 
-from difflab.diffusion.forward import q_sample
-from difflab.diffusion.objectives import diffusion_loss
+from difflab.data.toy import scene_image
 from difflab.errors import DifflabError, check_choice
-from difflab.models import ldm, pixel
-from difflab.models.pixel import DiffusionConfig, SampleConfig, check_cond_drop
-from difflab.models.runs import load_latest_weights, load_run_config, prepare_run_dir
+from difflab.models import t2i_eval
+from difflab.models.codecs import (
+    POSTERIOR,
+    Pixels,
+    attach_autoencoder,
+    cached_latents,
+    check_vae_unchanged,
+    load_latents,
+)
+from difflab.models.conditioners import TextPrompts
+from difflab.models.family import Family, Preset
+from difflab.models.recipe import DiffusionConfig, SampleConfig, check_cond_drop, check_sampling
+from difflab.models.runs import load_latest_weights, load_run_config
+from difflab.models.system import DiffusionSystem, TrainingParts, train_system
+from difflab.models.system import generate as generate_system
 from difflab.models.text_encoder import FrozenTextEncoder, load_text_encoder, text_encoder_id
 from difflab.nn.transformer import Transformer
-from difflab.nn.unet import UNet, UNetConfig
-from difflab.nn.vae import KLAutoencoder
-from difflab.presets import register_preset
+from difflab.nn.unet import UNet, UNetConfig, example_inputs
+from difflab.train.config import TrainConfig
 from difflab.train.device import is_main_process
-from difflab.train.distributed import main_process_first
-from difflab.train.trainer import TrainConfig
-from difflab.world.geneval import HELDOUT_PAIRS, mentions_heldout
+from difflab.world.geneval import HELDOUT_PAIRS, mentions_heldout, prompt_sets
+from difflab.world.language import caption, description, short_caption
 from difflab.world.prompts import Prompt
+from difflab.world.render import RENDERER_VERSION
 from difflab.world.scene import Scene, WorldConfig, scene_at, world_preset
 
 _CAPTION_STREAM = 21  # per-item random stream of text-to-image captions (ToyWorldDataset: 1-3, CLIP: 11)
@@ -97,9 +107,6 @@ class TextDataConfig:
                     f"{', '.join(world.colors)} and a shape of {', '.join(world.shapes)}"
                 )
 
-    # What the autoencoder checks (ldm.attach_vae) read off a data config.
-    dataset = "toy"
-
     @property
     def image_size(self) -> int:
         return world_preset(self.world).resolution
@@ -124,8 +131,8 @@ class TextToImageConfig:
     """Run directory of a trained autoencoder (--set vae=RUN); None trains on pixels."""
     data: TextDataConfig = field(default_factory=TextDataConfig)
     unet: UNetConfig = field(default_factory=UNetConfig)
-    """Its context width and pooled width follow the text encoder; with a vae, its channels and side the
-    latent shape (both set when training starts)."""
+    """Its context width and pooled width follow the text encoder; its channels and side the pixels or,
+    with a vae, the latent shape (all set by :func:`resolve`)."""
     text_layers: tuple[int, ...] = (-1,)
     """Hidden states of the text tower the UNet attends to, joined along the features: -1 the last (the
     CLIP tokens), 0 the token embeddings, k block k's output."""
@@ -145,20 +152,15 @@ class TextToImageConfig:
     latent_scale: float | None = None
     vae_checkpoint: str | None = None
     text_encoder_checkpoint: str | None = None
-    """What this run was trained with; checked when it is loaded (set when training starts)."""
+    """What this run was trained with; checked when it is loaded (set by :func:`resolve`)."""
 
     def __post_init__(self) -> None:
         check_cond_drop(self.cond_drop)
-        check_choice("posterior", self.posterior, ldm.POSTERIOR)
+        check_choice("posterior", self.posterior, POSTERIOR)
         if self.text_refiner_layers < 0:
             raise DifflabError(
                 f"text_refiner_layers {self.text_refiner_layers} is invalid; expected an integer >= 0"
             )
-        if self.vae is None:  # pixels: the UNet's channels and side follow the data
-            unet = dataclasses.replace(
-                self.unet, in_channels=3, out_channels=3, image_size=self.data.image_size
-            )
-            object.__setattr__(self, "unet", unet)
 
 
 # ----------------------------------------------------------------------------------------------- data
@@ -187,8 +189,6 @@ class CaptionedScenes(torch.utils.data.Dataset):
 
     def caption(self, i: int, scene: Scene | None = None) -> tuple[str, Prompt]:
         """The caption of item ``i`` and its structured prompt (true of the scene by construction)."""
-        from difflab.world.language import caption, description, short_caption
-
         scene = scene or self.scene(i)
         rng = np.random.default_rng([self.data.seed, i, _CAPTION_STREAM])
         u = rng.random()  # one draw picks the kind, so short_prob = 0 keeps earlier runs' captions
@@ -207,8 +207,6 @@ class CaptionedScenes(torch.utils.data.Dataset):
             item |= {"ids": ids[0], "mask": mask[0]}
         if self.latents is not None:
             return item | {k: v[i] for k, v in self.latents.items()}
-        from difflab.data.toy import scene_image
-
         return item | {"image": scene_image(scene, self.world)}
 
 
@@ -216,8 +214,6 @@ def training_set(cfg: TextToImageConfig, encoder: FrozenTextEncoder, autoencoder
     """The captioned training scenes: pixels, or (with a vae) the autoencoder's cached latents of them."""
     if cfg.vae is None:
         return CaptionedScenes(cfg.data, encoder.tokenizer)
-    from difflab.world.render import RENDERER_VERSION
-
     images = CaptionedScenes(cfg.data)  # no tokenizer, no latents: items are {"image"}, what is encoded
     # the images are a function of the scenes alone (not of the captions): world, n, seed, held-out pairs
     d = cfg.data
@@ -225,16 +221,31 @@ def training_set(cfg: TextToImageConfig, encoder: FrozenTextEncoder, autoencoder
     if d.min_objects is not None:  # only when set, so the latents cached before the option still match
         scenes["min_objects"] = d.min_objects
     key = {"data": scenes, "renderer": RENDERER_VERSION, "dataset": "t2i-captioned-scenes"}
-    latents = ldm.cached_latents(cfg, images, key, autoencoder)
+    latents = cached_latents(cfg, images, key, autoencoder)
     return CaptionedScenes(cfg.data, encoder.tokenizer, latents)
 
 
-# --------------------------------------------------------------------------------------------- setup
+# ----------------------------------------------------------------------------------------- resolution
 
 
-def attach(cfg: TextToImageConfig) -> TextToImageConfig:
-    """``cfg`` with its inputs resolved: the text encoder's absolute path, id and widths (the UNet's
-    ``context_dim`` and ``pooled_dim``), and the autoencoder's path, id, latent scale and shape."""
+def resolve(cfg: TextToImageConfig, *, attach: bool = True) -> TextToImageConfig:
+    """The run record of a request. The UNet's channels and side follow the pixels (no vae); with
+    ``attach``, the text encoder (absolute path, id, and the UNet's ``context_dim`` and ``pooled_dim``)
+    and the autoencoder (path, id, latent scale and shape) are read; the sampling defaults are checked
+    against the schedule. ``attach=False`` keeps the preset's widths and latent shape (``difflab info``)."""
+    if cfg.vae is None:  # pixels: the UNet's channels and side follow the data
+        cfg = dataclasses.replace(
+            cfg, unet=dataclasses.replace(cfg.unet, in_channels=3, out_channels=3, image_size=cfg.data.image_size)
+        )
+    if attach:
+        cfg = _attach_text_encoder(cfg)
+        if cfg.vae is not None:
+            cfg = attach_autoencoder(cfg, "toy", cfg.data.world, cfg.data.image_size)
+    check_sampling(cfg)
+    return cfg
+
+
+def _attach_text_encoder(cfg: TextToImageConfig) -> TextToImageConfig:
     if cfg.text_encoder is None:
         raise DifflabError(
             "text-to-image needs a frozen text encoder: --set text_encoder=DIR (a CLIP run, or "
@@ -244,10 +255,7 @@ def attach(cfg: TextToImageConfig) -> TextToImageConfig:
     encoder = load_text_encoder(path, layers=cfg.text_layers)
     unet = dataclasses.replace(cfg.unet, context_dim=encoder.width,
                                pooled_dim=encoder.embed_dim if cfg.pooled else None)  # fmt: skip
-    cfg = dataclasses.replace(
-        cfg, text_encoder=str(path), unet=unet, text_encoder_checkpoint=text_encoder_id(path)
-    )
-    return ldm.attach_vae(cfg) if cfg.vae is not None else cfg
+    return dataclasses.replace(cfg, text_encoder=str(path), unet=unet, text_encoder_checkpoint=text_encoder_id(path))
 
 
 def check_inputs_unchanged(cfg: TextToImageConfig, what: str) -> None:
@@ -257,7 +265,10 @@ def check_inputs_unchanged(cfg: TextToImageConfig, what: str) -> None:
         raise DifflabError(f"text encoder '{cfg.text_encoder}' has changed since {what} "
                            f"({cfg.text_encoder_checkpoint}, now {now})")  # fmt: skip
     if cfg.vae is not None:
-        ldm.check_vae_unchanged(cfg, what)
+        check_vae_unchanged(cfg, what)
+
+
+# ------------------------------------------------------------------------------------------- network
 
 
 class TextConditionedUNet(nn.Module):
@@ -293,75 +304,16 @@ def network_config(cfg: TextToImageConfig):
     return {"unet": dataclasses.asdict(cfg.unet), "text_refiner_layers": cfg.text_refiner_layers}
 
 
-class TextToImage(nn.Module):
-    """The sampling-time system: UNet, frozen text encoder and (latent runs) the autoencoder."""
-
-    def __init__(self, unet: UNet | TextConditionedUNet, encoder: FrozenTextEncoder,
-                 autoencoder: KLAutoencoder | None, scale: float | None):  # fmt: skip
-        super().__init__()
-        self.unet, self.encoder, self.autoencoder, self.scale = unet, encoder, autoencoder, scale
-
-    def decode(self, x: torch.Tensor) -> torch.Tensor:
-        """What the sampler produced -> images (N, C, H, W) in [-1, 1]."""
-        if self.autoencoder is None:
-            return x.clamp(-1, 1)
-        return self.autoencoder.decode(x / self.scale).clamp(-1, 1)
-
-    def conditioning(self, texts: list[str]) -> dict:
-        """The UNet's keyword arguments for ``texts``: context (B, L, width), context_mask (B, L), pooled."""
-        enc = self.encoder(texts)
-        cond = {"context": enc.tokens, "context_mask": enc.mask}
-        if self.unet.cfg.pooled_dim:
-            cond["pooled"] = enc.pooled
-        return cond
+def info_network(cfg: TextToImageConfig):
+    """The trained network (the refiner included) with example inputs (``difflab info``)."""
+    return build_network(cfg), example_inputs(cfg.unet, cfg.train.batch_size), None
 
 
-def make_loss_fn(cfg: TextToImageConfig, schedule, encoder: FrozenTextEncoder):
-    """``loss_fn(model, batch, generator)``: the pixel recipe (t, eps, x_t, weighted v-loss) with the caption
-    replaced by "" with probability ``cond_drop``, then encoded by the frozen encoder."""
-    d = cfg.diffusion
-    null_ids, null_mask = encoder.tokenizer.encode("")
-
-    def loss_fn(model: UNet, batch: dict, generator: torch.Generator):
-        x0 = batch["image"] if cfg.vae is None else ldm.draw_latents(cfg, batch, generator)
-        b, dev = x0.shape[0], x0.device
-        t = torch.randint(0, schedule.timesteps, (b,), generator=generator, device=dev)
-        noise = torch.randn(x0.shape, generator=generator, device=dev, dtype=x0.dtype)
-        x_t = q_sample(schedule, x0, t, noise)
-        drop = (torch.rand(b, generator=generator, device=dev) < cfg.cond_drop)[:, None]  # (B, 1)
-        ids = torch.where(drop, null_ids.to(dev), batch["ids"])
-        mask = torch.where(drop, null_mask.to(dev), batch["mask"])
-        enc = encoder.to(dev).encode_ids(ids, mask)
-        pooled = enc.pooled if cfg.unet.pooled_dim else None
-        out = model(x_t, t, context=enc.tokens, context_mask=enc.mask, pooled=pooled)
-        per_sample = diffusion_loss(schedule, d.prediction, x0, noise, t, out,
-                                    weighting=d.loss_weighting, gamma=d.min_snr_gamma)  # fmt: skip
-        return per_sample.mean(), {}
-
-    return loss_fn
+# ---------------------------------------------------------------------------------------------- system
 
 
-@torch.no_grad()
-def generate(
-    model: TextToImage, cfg: TextToImageConfig, prompts: list[str], *, callback=None, attention=None, **kwargs
-) -> torch.Tensor:
-    """One image (N, C, H, W) in [-1, 1] per prompt. ``attention``: a
-    :class:`difflab.models.attention_maps.CrossAttentionMaps` that records the cross-attention of every
-    step; ``callback`` sees decoded x_t and x0_hat of the first 8. Other keyword arguments as
-    :func:`difflab.models.pixel.run_sampler` (sampler, steps, cfg_scale, spacing, seed, progress)."""
-    import contextlib
-
-    if isinstance(prompts, str) or not prompts:
-        raise DifflabError(f"prompts must be a non-empty list of strings; got {prompts!r}")
-    cond = model.conditioning(list(prompts))
-    null = model.conditioning([""])
-    decoded = ldm.decoding_callback(model, callback)
-    with attention.recording(model.unet, len(prompts)) if attention is not None else contextlib.nullcontext():
-        x = pixel.run_sampler(model.unet, cfg, len(prompts), cond, null, callback=decoded, **kwargs)
-    return model.decode(x)
-
-
-# ------------------------------------------------------------------------------------------ run dirs
+def conditioner(cfg: TextToImageConfig, encoder: FrozenTextEncoder) -> TextPrompts:
+    return TextPrompts(encoder, cfg.cond_drop, pooled=bool(cfg.unet.pooled_dim))
 
 
 def load_config(run_dir: str | Path) -> TextToImageConfig:
@@ -370,59 +322,26 @@ def load_config(run_dir: str | Path) -> TextToImageConfig:
 
 def load_model(
     run_dir: str | Path, *, ema: bool = True, device: str = "cpu"
-) -> tuple[TextToImage, TextToImageConfig]:
-    """The trained UNet (EMA weights by default) with its text encoder and autoencoder, and the config."""
-    from difflab.models import vae as vae_model
-
+) -> tuple[DiffusionSystem, TextToImageConfig]:
+    """The trained network (EMA weights by default) between its frozen text encoder and its codec
+    (pixels, or the autoencoder's latents), and the config."""
     cfg = load_config(run_dir)
     check_inputs_unchanged(cfg, f"'{run_dir}' was trained on it; retrain the text-to-image model")
-    unet = load_latest_weights(run_dir, build_network(cfg), ema=ema)
+    network = load_latest_weights(run_dir, build_network(cfg), ema=ema)
     encoder = load_text_encoder(cfg.text_encoder, layers=cfg.text_layers)
-    autoencoder = vae_model.load_model(cfg.vae)[0] if cfg.vae is not None else None
-    return TextToImage(unet, encoder, autoencoder, cfg.latent_scale).to(device).eval(), cfg
+    codec = Pixels() if cfg.vae is None else load_latents(cfg)
+    return DiffusionSystem(network, conditioner(cfg, encoder), codec).to(device).eval(), cfg
 
 
-# -------------------------------------------------------------------------------------------- presets
-
-register_preset(
-    "t2i_tiny",
-    "t2i",
-    "text-to-image on the 16x16 tiny world in pixels (--set text_encoder=DIR of a clip_tiny run): seconds (tests)",
-    lambda: TextToImageConfig(
-        data=TextDataConfig(world="tiny", n=2048, heldout_pairs=()),
-        unet=UNetConfig(channels=16, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(8,), heads=2,
-                        norm_groups=4),
-        train=TrainConfig(steps=200, batch_size=32, lr=2e-3, warmup_steps=10, ema_decay=0.99, log_every=10,
-                          checkpoint_every=None, progress=False),
-        sample=SampleConfig(steps=10, grid=8, cfg_scale=2.0),
-    ),
-)  # fmt: skip
-register_preset(
-    "t2i_demo",
-    "t2i",
-    "text-to-image on 32x32 scenes of one or two objects, on a vae_t2i run's 16x16x4 latents and a clip_t2i "
-    "text encoder (--set vae=RUN --set text_encoder=DIR; 'difflab demo' trains all three): minutes on a CPU",
-    lambda: TextToImageConfig(
-        data=TextDataConfig(world="scene32", n=20_000),
-        text_layers=(0, -1),
-        text_refiner_layers=2,
-        unet=UNetConfig(in_channels=4, out_channels=4, image_size=16, channels=32, channel_mult=(1, 2),
-                        num_res_blocks=1, attention_resolutions=(8,), heads=4, context_pool=True,
-                        context_dim=128, pooled_dim=64),
-        train=TrainConfig(steps=2000, batch_size=32, lr=1e-3, warmup_steps=50, ema_decay=0.995, log_every=25,
-                          checkpoint_every=250, sample_every=500),
-        sample=SampleConfig(sampler="dpmpp_2m", steps=20, cfg_scale=3.0, grid=36),
-    ),
-)  # fmt: skip
-
-
-# ------------------------------------------------------------------------------------------- training
+def generate(model: DiffusionSystem, cfg: TextToImageConfig, prompts: list[str], **kwargs) -> torch.Tensor:
+    """One image (N, C, H, W) in [-1, 1] per prompt. Keyword arguments as
+    :func:`difflab.models.system.generate` (``attention`` records cross-attention maps; sampler, steps,
+    cfg_scale, spacing, seed, progress, callback)."""
+    return generate_system(model, cfg, len(prompts), prompts, **kwargs)
 
 
 def grid_prompts(world: str, n: int) -> list[str]:
     """``n`` fixed prompts for sample grids: the evaluation prompt sets' categories in turn."""
-    from difflab.models.t2i_eval import prompt_sets
-
     lists = list(prompt_sets(world).values())
     return [lists[i % len(lists)][i // len(lists)].text() for i in range(n)]
 
@@ -430,34 +349,79 @@ def grid_prompts(world: str, n: int) -> list[str]:
 def train(cfg: TextToImageConfig, run_dir: str | Path, *, resume: bool = False) -> Path:
     """Train text-to-image diffusion into ``run_dir`` (config.json, checkpoints/, metrics.jsonl,
     samples/step_*.png, samples.png with its prompts in prompts.txt, trajectory.png)."""
-    from difflab.models import vae as vae_model
-    from difflab.train.trainer import Trainer, make_loader
+    cfg = resolve(cfg)
 
-    cfg = attach(cfg)
-    run_dir = prepare_run_dir(
-        run_dir, cfg, resume, load_config, inputs=("text_encoder_checkpoint", "vae_checkpoint")
-    )
-    encoder = load_text_encoder(cfg.text_encoder, layers=cfg.text_layers)
-    autoencoder = vae_model.load_model(cfg.vae)[0] if cfg.vae is not None else None
-    with main_process_first():  # rank 0 fills the latent cache; under torchrun the others then read it
-        data = training_set(cfg, encoder, autoencoder)
-    torch.manual_seed(cfg.train.seed)  # the initial weights
-    unet = build_network(cfg)
-    schedule = cfg.diffusion.make_schedule()
-    loader = make_loader(data, cfg.train)
-    prompts = grid_prompts(cfg.data.world, cfg.sample.grid)
-    if is_main_process():
-        (run_dir / "prompts.txt").write_text("\n".join(prompts) + "\n")
+    def parts(run_dir: Path) -> TrainingParts:
+        encoder = load_text_encoder(cfg.text_encoder, layers=cfg.text_layers)
+        codec = Pixels() if cfg.vae is None else load_latents(cfg)
+        data = training_set(cfg, encoder, None if cfg.vae is None else codec.autoencoder)
+        prompts = grid_prompts(cfg.data.world, cfg.sample.grid)
+        if is_main_process():
+            (run_dir / "prompts.txt").write_text("\n".join(prompts) + "\n")
+        return TrainingParts(conditioner(cfg, encoder), codec, data, grid_request=prompts)
 
-    def draw(ema_unet: UNet, n: int, callback) -> torch.Tensor:
-        device = next(ema_unet.parameters()).device
-        system = TextToImage(
-            ema_unet, encoder.to(device), autoencoder and autoencoder.to(device), cfg.latent_scale
-        )
-        return generate(system, cfg, prompts[:n], seed=0, callback=callback)
+    return train_system(cfg, run_dir, resume=resume, load_config=load_config,
+                        inputs=("text_encoder_checkpoint", "vae_checkpoint"), parts=parts,
+                        network=lambda: build_network(cfg), model_config=network_config(cfg))  # fmt: skip
 
-    sample_fn = pixel.grid_sample_fn(cfg, draw)
-    trainer = Trainer(unet, make_loss_fn(cfg, schedule, encoder), loader, cfg.train, run_dir,
-                      sample_fn=sample_fn, model_config=network_config(cfg))  # fmt: skip
-    trainer.fit(resume=resume)
-    return run_dir
+
+def evaluate(run_dir: str | Path, n: int, *, seed: int = 0, sampler=None, steps=None, cfg_scale=None,
+             progress: bool = False) -> dict:  # fmt: skip
+    """GenEval-style faithfulness of the first ``n`` prompts of every category (:mod:`t2i_eval`)."""
+    model, cfg = load_model(run_dir)
+    return t2i_eval.evaluate(model, cfg, run_dir, n, sampler=sampler, steps=steps, cfg_scale=cfg_scale,
+                             seed=seed, progress=progress)  # fmt: skip
+
+
+# -------------------------------------------------------------------------------------------- presets
+
+PRESETS = (
+    Preset(
+        "t2i_tiny",
+        "t2i",
+        "text-to-image on the 16x16 tiny world in pixels (--set text_encoder=DIR of a clip_tiny run): seconds "
+        "(tests)",
+        lambda: TextToImageConfig(
+            data=TextDataConfig(world="tiny", n=2048, heldout_pairs=()),
+            # context and pooled widths of a clip_tiny text encoder (set from the encoder by resolve)
+            unet=UNetConfig(channels=16, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(8,),
+                            heads=2, norm_groups=4, context_dim=32, pooled_dim=32),
+            train=TrainConfig(steps=200, batch_size=32, lr=2e-3, warmup_steps=10, ema_decay=0.99, log_every=10,
+                              checkpoint_every=None, progress=False),
+            sample=SampleConfig(steps=10, grid=8, cfg_scale=2.0),
+        ),
+    ),
+    Preset(
+        "t2i_demo",
+        "t2i",
+        "text-to-image on 32x32 scenes of one or two objects, on a vae_t2i run's 16x16x4 latents and a clip_t2i "
+        "text encoder (--set vae=RUN --set text_encoder=DIR; 'difflab demo' trains all three): minutes on a CPU",
+        lambda: TextToImageConfig(
+            data=TextDataConfig(world="scene32", n=20_000),
+            text_layers=(0, -1),
+            text_refiner_layers=2,
+            unet=UNetConfig(in_channels=4, out_channels=4, image_size=16, channels=32, channel_mult=(1, 2),
+                            num_res_blocks=1, attention_resolutions=(8,), heads=4, context_pool=True,
+                            context_dim=128, pooled_dim=64),
+            train=TrainConfig(steps=2000, batch_size=32, lr=1e-3, warmup_steps=50, ema_decay=0.995, log_every=25,
+                              checkpoint_every=250, sample_every=500),
+            sample=SampleConfig(sampler="dpmpp_2m", steps=20, cfg_scale=3.0, grid=36),
+        ),
+    ),
+)  # fmt: skip
+
+FAMILY = Family(
+    name="t2i",
+    what="a text-to-image (t2i) run",
+    config=TextToImageConfig,
+    presets=PRESETS,
+    resolve=resolve,
+    train=train,
+    load=load_model,
+    evaluate=evaluate,
+    network=info_network,
+    writes="samples.png, prompts.txt, trajectory.png",
+    eval_n=100,
+    eval_options=("sampler", "steps", "cfg_scale", "progress"),
+    draws="prompts",
+)

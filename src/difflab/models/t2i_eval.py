@@ -23,46 +23,27 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from difflab.errors import DifflabError
+from difflab.models.system import DiffusionSystem, generate
 from difflab.world.geneval import (
+    MAX_PER_CATEGORY,
     category,
     check_faithfulness,
-    load_prompt_set,
-    make_prompt_set,
+    eval_prompts,
     mentions_heldout,
 )
 from difflab.world.prompts import Prompt
 from difflab.world.reader import read
 from difflab.world.scene import Scene, world_preset
 
-MAX_PER_CATEGORY = 100
-
-
-def prompt_sets(world: str) -> dict[str, list[Prompt]]:
-    """``{category: prompts}`` of ``world``: the shipped, versioned set, or for a world without one (tiny)
-    the same construction made on the fly."""
-    try:
-        return load_prompt_set(world)
-    except DifflabError:
-        return make_prompt_set(world_preset(world))
-
-
-def eval_prompts(world: str, n: int) -> list[Prompt]:
-    """The first ``n`` prompts of every category of ``world``'s prompt set, category by category."""
-    if not 1 <= n <= MAX_PER_CATEGORY:
-        raise DifflabError(f"--n {n} is invalid; expected 1..{MAX_PER_CATEGORY} prompts per category")
-    return [p for ps in prompt_sets(world).values() for p in ps[:n]]
-
 
 def generate_batched(model, cfg, texts: list[str], *, batch_size: int = 100, seed: int = 0, progress=False,
                      **kwargs) -> torch.Tensor:  # fmt: skip
     """One image per text, ``batch_size`` at a time; batch k uses noise seed ``seed + k``."""
-    from difflab.models.t2i import generate
-
     out = []
     starts = range(0, len(texts), batch_size)
     for k, start in enumerate(tqdm(starts, desc="sampling", disable=not progress, leave=False)):
-        out.append(generate(model, cfg, texts[start : start + batch_size], seed=seed + k, **kwargs).cpu())
+        batch = texts[start : start + batch_size]
+        out.append(generate(model, cfg, len(batch), batch, seed=seed + k, **kwargs).cpu())
     return torch.cat(out)
 
 
@@ -90,15 +71,13 @@ def score(prompts: list[Prompt], images: torch.Tensor, world: str, heldout_pairs
     return report
 
 
-def evaluate(run_dir: Path, n: int = MAX_PER_CATEGORY, *, sampler=None, steps=None, cfg_scale=None, seed: int = 0,
-             progress: bool = False) -> dict:  # fmt: skip
-    """Sample the first ``n`` prompts of every category once and score them (see the module docstring)."""
-    from difflab.models.t2i import load_model
-
-    model, cfg = load_model(run_dir)
+def evaluate(system: DiffusionSystem, cfg, run_dir: str | Path, n: int = MAX_PER_CATEGORY, *, sampler=None,
+             steps=None, cfg_scale=None, seed: int = 0, progress: bool = False) -> dict:  # fmt: skip
+    """Sample the first ``n`` prompts of every category once with the loaded ``system`` of a run (``cfg``
+    its record) and score them (see the module docstring)."""
     prompts = eval_prompts(cfg.data.world, n)
     start = time.perf_counter()
-    images = generate_batched(model, cfg, [p.text() for p in prompts], sampler=sampler, steps=steps,
+    images = generate_batched(system, cfg, [p.text() for p in prompts], sampler=sampler, steps=steps,
                               cfg_scale=cfg_scale, seed=seed, progress=progress)  # fmt: skip
     seconds = time.perf_counter() - start
     used = cfg.sample.resolve(sampler, steps, cfg_scale)

@@ -15,6 +15,7 @@ Nothing is unpickled; the weights are frozen (``requires_grad=False``) and the m
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import NamedTuple
@@ -26,8 +27,11 @@ from torch import nn
 
 from difflab.config import atomic_path, from_dict, save_json, to_dict
 from difflab.errors import DifflabError
+from difflab.models import clip
+from difflab.models.runs import checkpoint_id
 from difflab.nn.text_transformer import TextTransformer, TextTransformerConfig
 from difflab.text.tokenizer import load_tokenizer
+from difflab.train.checkpoint import check_compatible, check_safetensors_header
 
 WEIGHTS, CONFIG, TOKENIZER = "text_encoder.safetensors", "text_encoder.json", "tokenizer.json"
 
@@ -94,9 +98,7 @@ def check_layers(layers: tuple[int, ...], depth: int) -> tuple[int, ...]:
 
 def export_text_encoder(run_dir: str | Path, out_dir: str | Path) -> Path:
     """Write the text tower, projection and tokenizer of CLIP run ``run_dir`` into ``out_dir``."""
-    from difflab.models.clip import load_model
-
-    model, cfg = load_model(run_dir)
+    model, cfg = clip.load_model(run_dir)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     weights = {f"text.{k}": v for k, v in model.text.state_dict().items()}
@@ -111,13 +113,9 @@ def export_text_encoder(run_dir: str | Path, out_dir: str | Path) -> Path:
 def text_encoder_id(path: str | Path) -> str:
     """What a text-to-image run records of its text encoder, to notice when it is replaced later:
     ``text_encoder:<sha256 prefix>`` of an exported folder's weights, or a CLIP run's checkpoint id."""
-    import hashlib
-
     path = Path(path)
     if (path / WEIGHTS).is_file():
         return f"{WEIGHTS}:{hashlib.sha256((path / WEIGHTS).read_bytes()).hexdigest()[:16]}"
-    from difflab.models.runs import checkpoint_id
-
     if (path / "config.json").is_file():
         return checkpoint_id(path, "CLIP run")
     raise DifflabError(
@@ -139,17 +137,13 @@ def load_text_encoder(
             load_tokenizer(path / TOKENIZER),
             layers,
         )
-        from difflab.train.checkpoint import check_compatible, check_safetensors_header
-
         check_safetensors_header(path / WEIGHTS)
         weights = load_file(str(path / WEIGHTS))
         check_compatible(encoder, weights, f"text encoder '{path}'")
         encoder.load_state_dict(weights)
         return encoder.to(device)
     if (path / "config.json").is_file():
-        from difflab.models.clip import load_model
-
-        model, cfg = load_model(path)
+        model, cfg = clip.load_model(path)
         encoder = FrozenTextEncoder(cfg.text, cfg.embed_dim, load_tokenizer(path / TOKENIZER), layers)
         encoder.text.load_state_dict(model.text.state_dict())
         encoder.text_proj.load_state_dict(model.text_proj.state_dict())

@@ -35,8 +35,9 @@ import torch
 from torch import nn
 
 from difflab.config import save_json
+from difflab.data.config import DataConfig, data_channels, held_out, held_out_images, make_dataset
 from difflab.errors import DifflabError, check_choice
-from difflab.models.pixel import DataConfig, data_channels, held_out, held_out_images, make_dataset
+from difflab.models.family import Family, Preset
 from difflab.models.runs import load_latest_weights, load_run_config, prepare_run_dir
 from difflab.nn.discriminator import (
     PatchDiscriminator,
@@ -46,9 +47,14 @@ from difflab.nn.discriminator import (
 )
 from difflab.nn.perceptual import RandomFeaturePerceptualLoss
 from difflab.nn.vae import AutoencoderConfig, KLAutoencoder
-from difflab.presets import register_preset
+from difflab.train.checkpoint import latest_checkpoint
+from difflab.train.config import TrainConfig
 from difflab.train.device import is_main_process
-from difflab.train.trainer import TrainConfig
+from difflab.train.trainer import Trainer, make_loader
+from difflab.viz import save_grid
+from difflab.world.check import ReadTally
+from difflab.world.reader import read
+from difflab.world.scene import scene_at, world_preset
 
 RECONSTRUCTION_LOSSES = ("l1", "l2")
 STATS_FILE = "latent_stats.json"
@@ -93,10 +99,14 @@ class VAEConfig:
     def __post_init__(self) -> None:
         if self.latent_stats_n < 2:
             raise DifflabError(f"latent_stats_n {self.latent_stats_n} is invalid; expected at least 2 images")
-        derived = dataclasses.replace(
-            self.vae, in_channels=data_channels(self.data), image_size=self.data.image_size
-        )
-        object.__setattr__(self, "vae", derived)
+
+
+def resolve(cfg: VAEConfig, *, attach: bool = True) -> VAEConfig:
+    """The run record of a request: the autoencoder's input channels and side follow from the data, so
+    that --set data.dataset=digits cannot leave a network built for another dataset. (No parent run:
+    ``attach`` is accepted for the family interface.)"""
+    vae = dataclasses.replace(cfg.vae, in_channels=data_channels(cfg.data), image_size=cfg.data.image_size)
+    return dataclasses.replace(cfg, vae=vae)
 
 
 class VAETrainee(nn.Module):
@@ -203,8 +213,6 @@ def latent_stats(run_dir: str | Path) -> dict:
     path = Path(run_dir) / STATS_FILE
     if path.is_file():
         return json.loads(path.read_text())
-    from difflab.train.checkpoint import latest_checkpoint
-
     start = time.perf_counter()
     autoencoder, cfg = load_model(run_dir)
     dataset = make_dataset(cfg.data)
@@ -230,9 +238,9 @@ def latent_stats(run_dir: str | Path) -> dict:
 
 
 def _preset(f: int, **over) -> VAEConfig:
-    """The CPU recipe at factor f: a patch autoencoder, L1 + the random-feature perceptual term (weight 1:
-    at f = 4 it lifted the reader's exact-scene accuracy on reconstructions from 0.57 to 0.92 at 1,500
-    steps, docs/ldm.md). Wider latents and blocks at higher f: each position stands for f^2 pixels."""
+    """The CPU recipe at factor f: a patch autoencoder, L1 + the random-feature perceptual term (weight 1,
+    chosen on the reader's accuracy on reconstructions: docs/ldm.md). Wider latents and blocks at higher f:
+    each position stands for f^2 pixels."""
     latent_channels, channels, steps = {2: (4, 32, 1000), 4: (8, 64, 2500), 8: (16, 96, 2500)}[f]
     return VAEConfig(
         data=DataConfig(world="single32", image_size=32, conditional=False, n=100_000),
@@ -245,47 +253,47 @@ def _preset(f: int, **over) -> VAEConfig:
     )  # fmt: skip
 
 
-for _f in (2, 4, 8):
-    register_preset(
-        f"vae_f{_f}",
+PRESETS = (
+    *(
+        Preset(f"vae_f{f}", "vae",
+               f"KL autoencoder, f = {f} (32x32 -> {32 // f}x{32 // f}) on the one-object toy world: minutes on a CPU",
+               lambda f=f: _preset(f))
+        for f in (2, 4, 8)
+    ),
+    Preset(
+        "vae_t2i",
         "vae",
-        f"KL autoencoder, f = {_f} (32x32 -> {32 // _f}x{32 // _f}) on the one-object toy world: minutes on a CPU",
-        lambda f=_f: _preset(f),
-    )
-register_preset(
-    "vae_t2i",
-    "vae",
-    "KL autoencoder, f = 2 (32x32 -> 16x16x4) on scenes of one or two objects, for text-to-image: about 1.5 min",
-    lambda: dataclasses.replace(_preset(2), data=DataConfig(world="scene32", image_size=32, conditional=False,
-                                                            n=100_000)),
-)  # fmt: skip
-register_preset(
-    "vae_tiny",
-    "vae",
-    "16x16 world of 2 shapes x 2 colours, f = 2 (8x8x4 latents), a tiny patch autoencoder: seconds (tests)",
-    lambda: VAEConfig(
-        data=DataConfig(world="tiny", image_size=16, conditional=False, n=2048),
-        vae=AutoencoderConfig(downsample_factor=2, latent_channels=4, channels=16, num_res_blocks=1, norm_groups=4),
-        train=TrainConfig(steps=300, batch_size=32, lr=3e-3, warmup_steps=5, ema_decay=None, log_every=10,
-                          checkpoint_every=None, progress=False),
-        latent_stats_n=256,
+        "KL autoencoder, f = 2 (32x32 -> 16x16x4) on scenes of one or two objects, for text-to-image: about 1.5 min",
+        lambda: dataclasses.replace(_preset(2), data=DataConfig(world="scene32", image_size=32, conditional=False,
+                                                                n=100_000)),
+    ),
+    Preset(
+        "vae_tiny",
+        "vae",
+        "16x16 world of 2 shapes x 2 colours, f = 2 (8x8x4 latents), a tiny patch autoencoder: seconds (tests)",
+        lambda: VAEConfig(
+            data=DataConfig(world="tiny", image_size=16, conditional=False, n=2048),
+            vae=AutoencoderConfig(downsample_factor=2, latent_channels=4, channels=16, num_res_blocks=1, norm_groups=4),
+            train=TrainConfig(steps=300, batch_size=32, lr=3e-3, warmup_steps=5, ema_decay=None, log_every=10,
+                              checkpoint_every=None, progress=False),
+            latent_stats_n=256,
+        ),
+    ),
+    Preset(
+        "vae_base",
+        "vae",
+        "the paper's first stage: pyramid autoencoder f = 4, c = 4, mid attention, perceptual + PatchGAN: for a GPU",
+        lambda: VAEConfig(
+            data=DataConfig(world="scene32", image_size=32, conditional=False, n=1_000_000),
+            vae=AutoencoderConfig(layout="pyramid", downsample_factor=4, latent_channels=4, channels=64,
+                                  channel_mult=(1, 2, 4), num_res_blocks=2, mid_attention=True, heads=4),
+            loss=VAELossConfig(perceptual_weight=1.0, perceptual_widths=(32, 64, 128), gan_weight=0.5,
+                               gan_start=5000, disc_channels=64, disc_layers=2),
+            train=TrainConfig(steps=50_000, batch_size=64, lr=4.5e-6 * 64, warmup_steps=500, ema_decay=None,
+                              log_every=100, checkpoint_every=2500, sample_every=2500),
+        ),
     ),
 )  # fmt: skip
-register_preset(
-    "vae_base",
-    "vae",
-    "the paper's first stage: pyramid autoencoder f = 4, c = 4, mid attention, perceptual + PatchGAN: for a GPU",
-    lambda: VAEConfig(
-        data=DataConfig(world="scene32", image_size=32, conditional=False, n=1_000_000),
-        vae=AutoencoderConfig(layout="pyramid", downsample_factor=4, latent_channels=4, channels=64,
-                              channel_mult=(1, 2, 4), num_res_blocks=2, mid_attention=True, heads=4),
-        loss=VAELossConfig(perceptual_weight=1.0, perceptual_widths=(32, 64, 128), gan_weight=0.5,
-                           gan_start=5000, disc_channels=64, disc_layers=2),
-        train=TrainConfig(steps=50_000, batch_size=64, lr=4.5e-6 * 64, warmup_steps=500, ema_decay=None,
-                          log_every=100, checkpoint_every=2500, sample_every=2500),
-    ),
-)  # fmt: skip
-
 
 # ------------------------------------------------------------------------------------------- training
 
@@ -293,9 +301,7 @@ register_preset(
 def train(cfg: VAEConfig, run_dir: str | Path, *, resume: bool = False) -> Path:
     """Train an autoencoder into ``run_dir`` (config.json, checkpoints/, metrics.jsonl,
     samples/step_*.png: held-out images over their reconstructions), then write latent_stats.json."""
-    from difflab.train.trainer import Trainer, make_loader
-    from difflab.viz import save_grid
-
+    cfg = resolve(cfg)
     run_dir = prepare_run_dir(run_dir, cfg, resume, load_config)
     (run_dir / STATS_FILE).unlink(missing_ok=True)  # measured again for the weights trained now
     torch.manual_seed(cfg.train.seed)
@@ -320,6 +326,13 @@ def train(cfg: VAEConfig, run_dir: str | Path, *, resume: bool = False) -> Path:
     return run_dir
 
 
+def info_network(cfg: VAEConfig):
+    """The autoencoder with an example batch, its loss the reconstruction's mean square (``difflab info``)."""
+    v = cfg.vae
+    inputs = {"x": torch.randn(cfg.train.batch_size, v.in_channels, v.image_size, v.image_size)}
+    return KLAutoencoder(v), inputs, lambda out: out[0].square().mean()
+
+
 # ----------------------------------------------------------------------------------------- evaluation
 
 
@@ -328,10 +341,6 @@ def evaluate(run_dir: str | Path, n: int, *, seed: int = 0) -> dict:
     """Reconstruct ``n`` held-out images (posterior means): PSNR, and on the toy world the reader's
     exact-scene accuracy on the reconstructions beside its accuracy on the originals (the judge's own
     error), plus per-attribute accuracy: a VAE that loses a small shape or shifts a colour shows here."""
-    from difflab.world.check import ReadTally
-    from difflab.world.reader import read
-    from difflab.world.scene import scene_at, world_preset
-
     autoencoder, cfg = load_model(run_dir)
     data = cfg.data
     if data.dataset == "toy":  # the evaluation seed picks another set of unseen scenes
@@ -367,3 +376,17 @@ def evaluate(run_dir: str | Path, n: int, *, seed: int = 0) -> dict:
     report["latent_scale"] = latent_stats(run_dir)["scale"]
     report["reconstructions_per_second"] = n / seconds
     return report
+
+
+FAMILY = Family(
+    name="vae",
+    what="an autoencoder (vae) run",
+    config=VAEConfig,
+    presets=PRESETS,
+    resolve=resolve,
+    train=train,
+    load=load_model,
+    evaluate=evaluate,
+    network=info_network,
+    writes="reconstructions.png, latent_stats.json",
+)

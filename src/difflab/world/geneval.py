@@ -170,6 +170,26 @@ def load_prompt_set(world: str = "scene64", version: int = PROMPT_SET_VERSION) -
     return {c: [prompt_from_dict(d) for d in ps] for c, ps in worlds[world].items()}
 
 
+MAX_PER_CATEGORY = PROMPT_SET_SIZE
+"""The most prompts per category an evaluation draws (what the shipped sets hold)."""
+
+
+def prompt_sets(world: str) -> dict[str, list[Prompt]]:
+    """``{category: prompts}`` of ``world``: the shipped, versioned set, or for a world without one (tiny)
+    the same construction made on the fly."""
+    try:
+        return load_prompt_set(world)
+    except DifflabError:
+        return make_prompt_set(world_preset(world))
+
+
+def eval_prompts(world: str, n: int) -> list[Prompt]:
+    """The first ``n`` prompts of every category of ``world``'s prompt set, category by category."""
+    if not 1 <= n <= MAX_PER_CATEGORY:
+        raise DifflabError(f"--n {n} is invalid; expected 1..{MAX_PER_CATEGORY} prompts per category")
+    return [p for ps in prompt_sets(world).values() for p in ps[:n]]
+
+
 # (colour, shape) pairs kept out of training for compositional generalisation: one per shape, each
 # colour at most once, so every colour and every shape is still seen in training.
 HELDOUT_PAIRS: tuple[tuple[str, str], ...] = (

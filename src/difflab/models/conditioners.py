@@ -1,0 +1,97 @@
+"""Conditioners: what a user asks a diffusion system for, turned into the network's keyword arguments.
+
+Every conditioner answers two calls:
+
+- ``for_training(batch, generator, b, device) -> kwargs``: the condition of a training batch, replaced by the
+  null condition with probability ``cond_drop`` (drawn from the trainer's generator), so that one network
+  learns both p(x|c) and p(x) for classifier-free guidance (Ho & Salimans 2022, Algorithm 1);
+- ``condition(request, n, device) -> (cond, null)``: the keyword arguments for ``n`` samples of a request
+  (class labels, prompts) and the null condition (batch 1, broadcast) that guidance steers away from,
+  or None for an unconditional model.
+
+Systems to come add conditioners here (grounding tokens, an input image on channels, control residuals);
+the recipe in :mod:`difflab.models.recipe` does not change.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from difflab.data.config import DataConfig, num_classes
+from difflab.errors import DifflabError
+from difflab.models.text_encoder import FrozenTextEncoder
+
+
+class Unconditional(nn.Module):
+    """No condition: p(x)."""
+
+    def for_training(self, batch: dict, generator: torch.Generator, b: int, device) -> dict:
+        return {}
+
+    def condition(self, request, n: int, device) -> tuple[dict, None]:
+        if request is not None:
+            raise DifflabError("this model is unconditional; it takes no class labels")
+        return {}, None
+
+
+class ClassLabels(nn.Module):
+    """Class labels 0..classes-1, and ``classes`` itself as the null class (one extra embedding row)."""
+
+    def __init__(self, classes: int, cond_drop: float):
+        super().__init__()
+        self.classes, self.cond_drop = classes, cond_drop
+
+    def for_training(self, batch: dict, generator: torch.Generator, b: int, device) -> dict:
+        labels = batch["label"].to(device).long()
+        drop = torch.rand(b, generator=generator, device=device) < self.cond_drop
+        return {"class_labels": torch.where(drop, torch.full_like(labels, self.classes), labels)}
+
+    def condition(self, labels, n: int, device) -> tuple[dict, dict]:
+        """``labels`` (N,), or None to cycle through all classes."""
+        if labels is None:
+            labels = torch.arange(n) % self.classes
+        labels = torch.as_tensor(labels).long().to(device)
+        bad = labels[(labels < 0) | (labels >= self.classes)]
+        if bad.numel():
+            raise DifflabError(f"class {int(bad[0])} is out of range; expected 0..{self.classes - 1}")
+        null = torch.full((1,), self.classes, device=device, dtype=torch.long)
+        return {"class_labels": labels}, {"class_labels": null}
+
+
+def class_conditioner(data: DataConfig, cond_drop: float) -> ClassLabels | Unconditional:
+    """The conditioner of an image dataset: its class labels, or none when it has none."""
+    classes = num_classes(data)
+    return Unconditional() if classes is None else ClassLabels(classes, cond_drop)
+
+
+class TextPrompts(nn.Module):
+    """Captions through a frozen text encoder (Rombach et al. 2022, Sec. 3.3): per-token features for
+    cross-attention (``context``, ``context_mask``) and, with ``pooled``, the sentence embedding added to
+    the time embedding (as SDXL). The null condition is the empty prompt ""."""
+
+    def __init__(self, encoder: FrozenTextEncoder, cond_drop: float, pooled: bool):
+        super().__init__()
+        self.encoder, self.cond_drop, self.pooled = encoder, cond_drop, pooled
+        self.null_ids, self.null_mask = encoder.tokenizer.encode("")  # (1, L) each
+
+    def for_training(self, batch: dict, generator: torch.Generator, b: int, device) -> dict:
+        drop = (torch.rand(b, generator=generator, device=device) < self.cond_drop)[:, None]  # (B, 1)
+        ids = torch.where(drop, self.null_ids.to(device), batch["ids"])
+        mask = torch.where(drop, self.null_mask.to(device), batch["mask"])
+        enc = self.encoder.to(device).encode_ids(ids, mask)
+        return {"context": enc.tokens, "context_mask": enc.mask, "pooled": enc.pooled if self.pooled else None}
+
+    def encode(self, texts: list[str]) -> dict:
+        """The network's keyword arguments for ``texts``: context (B, L, width), context_mask (B, L) and,
+        when the network takes it, pooled (B, E)."""
+        enc = self.encoder(texts)
+        cond = {"context": enc.tokens, "context_mask": enc.mask}
+        if self.pooled:
+            cond["pooled"] = enc.pooled
+        return cond
+
+    def condition(self, prompts, n: int, device) -> tuple[dict, dict]:
+        if isinstance(prompts, str) or not prompts:
+            raise DifflabError(f"prompts must be a non-empty list of strings; got {prompts!r}")
+        return self.encode(list(prompts)), self.encode([""])
