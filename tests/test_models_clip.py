@@ -14,8 +14,9 @@ import torch.multiprocessing as mp
 from safetensors.torch import load_file, save_file
 
 from difflab.cli import main
+from difflab.data.toy import ToyWorldDataset
 from difflab.errors import DifflabError
-from difflab.models.clip import CLIP, CaptionedScenes, clip_loss, make_loss_fn, make_tokenizer, resolve
+from difflab.models.clip import CLIP, captioned_scenes, clip_loss, make_loss_fn, make_tokenizer, resolve
 from difflab.models.registry import get_preset
 from difflab.nn.text_transformer import TextTransformer, TextTransformerConfig
 from difflab.nn.transformer import causal_padding_mask
@@ -157,7 +158,7 @@ def test_text_tower_is_causal_and_ignores_padding():
 
 
 def _global_batch(cfg, n: int = 16) -> dict:
-    data = CaptionedScenes(cfg.data, make_tokenizer(cfg))
+    data = captioned_scenes(cfg.data, make_tokenizer(cfg))
     items = [data[i] for i in range(n)]
     return {k: torch.stack([it[k] for it in items]) for k in items[0]}
 
@@ -206,15 +207,16 @@ def test_ddp_gathered_loss_equals_single_process(tmp_path):
 
 def test_captioned_scenes_are_deterministic_and_mixed():
     cfg = get_preset("clip_demo").build()
-    data = CaptionedScenes(cfg.data, make_tokenizer(cfg), with_text=True)
-    again = CaptionedScenes(cfg.data, make_tokenizer(cfg), with_text=True)
+    data = captioned_scenes(cfg.data, make_tokenizer(cfg), with_text=True)
+    again = captioned_scenes(cfg.data, make_tokenizer(cfg), with_text=True)
     caps = [data[i]["caption"] for i in range(60)]
     assert caps == [again[i]["caption"] for i in range(60)]
     described = sum(" at the " in c or " in the center" in c for c in caps)
     assert 15 < described < 60  # about half are full descriptions (with positions), the rest vary
     item = data[0]
     assert item["image"].shape == (3, 32, 32) and item["ids"].shape == item["mask"].shape == (24,)
-    assert torch.equal(item["image"], data.scenes[0]["image"])  # the toy dataset's own pixels
+    toy = ToyWorldDataset(cfg.data.world, cfg.data.n, cfg.data.seed, fields=("image",))
+    assert torch.equal(item["image"], toy[0]["image"])  # the toy dataset's own pixels
 
 
 def test_every_clip_preset_builds_and_takes_one_step():
@@ -225,7 +227,7 @@ def test_every_clip_preset_builds_and_takes_one_step():
             continue
         cfg = resolve(preset.build())
         model = CLIP(cfg)
-        data = CaptionedScenes(cfg.data, make_tokenizer(cfg))
+        data = captioned_scenes(cfg.data, make_tokenizer(cfg))
         batch = {k: torch.stack([data[i][k] for i in range(2)]) for k in data[0]}
         loss, metrics = make_loss_fn()(model, batch, None)
         loss.backward()

@@ -186,12 +186,12 @@ def test_captioned_scenes_hold_out_pairs_and_captions_are_true():
     """No training scene shows a held-out (colour, shape) pair, every caption is true of its scene, and
     an item is a pure function of its index (exact resume)."""
     data = t2i.TextDataConfig(world="scene32", n=400)
-    scenes = t2i.CaptionedScenes(data, clip.world_tokenizer(24))
+    scenes = t2i.captioned_scenes(data, clip.world_tokenizer(24))
     pairs = data.pairs()
     assert len(pairs) == 5
     for i in range(400):
         scene = scenes.scene(i)
-        text, prompt = scenes.caption(i)
+        text, prompt, _ = scenes.caption(i)
         assert not mentions_heldout(scene, pairs), i
         assert holds(prompt, scene) and text == prompt.text(), text
     a, b = scenes[7], scenes[7]
@@ -203,11 +203,11 @@ def test_short_captions_take_their_share_and_leave_the_rest_unchanged():
     """short_prob takes its share of the captions, in GenEval's forms, true of the scene; every other item
     keeps the caption it had without short captions (one draw picks the kind), so earlier runs' data
     is unchanged by the option's existence."""
-    base = t2i.CaptionedScenes(t2i.TextDataConfig(world="scene32", n=600))
-    mixed = t2i.CaptionedScenes(t2i.TextDataConfig(world="scene32", n=600, short_prob=0.5))
+    base = t2i.captioned_scenes(t2i.TextDataConfig(world="scene32", n=600))
+    mixed = t2i.captioned_scenes(t2i.TextDataConfig(world="scene32", n=600, short_prob=0.5))
     short = 0
     for i in range(600):
-        text, prompt = mixed.caption(i)
+        text, prompt, _ = mixed.caption(i)
         assert holds(prompt, mixed.scene(i)), text
         if text != base.caption(i)[0]:
             short += 1
@@ -225,14 +225,14 @@ def test_short_captions_take_their_share_and_leave_the_rest_unchanged():
 def test_min_objects_draws_only_scenes_with_that_many_and_none_keeps_the_world():
     """min_objects = 2 on scene32 gives two objects in every scene (the reader counts them in the pixels),
     with true captions; None leaves the world's own scenes, so earlier runs' data is unchanged."""
-    two = t2i.CaptionedScenes(t2i.TextDataConfig(world="scene32", n=200, min_objects=2))
-    default = t2i.CaptionedScenes(t2i.TextDataConfig(world="scene32", n=200))
+    two = t2i.captioned_scenes(t2i.TextDataConfig(world="scene32", n=200, min_objects=2))
+    default = t2i.captioned_scenes(t2i.TextDataConfig(world="scene32", n=200))
     world = world_preset("scene32")
     for i in range(200):
         scene = two.scene(i)
         assert len(scene.objects) == 2 and holds(two.caption(i)[1], scene), i
         drawn = scene_at(world, 0, i)  # the world's own scene i (seed 0), unless it shows a held-out pair
-        if not mentions_heldout(drawn, default.data.pairs()):
+        if not mentions_heldout(drawn, default.heldout):
             assert default.scene(i) == drawn, i
     assert {len(default.scene(i).objects) for i in range(200)} == {1, 2}
     assert all(len(read(two[i]["image"], world).objects) == 2 for i in range(20))

@@ -28,10 +28,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import Dataset
 
 from difflab.config import to_dict
-from difflab.data.toy import ToyWorldDataset, scene_image
+from difflab.data.captioned import CLIP_CAPTIONS, Caption, CaptionedScenes, Captioner
 from difflab.errors import DifflabError, check_choice
 from difflab.models import clip_eval
 from difflab.models.family import Family, Preset
@@ -47,7 +46,6 @@ from difflab.world.language import caption, contrast, description
 from difflab.world.scene import Scene, world_preset
 
 UNKNOWN_WORDS = ("strict", "lenient")
-_CAPTION_STREAM = 11  # the per-item random stream of CLIP captions (ToyWorldDataset uses 1-3)
 
 
 @dataclass(frozen=True)
@@ -193,51 +191,30 @@ def make_loss_fn():
 # ----------------------------------------------------------------------------------------------- data
 
 
-class CaptionedScenes(Dataset):
-    """Toy-world scenes with one caption each, tokenized: ``{"image", "ids", "mask", "caption"}``.
+def captioner(data: CLIPDataConfig) -> Captioner:
+    """CLIP's captions: the full description with probability ``describe_prob``, else a random true caption
+    of any style; with ``hard_negatives``, a false caption one edit away."""
+    world = world_preset(data.world)
 
-    The caption of item i is fixed (drawn from its own stream ``[seed, i, 11]``), so a resumed run and
-    every DDP rank see the same pairs.
-    """
-
-    def __init__(self, data: CLIPDataConfig, tokenizer, *, with_text: bool = False):
-        self.data = data
-        self.scenes = ToyWorldDataset(data.world, data.n, data.seed, fields=("image",))
-        self.tokenizer = tokenizer
-        self.with_text = with_text
-
-    def __len__(self) -> int:
-        return len(self.scenes)
-
-    def captions(self, index: int, scene: Scene | None = None) -> tuple[str, str | None]:
-        """The true caption of item ``index`` (whose ``scene`` may be passed in when already drawn) and,
-        with ``hard_negatives``, a false one an edit away."""
-        scene = scene if scene is not None else self.scenes.scene(index)
-        rng = np.random.default_rng([self.data.seed, index, _CAPTION_STREAM])
-        prompt = description(scene) if rng.random() < self.data.describe_prob else caption(scene, rng)[1]
-        if not self.data.hard_negatives:
-            return prompt.text(), None
+    def caption_of(scene: Scene, rng: np.random.Generator) -> Caption:
+        prompt = description(scene) if rng.random() < data.describe_prob else caption(scene, rng)[1]
+        if not data.hard_negatives:
+            return Caption(prompt.text(), prompt)
         # A caption such as 'a circle' in a scene of a circle and a square may have no false neighbour
         # that the world can draw; the full description always has one.
-        world = self.scenes.cfg
         negative = contrast(prompt, scene, rng, world) or contrast(description(scene), scene, rng, world)
         if negative is None:
-            raise DifflabError(f"no false caption found for toy scene {index}; this is a bug")
-        return prompt.text(), negative.text()
+            raise DifflabError(f"no false caption found for toy scene {scene}; this is a bug")
+        return Caption(prompt.text(), prompt, negative.text())
 
-    def __getitem__(self, index: int) -> dict:
-        scene = self.scenes.scene(index)
-        text, negative = self.captions(index, scene)
-        ids, mask = self.tokenizer.encode(text)
-        item = {"image": scene_image(scene, self.scenes.cfg), "ids": ids[0], "mask": mask[0]}
-        if negative is not None:
-            ids, mask = self.tokenizer.encode(negative)
-            item.update(neg_ids=ids[0], neg_mask=mask[0])
-        if self.with_text:
-            item["caption"] = text
-            if negative is not None:
-                item["negative"] = negative
-        return item
+    return caption_of
+
+
+def captioned_scenes(data: CLIPDataConfig, tokenizer, *, with_text: bool = False) -> CaptionedScenes:
+    """The training pairs: ``{"image", "ids", "mask"}`` (+ ``"neg_ids"``, ``"neg_mask"`` with hard
+    negatives; + the strings with ``with_text``), the toy dataset's own scenes with CLIP's captions."""
+    return CaptionedScenes(world_preset(data.world), data.n, data.seed, captioner(data), stream=CLIP_CAPTIONS,
+                           tokenizer=tokenizer, with_text=with_text)  # fmt: skip
 
 
 # -------------------------------------------------------------------------------------------- presets
@@ -363,7 +340,7 @@ def train(cfg: CLIPConfig, run_dir: str | Path, *, resume: bool = False) -> Path
         tokenizer.save(run_dir / "tokenizer.json")
     torch.manual_seed(cfg.train.seed)  # the initial weights
     model = CLIP(cfg)
-    loader = make_loader(CaptionedScenes(cfg.data, tokenizer), cfg.train)
+    loader = make_loader(captioned_scenes(cfg.data, tokenizer), cfg.train)
     model_config = {"vision": to_dict(cfg.vision), "text": to_dict(cfg.text), "embed_dim": cfg.embed_dim}
     trainer = Trainer(model, make_loss_fn(), loader, cfg.train, run_dir, model_config=model_config)
     trainer.fit(resume=resume)

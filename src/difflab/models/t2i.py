@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from difflab.data.toy import scene_image
+from difflab.data.captioned import T2I_CAPTIONS, Caption, CaptionedScenes, Captioner
 from difflab.errors import DifflabError, check_choice
 from difflab.models import t2i_eval
 from difflab.models.codecs import (
@@ -53,14 +53,10 @@ from difflab.nn.transformer import Transformer
 from difflab.nn.unet import UNet, UNetConfig, example_inputs
 from difflab.train.config import TrainConfig
 from difflab.train.device import is_main_process
-from difflab.world.geneval import HELDOUT_PAIRS, mentions_heldout, prompt_sets
+from difflab.world.geneval import HELDOUT_PAIRS, prompt_sets
 from difflab.world.language import caption, description, short_caption
-from difflab.world.prompts import Prompt
 from difflab.world.render import RENDERER_VERSION
-from difflab.world.scene import Scene, WorldConfig, scene_at, world_preset
-
-_CAPTION_STREAM = 21  # per-item random stream of text-to-image captions (ToyWorldDataset: 1-3, CLIP: 11)
-_REDRAW_SEED = 7_919  # seed step between redraws of a scene that shows a held-out pair
+from difflab.world.scene import Scene, WorldConfig, world_preset
 
 
 @dataclass(frozen=True)
@@ -80,8 +76,8 @@ class TextDataConfig:
     min_objects: int | None = None
     """At least this many objects in every training scene (None: the world's own range). On scene32,
     2 trains on two-object scenes only, where every composition (position, binding, counting) is learned;
-    single objects are still named by the partial captions ('a circle' of a two-object scene). On the demo
-    (2,000 steps) it made one-object images rarer but did not raise faithfulness (docs/t2i.md)."""
+    single objects are still named by the partial captions ('a circle' of a two-object scene). What it did
+    on the demo is in docs/t2i.md."""
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.describe_prob <= 1.0:
@@ -166,55 +162,35 @@ class TextToImageConfig:
 # ----------------------------------------------------------------------------------------------- data
 
 
-class CaptionedScenes(torch.utils.data.Dataset):
-    """Item i: scene i of the world (redrawn while it shows a held-out pair) with one fixed true caption,
-    tokenized: ``{"ids", "mask"}`` (B, L) and either ``"image"`` or, given cached ``latents``, the
-    posterior ``"mean"`` and ``"std"``. Everything is a pure function of (data config, i): exact resume."""
+def captioner(data: TextDataConfig) -> Captioner:
+    """Text-to-image captions: the full description with probability ``describe_prob``, a short
+    GenEval-form caption with probability ``short_prob``, else a random partial caption."""
 
-    def __init__(self, data: TextDataConfig, tokenizer=None, latents: dict[str, np.ndarray] | None = None):
-        self.data, self.tokenizer = data, tokenizer
-        self.world = data.world_config()
-        self.heldout = set(data.pairs())
-        self.latents = None if latents is None else {k: torch.from_numpy(v) for k, v in latents.items()}
-
-    def __len__(self) -> int:
-        return self.data.n
-
-    def scene(self, i: int) -> Scene:
-        for k in range(1000):
-            scene = scene_at(self.world, self.data.seed + k * _REDRAW_SEED, i)
-            if not mentions_heldout(scene, self.heldout):
-                return scene
-        raise DifflabError(f"could not draw a scene without the held-out pairs {self.data.heldout_pairs}")
-
-    def caption(self, i: int, scene: Scene | None = None) -> tuple[str, Prompt]:
-        """The caption of item ``i`` and its structured prompt (true of the scene by construction)."""
-        scene = scene or self.scene(i)
-        rng = np.random.default_rng([self.data.seed, i, _CAPTION_STREAM])
+    def caption_of(scene: Scene, rng: np.random.Generator) -> Caption:
         u = rng.random()  # one draw picks the kind, so short_prob = 0 keeps earlier runs' captions
-        if u < self.data.describe_prob:
+        if u < data.describe_prob:
             prompt = description(scene)
-            return prompt.text(), prompt
-        if u < self.data.describe_prob + self.data.short_prob:
-            return short_caption(scene, rng)
-        return caption(scene, rng)
+            return Caption(prompt.text(), prompt)
+        if u < data.describe_prob + data.short_prob:
+            return Caption(*short_caption(scene, rng))
+        return Caption(*caption(scene, rng))
 
-    def __getitem__(self, i: int) -> dict:
-        scene = self.scene(i)
-        item = {}
-        if self.tokenizer is not None:
-            ids, mask = self.tokenizer.encode(self.caption(i, scene)[0])
-            item |= {"ids": ids[0], "mask": mask[0]}
-        if self.latents is not None:
-            return item | {k: v[i] for k, v in self.latents.items()}
-        return item | {"image": scene_image(scene, self.world)}
+    return caption_of
+
+
+def captioned_scenes(data: TextDataConfig, tokenizer=None, latents: dict[str, np.ndarray] | None = None):
+    """Scene i of the world (redrawn while it shows a held-out pair) with one fixed true caption,
+    tokenized (``{"ids", "mask"}``, with a ``tokenizer``), and either ``"image"`` or, given cached
+    ``latents``, the posterior ``"mean"`` and ``"std"``."""
+    return CaptionedScenes(data.world_config(), data.n, data.seed, captioner(data), stream=T2I_CAPTIONS,
+                           tokenizer=tokenizer, heldout=data.pairs(), latents=latents)  # fmt: skip
 
 
 def training_set(cfg: TextToImageConfig, encoder: FrozenTextEncoder, autoencoder=None) -> CaptionedScenes:
     """The captioned training scenes: pixels, or (with a vae) the autoencoder's cached latents of them."""
     if cfg.vae is None:
-        return CaptionedScenes(cfg.data, encoder.tokenizer)
-    images = CaptionedScenes(cfg.data)  # no tokenizer, no latents: items are {"image"}, what is encoded
+        return captioned_scenes(cfg.data, encoder.tokenizer)
+    images = captioned_scenes(cfg.data)  # no tokenizer, no latents: items are {"image"}, what is encoded
     # the images are a function of the scenes alone (not of the captions): world, n, seed, held-out pairs
     d = cfg.data
     scenes = {"world": d.world, "n": d.n, "seed": d.seed, "heldout_pairs": list(d.heldout_pairs)}
@@ -222,7 +198,7 @@ def training_set(cfg: TextToImageConfig, encoder: FrozenTextEncoder, autoencoder
         scenes["min_objects"] = d.min_objects
     key = {"data": scenes, "renderer": RENDERER_VERSION, "dataset": "t2i-captioned-scenes"}
     latents = cached_latents(cfg, images, key, autoencoder)
-    return CaptionedScenes(cfg.data, encoder.tokenizer, latents)
+    return captioned_scenes(cfg.data, encoder.tokenizer, latents)
 
 
 # ----------------------------------------------------------------------------------------- resolution
