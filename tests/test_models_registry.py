@@ -58,14 +58,20 @@ def test_sampling_settings_are_refused_before_training(override, message):
 
 
 def test_more_sampling_steps_than_the_schedule_has_are_refused_at_resolution(tmp_path, capsys):
-    assert main(["train", "--preset", "tiny", "--out", str(tmp_path / "r"), "--set", "sample.steps=5000"]) == 2
-    assert "sample.steps 5000 is invalid; expected at most diffusion.timesteps (1000)" in capsys.readouterr().err
+    assert (
+        main(["train", "--preset", "tiny", "--out", str(tmp_path / "r"), "--set", "sample.steps=5000"]) == 2
+    )
+    assert (
+        "sample.steps 5000 is invalid; expected at most diffusion.timesteps (1000)" in capsys.readouterr().err
+    )
     assert not (tmp_path / "r").exists()  # refused before any work
 
 
 def test_info_counts_the_network_a_t2i_run_trains(tmp_path, capsys):
     """``difflab info`` builds what training builds: the text refiner in front of the UNet included."""
-    clip_run = clip.train(apply_overrides(get_preset("clip_tiny").build(), ["train.steps=2"]), tmp_path / "clip")
+    clip_run = clip.train(
+        apply_overrides(get_preset("clip_tiny").build(), ["train.steps=2"]), tmp_path / "clip"
+    )
     encoder = export_text_encoder(clip_run, tmp_path / "te")
     overrides = ["text_refiner_layers=1", "train.steps=2", "sample.grid=2", "sample.steps=2"]
     run = t2i.train(apply_overrides(get_preset("t2i_tiny").build(), [f"text_encoder={encoder}", *overrides]),

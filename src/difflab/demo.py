@@ -176,7 +176,11 @@ def _text_to_image(args, cfg, out: Path, report: dict, timings: dict, start: flo
     """Steps 2-5 of the text-to-image demo (see the module docstring)."""
     run_dir = _train_text_to_image(args, cfg, out, timings)
     last = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
-    report["train"] = {"steps": cfg.train.steps, "batch_size": cfg.train.batch_size, "final_loss": last["loss"]}
+    report["train"] = {
+        "steps": cfg.train.steps,
+        "batch_size": cfg.train.batch_size,
+        "final_loss": last["loss"],
+    }
 
     t0 = time.perf_counter()
     model, cfg = t2i.load_model(run_dir, device=str(resolve_device(args.device or "auto")))

@@ -16,6 +16,8 @@ from __future__ import annotations
 import contextlib
 from pathlib import Path
 
+import matplotlib
+import matplotlib.pyplot as plt
 import torch
 import torch.nn.functional as F
 
@@ -71,10 +73,7 @@ def save_attention_overlays(
     """One row per prompt: the image, then each word's map over its grey copy (inferno colours: brighter =
     more attention, each map scaled to its own range), titled with the word. The <bos>/<eos>/padding
     positions are left out. images (N, 3, H, W) in [-1, 1]."""
-    import matplotlib  # imported when a figure is drawn: it picks the Agg backend, for files only
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    matplotlib.use("Agg")  # files only, whatever backend the caller's session has
 
     words = [normalize(p) for p in prompts]  # token j + 1 of a prompt is its word j (0 is <bos>)
     cols = 1 + max(len(w) for w in words)

@@ -29,6 +29,8 @@ import dataclasses
 import textwrap
 from pathlib import Path
 
+import matplotlib
+import matplotlib.pyplot as plt
 import numpy as np
 import torch
 
@@ -181,7 +183,9 @@ def binding(encoder, world: WorldConfig, n: int, seed: int = 0) -> dict:
     }
 
 
-def evaluate(encoder, cfg, run_dir: str | Path, n: int = 500, seed: int = 0, plot: str | Path | None = None) -> dict:
+def evaluate(
+    encoder, cfg, run_dir: str | Path, n: int = 500, seed: int = 0, plot: str | Path | None = None
+) -> dict:
     """Every CLIP measurement of a trained run (``encoder``, an :class:`~difflab.models.clip.ImageTextEncoder`
     of it, and ``cfg`` its record), as one JSON-able dict (and the retrieval figure at ``plot``, when given)."""
     world = world_preset(cfg.data.world)
@@ -201,10 +205,7 @@ def retrieval_figure(encoder, world: WorldConfig, out: str | Path, seed: int = 0
     """Text -> image search among 100 held-out scenes, drawn: one row per query (three full descriptions
     and three short captions of other styles), its ``k`` most similar scenes left to right with their
     cosines, framed green where the query holds in the scene (the world's own truth) and red where not."""
-    import matplotlib  # imported when a figure is drawn: it picks the Agg backend, for files only
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    matplotlib.use("Agg")  # files only, whatever backend the caller's session has
 
     scenes = held_out_scenes(world, GROUP, seed + 1)
     image_emb = encoder.embed_images(images_of(scenes, world))

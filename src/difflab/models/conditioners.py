@@ -80,7 +80,11 @@ class TextPrompts(nn.Module):
         ids = torch.where(drop, self.null_ids.to(device), batch["ids"])
         mask = torch.where(drop, self.null_mask.to(device), batch["mask"])
         enc = self.encoder.to(device).encode_ids(ids, mask)
-        return {"context": enc.tokens, "context_mask": enc.mask, "pooled": enc.pooled if self.pooled else None}
+        return {
+            "context": enc.tokens,
+            "context_mask": enc.mask,
+            "pooled": enc.pooled if self.pooled else None,
+        }
 
     def encode(self, texts: list[str]) -> dict:
         """The network's keyword arguments for ``texts``: context (B, L, width), context_mask (B, L) and,

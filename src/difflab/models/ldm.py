@@ -30,9 +30,9 @@ from difflab.models.conditioners import class_conditioner
 from difflab.models.family import Family, Preset
 from difflab.models.recipe import DiffusionConfig, SampleConfig, check_cond_drop, check_sampling
 from difflab.models.runs import load_latest_weights, load_run_config
-from difflab.models.system import DiffusionSystem, TrainingParts, train_system
+from difflab.models.system import DiffusionSystem, TrainingParts, train_system, unet_with_inputs
 from difflab.models.system import generate_classes as generate
-from difflab.nn.unet import UNet, UNetConfig, example_inputs
+from difflab.nn.unet import UNet, UNetConfig
 from difflab.nn.vae import KLAutoencoder
 from difflab.train.config import TrainConfig
 from difflab.world.render import RENDERER_VERSION
@@ -71,7 +71,9 @@ def resolve(cfg: LatentDiffusionConfig, *, attach: bool = True) -> LatentDiffusi
     autoencoder run (path, checkpoint id, latent scale, and the UNet's channels and side from its latent
     shape); the sampling defaults checked against the schedule. ``attach=False`` keeps the preset's
     latent shape (``difflab info`` of a preset that names no autoencoder yet)."""
-    unet = dataclasses.replace(cfg.unet, num_classes=num_classes(cfg.data), class_factors=class_factors(cfg.data))
+    unet = dataclasses.replace(
+        cfg.unet, num_classes=num_classes(cfg.data), class_factors=class_factors(cfg.data)
+    )
     record = dataclasses.replace(cfg, unet=unet)
     if attach:
         d = cfg.data
@@ -131,16 +133,8 @@ def train(cfg: LatentDiffusionConfig, run_dir: str | Path, *, resume: bool = Fal
                         parts=parts, network=lambda: UNet(cfg.unet), model_config=cfg.unet)  # fmt: skip
 
 
-def evaluate(run_dir: str | Path, n: int, *, seed: int = 0, sampler=None, steps=None, cfg_scale=None) -> dict:
-    """Class accuracy and Fréchet distance of ``n`` decoded samples, as pixel runs (:mod:`pixel_eval`)."""
-    model, cfg = load_model(run_dir)
-    return pixel_eval.evaluate(model, cfg, run_dir, n, seed=seed, sampler=sampler, steps=steps,
-                               cfg_scale=cfg_scale)  # fmt: skip
-
-
-def info_network(cfg: LatentDiffusionConfig):
-    """The UNet at the record's latent shape with example inputs (``difflab info``)."""
-    return UNet(cfg.unet), example_inputs(cfg.unet, cfg.train.batch_size), None
+evaluate = pixel_eval.run_evaluator(load_model)
+"""Class accuracy by the reader (or the digits SVC) and Fréchet distance of ``n`` samples (:mod:`pixel_eval`)."""
 
 
 # -------------------------------------------------------------------------------------------- presets
@@ -184,7 +178,7 @@ FAMILY = Family(
     train=train,
     load=load_model,
     evaluate=evaluate,
-    network=info_network,
+    network=unet_with_inputs,
     writes="samples.png, trajectory.png",
     eval_options=("sampler", "steps", "cfg_scale"),
     draws="classes",

@@ -21,9 +21,9 @@ from difflab.models.conditioners import class_conditioner
 from difflab.models.family import Family, Preset
 from difflab.models.recipe import DiffusionConfig, SampleConfig, check_cond_drop, check_sampling
 from difflab.models.runs import load_latest_weights, load_run_config
-from difflab.models.system import DiffusionSystem, TrainingParts, train_system
+from difflab.models.system import DiffusionSystem, TrainingParts, train_system, unet_with_inputs
 from difflab.models.system import generate_classes as generate
-from difflab.nn.unet import UNet, UNetConfig, example_inputs
+from difflab.nn.unet import UNet, UNetConfig
 from difflab.train.config import TrainConfig
 
 __all__ = ["FAMILY", "PixelDiffusionConfig", "generate", "load_model", "resolve", "train"]
@@ -89,16 +89,8 @@ def train(cfg: PixelDiffusionConfig, run_dir: str | Path, *, resume: bool = Fals
                         network=lambda: UNet(cfg.unet), model_config=cfg.unet)  # fmt: skip
 
 
-def evaluate(run_dir: str | Path, n: int, *, seed: int = 0, sampler=None, steps=None, cfg_scale=None) -> dict:
-    """Reader (or digits SVC) class accuracy and Fréchet distance of ``n`` samples (:mod:`pixel_eval`)."""
-    model, cfg = load_model(run_dir)
-    return pixel_eval.evaluate(model, cfg, run_dir, n, seed=seed, sampler=sampler, steps=steps,
-                               cfg_scale=cfg_scale)  # fmt: skip
-
-
-def info_network(cfg: PixelDiffusionConfig):
-    """The UNet with example inputs at the training batch size (``difflab info``)."""
-    return UNet(cfg.unet), example_inputs(cfg.unet, cfg.train.batch_size), None
+evaluate = pixel_eval.run_evaluator(load_model)
+"""Class accuracy by the reader (or the digits SVC) and Fréchet distance of ``n`` samples (:mod:`pixel_eval`)."""
 
 
 # -------------------------------------------------------------------------------------------- presets
@@ -177,7 +169,7 @@ FAMILY = Family(
     train=train,
     load=load_model,
     evaluate=evaluate,
-    network=info_network,
+    network=unet_with_inputs,
     writes="samples.png, trajectory.png",
     eval_options=("sampler", "steps", "cfg_scale"),
     draws="classes",

@@ -64,3 +64,15 @@ def evaluate(system: DiffusionSystem, cfg, run_dir: str | Path, n: int, *, sampl
         "frechet_n": n,
         "sampling_images_per_second": n / seconds,
     }
+
+
+def run_evaluator(load):
+    """``evaluate(run_dir, n, *, seed, sampler, steps, cfg_scale)`` of a family whose runs ``load(run_dir)``
+    loads as ``(system, record)`` (pixel and latent diffusion)."""
+
+    def evaluate_run(run_dir: str | Path, n: int, *, seed: int = 0, sampler=None, steps=None,
+                     cfg_scale=None) -> dict:  # fmt: skip
+        system, cfg = load(run_dir)
+        return evaluate(system, cfg, run_dir, n, seed=seed, sampler=sampler, steps=steps, cfg_scale=cfg_scale)
+
+    return evaluate_run

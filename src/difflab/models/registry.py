@@ -10,7 +10,9 @@ from difflab.models import clip, ldm, pixel, t2i, vae
 from difflab.models.family import Family, Preset
 from difflab.models.runs import read_run_config
 
-FAMILIES: dict[str, Family] = {f.name: f for f in (pixel.FAMILY, vae.FAMILY, ldm.FAMILY, clip.FAMILY, t2i.FAMILY)}
+FAMILIES: dict[str, Family] = {
+    f.name: f for f in (pixel.FAMILY, vae.FAMILY, ldm.FAMILY, clip.FAMILY, t2i.FAMILY)
+}
 
 PRESETS: dict[str, Preset] = {}
 for _family in FAMILIES.values():

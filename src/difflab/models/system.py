@@ -22,6 +22,7 @@ from torch import nn
 
 from difflab.models.recipe import DiffusionRunConfig, grid_sample_fn, make_loss_fn, run_sampler
 from difflab.models.runs import prepare_run_dir
+from difflab.nn.unet import UNet, example_inputs
 from difflab.train.distributed import main_process_first
 from difflab.train.trainer import Trainer, make_loader
 
@@ -56,6 +57,11 @@ def generate_classes(system: DiffusionSystem, cfg: DiffusionRunConfig, n: int, *
     """``n`` images (N, C, H, W) in [-1, 1] of a class-conditional (or unconditional) system: ``labels``
     (N,) picks the classes (default: every class in turn). Keyword arguments as :func:`generate`."""
     return generate(system, cfg, n, labels, **kwargs)
+
+
+def unet_with_inputs(cfg: DiffusionRunConfig):
+    """The UNet of a record with example inputs at its training batch size (``difflab info``)."""
+    return UNet(cfg.unet), example_inputs(cfg.unet, cfg.train.batch_size), None
 
 
 @dataclass

@@ -211,7 +211,8 @@ def resolve(cfg: TextToImageConfig, *, attach: bool = True) -> TextToImageConfig
     against the schedule. ``attach=False`` keeps the preset's widths and latent shape (``difflab info``)."""
     if cfg.vae is None:  # pixels: the UNet's channels and side follow the data
         cfg = dataclasses.replace(
-            cfg, unet=dataclasses.replace(cfg.unet, in_channels=3, out_channels=3, image_size=cfg.data.image_size)
+            cfg,
+            unet=dataclasses.replace(cfg.unet, in_channels=3, out_channels=3, image_size=cfg.data.image_size),
         )
     if attach:
         cfg = _attach_text_encoder(cfg)
@@ -231,7 +232,9 @@ def _attach_text_encoder(cfg: TextToImageConfig) -> TextToImageConfig:
     encoder = load_text_encoder(path, layers=cfg.text_layers)
     unet = dataclasses.replace(cfg.unet, context_dim=encoder.width,
                                pooled_dim=encoder.embed_dim if cfg.pooled else None)  # fmt: skip
-    return dataclasses.replace(cfg, text_encoder=str(path), unet=unet, text_encoder_checkpoint=text_encoder_id(path))
+    return dataclasses.replace(
+        cfg, text_encoder=str(path), unet=unet, text_encoder_checkpoint=text_encoder_id(path)
+    )
 
 
 def check_inputs_unchanged(cfg: TextToImageConfig, what: str) -> None:
