@@ -284,7 +284,7 @@ def test_eval_cli_json(tiny_run, capsys):
     assert (tiny_run / "search.png").stat().st_size > 1000
     capsys.readouterr()
     assert main(["eval", str(tiny_run), "--sampler", "ddim"]) == 2
-    assert "apply to diffusion runs" in capsys.readouterr().err
+    assert "--sampler applies to diffusion runs (pixel, ldm, t2i)" in capsys.readouterr().err
     assert main(["sample", str(tiny_run)]) == 2
     assert "difflab sample draws from diffusion runs" in capsys.readouterr().err
 

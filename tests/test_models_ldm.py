@@ -339,7 +339,7 @@ def test_a_retrained_vae_invalidates_the_ldm_run(vae_run, tmp_path, capsys):
 def test_diffusion_options_on_a_vae_run_are_errors(vae_run, capsys):
     assert main(["eval", str(vae_run), "--steps", "5", "--n", "4"]) == 2
     err = capsys.readouterr().err
-    assert "--steps apply to diffusion runs" in err and err.count("\n") == 1
+    assert "--steps applies to diffusion runs" in err and err.count("\n") == 1
     assert main(["sample", str(vae_run), "--n", "2"]) == 2
     err = capsys.readouterr().err
     assert "is a vae run" in err and "Traceback" not in err

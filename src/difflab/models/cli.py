@@ -292,10 +292,12 @@ def _eval(args) -> int:
     given = {"sampler": args.sampler, "steps": args.steps, "cfg_scale": args.cfg, "plot": args.plot}
     refused = [k for k, v in given.items() if v is not None and k not in family.eval_options]
     if refused:
-        takers = [f for f in FAMILIES.values() if all(k in f.eval_options for k in refused)]
-        called = "diffusion runs" if takers and all(f.draws for f in takers) else "runs of"
+        takers = [f.name for f in FAMILIES.values() if all(k in f.eval_options for k in refused)]
+        generative = all(FAMILIES[n].draws for n in takers)
+        kinds = f"diffusion runs ({', '.join(takers)})" if generative else f"{', '.join(takers)} runs"
+        verb = "applies" if len(refused) == 1 else "apply"
         raise DifflabError(
-            f"{', '.join(_EVAL_FLAGS[k] for k in refused)} apply to {called} ({', '.join(f.name for f in takers)}); "
+            f"{', '.join(_EVAL_FLAGS[k] for k in refused)} {verb} to {kinds}; "
             f"'{args.run_dir}' is a {family.name} run"
         )
     options = {k: v for k, v in given.items() if k in family.eval_options}
