@@ -187,8 +187,9 @@ def test_samplers_on_a_pixel_run(tmp_path):
 
 
 def test_step_profile_smallest_setting():
-    """One profiled step of each matched latent network: every kind of work gets a share, the shares sum
-    to 1, and the convolutions, which both libraries hand to the same oneDNN kernels, are the largest."""
+    """One profiled step of each matched latent network: every kind of work gets a share and the shares sum
+    to 1. Which share is largest is a timing (docs/benchmarks.md), not asserted here: on a busy machine one
+    profiled step can spend more in the optimizer than in the convolutions."""
     out = run_script("step_profile.py", "--case", "latent8", "--warmup", "1", "--steps", "1")
     result = json.loads(out.stdout)
     assert result["case"] == "latent8" and result["machine"]["threads"] >= 1
@@ -197,5 +198,5 @@ def test_step_profile_smallest_setting():
         assert set(shares) == {"convolution", "matmul", "attention", "normalisation", "activation", "optimizer",
                                "other"}  # fmt: skip
         assert abs(sum(shares.values()) - 1) < 1e-3 and all(v >= 0 for v in shares.values())
-        assert max(shares, key=shares.get) == "convolution"
+        assert all(shares[k] > 0 for k in ("convolution", "matmul", "normalisation", "optimizer")), shares
     assert "| difflab |" in out.stderr and "| diffusers |" in out.stderr
