@@ -82,6 +82,8 @@ def test_info_counts_the_network_a_t2i_run_trains(tmp_path, capsys):
     sets = [x for o in overrides for x in ("--set", o)]
     assert main(["info", "--preset", "t2i_tiny", *sets, "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["parameters"] == trained
+    assert main(["info", "--preset", "t2i_tiny", *sets, "--set", f"text_encoder={encoder}", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["parameters"] == trained  # widths read from the encoder
     assert main(["info", "--preset", "t2i_tiny", "--set", "train.steps=2", "--json"]) == 0  # no refiner
     assert json.loads(capsys.readouterr().out)["parameters"] < trained
 

@@ -177,15 +177,19 @@ def config_from_args(args):
     return cfg
 
 
-def record_from_args(args, *, attach: bool = True):
+def record_from_args(args):
     """The family of ``--preset`` and the resolved run record of the request: every derived field set and
     everything the run will need checked before any work starts."""
     family = get_family(get_preset(args.preset).family)
-    return family, family.resolve(config_from_args(args), attach=attach)
+    return family, family.resolve(config_from_args(args))
 
 
 def _info(args) -> int:
-    family, cfg = record_from_args(args, attach=False)
+    family = get_family(get_preset(args.preset).family)
+    request = config_from_args(args)
+    # the parent runs the request names shape the network (an autoencoder's latents, an encoder's widths)
+    attach = all(getattr(request, name) is not None for name in family.parents)
+    cfg = family.resolve(request, attach=attach)
     model, inputs, loss_fn = family.network(cfg)
     b = cfg.train.batch_size
     report = {

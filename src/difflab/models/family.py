@@ -50,6 +50,9 @@ class Family:
     """``difflab eval``'s default n."""
     eval_options: tuple[str, ...] = ()
     """Keyword options ``evaluate`` takes beyond n and seed (sampler, steps, cfg_scale, progress, plot)."""
+    parents: tuple[str, ...] = ()
+    """Config fields that name the runs a run is built on and must name (ldm: ``vae``; t2i: ``text_encoder``):
+    ``difflab info`` resolves them when they are set, and keeps the preset's shapes when they are not."""
     draws: str | None = None
     """What a user asks a trained run for: 'classes' (``difflab sample``), 'prompts' (``difflab generate``)
     or None (not a generative run)."""

@@ -181,5 +181,6 @@ FAMILY = Family(
     network=unet_with_inputs,
     writes="samples.png, trajectory.png",
     eval_options=("sampler", "steps", "cfg_scale"),
+    parents=("vae",),
     draws="classes",
 )

@@ -402,5 +402,6 @@ FAMILY = Family(
     writes="samples.png, prompts.txt, trajectory.png",
     eval_n=100,
     eval_options=("sampler", "steps", "cfg_scale", "progress"),
+    parents=("text_encoder",),
     draws="prompts",
 )
