@@ -140,12 +140,7 @@ def run_demo(args) -> int:
     print(f"[2/4] training '{args.preset}' for {cfg.train.steps} steps into {run_dir} ...", flush=True)
     pixel.train(cfg, run_dir)
     timings["train_seconds"] = time.perf_counter() - t0
-    last = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
-    report["train"] = {
-        "steps": cfg.train.steps,
-        "batch_size": cfg.train.batch_size,
-        "final_loss": last["loss"],
-    }
+    report["train"] = _train_summary(run_dir, cfg)
 
     t0 = time.perf_counter()
     grid = _sample_grid(run_dir, out / "samples.png", args.seed)
@@ -166,6 +161,12 @@ def run_demo(args) -> int:
     return 0
 
 
+def _train_summary(run_dir: Path, cfg) -> dict:
+    """The report's training line: steps, batch size and the last logged loss."""
+    last = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
+    return {"steps": cfg.train.steps, "batch_size": cfg.train.batch_size, "final_loss": last["loss"]}
+
+
 def _finish(out: Path, report: dict, timings: dict, start: float) -> None:
     timings["total_seconds"] = time.perf_counter() - start
     report["timings"] = {k: round(v, 2) for k, v in timings.items()}
@@ -175,12 +176,7 @@ def _finish(out: Path, report: dict, timings: dict, start: float) -> None:
 def _text_to_image(args, cfg, out: Path, report: dict, timings: dict, start: float) -> int:
     """Steps 2-5 of the text-to-image demo (see the module docstring)."""
     run_dir = _train_text_to_image(args, cfg, out, timings)
-    last = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
-    report["train"] = {
-        "steps": cfg.train.steps,
-        "batch_size": cfg.train.batch_size,
-        "final_loss": last["loss"],
-    }
+    report["train"] = _train_summary(run_dir, cfg)
 
     t0 = time.perf_counter()
     model, cfg = t2i.load_model(run_dir, device=str(resolve_device(args.device or "auto")))
