@@ -36,6 +36,7 @@ from difflab.errors import DifflabError, check_choice
 from difflab.models import t2i_eval
 from difflab.models.codecs import (
     POSTERIOR,
+    Latents,
     Pixels,
     attach_autoencoder,
     cached_latents,
@@ -295,6 +296,11 @@ def conditioner(cfg: TextToImageConfig, encoder: FrozenTextEncoder) -> TextPromp
     return TextPrompts(encoder, cfg.cond_drop, pooled=bool(cfg.unet.pooled_dim))
 
 
+def codec(cfg: TextToImageConfig) -> Pixels | Latents:
+    """Pixels, or (with a vae) the autoencoder's latents at the record's scale."""
+    return Pixels() if cfg.vae is None else load_latents(cfg)
+
+
 def load_config(run_dir: str | Path) -> TextToImageConfig:
     return load_run_config(run_dir, TextToImageConfig, "t2i", "a text-to-image (t2i) run")
 
@@ -308,8 +314,7 @@ def load_model(
     check_inputs_unchanged(cfg, f"'{run_dir}' was trained on it; retrain the text-to-image model")
     network = load_latest_weights(run_dir, build_network(cfg), ema=ema)
     encoder = load_text_encoder(cfg.text_encoder, layers=cfg.text_layers)
-    codec = Pixels() if cfg.vae is None else load_latents(cfg)
-    return DiffusionSystem(network, conditioner(cfg, encoder), codec).to(device).eval(), cfg
+    return DiffusionSystem(network, conditioner(cfg, encoder), codec(cfg)).to(device).eval(), cfg
 
 
 def generate(model: DiffusionSystem, cfg: TextToImageConfig, prompts: list[str], **kwargs) -> torch.Tensor:
@@ -332,12 +337,12 @@ def train(cfg: TextToImageConfig, run_dir: str | Path, *, resume: bool = False) 
 
     def parts(run_dir: Path) -> TrainingParts:
         encoder = load_text_encoder(cfg.text_encoder, layers=cfg.text_layers)
-        codec = Pixels() if cfg.vae is None else load_latents(cfg)
-        data = training_set(cfg, encoder, None if cfg.vae is None else codec.autoencoder)
+        space = codec(cfg)
+        data = training_set(cfg, encoder, None if cfg.vae is None else space.autoencoder)
         prompts = grid_prompts(cfg.data.world, cfg.sample.grid)
         if is_main_process():
             (run_dir / "prompts.txt").write_text("\n".join(prompts) + "\n")
-        return TrainingParts(conditioner(cfg, encoder), codec, data, grid_request=prompts)
+        return TrainingParts(conditioner(cfg, encoder), space, data, grid_request=prompts)
 
     return train_system(cfg, run_dir, resume=resume, load_config=load_config,
                         inputs=("text_encoder_checkpoint", "vae_checkpoint"), parts=parts,
