@@ -72,6 +72,9 @@ class SpatialAttention(nn.Module):
     """Attention on a feature map: GroupNorm then self-attention, and, when ``context_dim`` is given,
     LayerNorm then cross-attention to the context; each added back residually.
 
+    ``grounding``: GLIGEN's gated self-attention (:class:`difflab.nn.gligen.GatedSelfAttention`) between
+    the two, over the pixels and the ``grounding`` tokens of ``forward``; without tokens it is skipped.
+
     ``positions`` (H * W): a learned position embedding, added to the normalised pixels before both
     attentions (as ViT and DiT add theirs to patch tokens). Attention alone is blind to where a pixel is;
     Stable Diffusion's UNet has no such embedding and leaves position to the convolutions' padding.
@@ -86,6 +89,7 @@ class SpatialAttention(nn.Module):
         groups: int,
         context_dim: int | None = None,
         positions: int | None = None,
+        grounding: nn.Module | None = None,
     ):
         super().__init__()
         self.norm = nn.GroupNorm(groups, channels)
@@ -93,11 +97,18 @@ class SpatialAttention(nn.Module):
         if positions:
             self.pos = nn.Parameter(torch.randn(1, positions, channels) * 0.02)  # (1, H*W, C), ViT's init
         self.self_attn = MultiHeadAttention(channels, heads)
+        self.grounding = grounding  # GLIGEN's gated self-attention, between the two attentions
         self.cross_norm = nn.LayerNorm(channels) if context_dim else None
         self.cross_attn = MultiHeadAttention(channels, heads, context_dim) if context_dim else None
 
     def forward(
-        self, x: torch.Tensor, context: torch.Tensor | None = None, context_mask: torch.Tensor | None = None
+        self,
+        x: torch.Tensor,
+        context: torch.Tensor | None = None,
+        context_mask: torch.Tensor | None = None,
+        grounding: torch.Tensor | None = None,
+        grounding_mask: torch.Tensor | None = None,
+        grounding_boxes: torch.Tensor | None = None,
     ) -> torch.Tensor:
         b, c, hgt, wid = x.shape
         tokens = self.norm(x).flatten(2).transpose(1, 2)  # (B, H*W, C)
@@ -108,6 +119,8 @@ class SpatialAttention(nn.Module):
                 )
             tokens = tokens + self.pos
         out = x.flatten(2).transpose(1, 2) + self.self_attn(tokens)
+        if self.grounding is not None:
+            out = self.grounding(out, hgt, grounding, grounding_mask, grounding_boxes)
         if self.cross_attn is not None and context is not None:
             queries = self.cross_norm(out)
             if self.pos is not None:

@@ -26,6 +26,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from difflab.nn.attention import SpatialAttention
 from difflab.nn.embeddings import TimestepEmbedding
+from difflab.nn.gligen import GatedSelfAttention
 from difflab.nn.resblock import Downsample, ResBlock, Upsample
 
 
@@ -66,6 +67,15 @@ class UNetConfig:
     """Also add the masked mean of the context tokens (through a linear map) to the time embedding, as
     Imagen adds a pooled text embedding (Saharia et al. 2022, Sec. 2.2): a global summary of the prompt
     in every residual block, learned with the UNet. Needs ``context_dim``."""
+    grounding_dim: int | None = None
+    """Width of GLIGEN grounding tokens (Li et al. 2023): every attention layer gets a gated self-attention
+    over its pixels and the tokens (:mod:`difflab.nn.gligen`); None: none."""
+    grounding_box_attention: bool = False
+    """Let a pixel attend to an object's grounding token only inside its box (:class:`~difflab.nn.gligen.
+    GatedSelfAttention`); off: GLIGEN as published, the routing learned."""
+    grounding_gate: float = 0.0
+    """Initial gamma of the gates, tanh(gamma) the share of the grounding update: 0 (GLIGEN) makes the
+    network at initialisation exactly the one without grounding."""
     attention_positions: bool = False
     """A learned position embedding in every attention layer (:class:`difflab.nn.attention.SpatialAttention`),
     so that attention knows where each pixel is: what 'to the left of' needs. Off: Stable Diffusion's UNet.
@@ -126,7 +136,8 @@ class ClassEmbedding(nn.Module):
 
 
 class UNet(nn.Module):
-    """``forward(x, t, class_labels=None, context=None, context_mask=None, control=None, pooled=None)``:
+    """``forward(x, t, class_labels=None, context=None, context_mask=None, control=None, pooled=None,
+    grounding=None, grounding_mask=None, grounding_boxes=None)``:
     (B, C_in, H, W), (B,) -> (B, C_out, H, W)."""
 
     def __init__(self, cfg: UNetConfig):
@@ -146,10 +157,17 @@ class UNet(nn.Module):
         def positions(res: int) -> int | None:  # rows of an attention layer's position embedding at side res
             return res * res if cfg.attention_positions else None
 
+        def gated(width: int) -> nn.Module | None:
+            if not cfg.grounding_dim:
+                return None
+            return GatedSelfAttention(width, cfg.heads_at(width), cfg.grounding_dim, gate=cfg.grounding_gate,
+                                      box_attention=cfg.grounding_box_attention)  # fmt: skip
+
         def attn(width: int, res: int) -> nn.Module | None:
             if res not in cfg.attention_resolutions:
                 return None
-            return SpatialAttention(width, cfg.heads_at(width), groups, cfg.context_dim, positions(res))
+            return SpatialAttention(width, cfg.heads_at(width), groups, cfg.context_dim, positions(res),
+                                    gated(width))  # fmt: skip
 
         self.down = nn.ModuleList()  # entries: (resblock, attention or None) pairs, or a Downsample
         skip_widths = [ch]
@@ -166,7 +184,8 @@ class UNet(nn.Module):
                 res //= 2
 
         self.mid1 = ResBlock(width, width, emb_dim, groups, cfg.dropout)
-        self.mid_attn = SpatialAttention(width, cfg.heads_at(width), groups, cfg.context_dim, positions(res))
+        self.mid_attn = SpatialAttention(width, cfg.heads_at(width), groups, cfg.context_dim, positions(res),
+                                         gated(width))  # fmt: skip
         self.mid2 = ResBlock(width, width, emb_dim, groups, cfg.dropout)
         self.skip_widths = tuple(skip_widths)
 
@@ -185,10 +204,10 @@ class UNet(nn.Module):
         nn.init.zeros_(self.conv_out.weight)
         nn.init.zeros_(self.conv_out.bias)
 
-    def _apply_pair(self, pair: nn.ModuleList, h, emb, context, context_mask):
+    def _apply_pair(self, pair: nn.ModuleList, h, emb, text: tuple):
         block, att = pair
         h = block(h, emb)
-        return h if isinstance(att, nn.Identity) else att(h, context, context_mask)
+        return h if isinstance(att, nn.Identity) else att(h, *text)
 
     def forward(
         self,
@@ -199,6 +218,9 @@ class UNet(nn.Module):
         context_mask: torch.Tensor | None = None,
         control: list[torch.Tensor] | None = None,
         pooled: torch.Tensor | None = None,
+        grounding: torch.Tensor | None = None,
+        grounding_mask: torch.Tensor | None = None,
+        grounding_boxes: torch.Tensor | None = None,
     ) -> torch.Tensor:
         if t.ndim == 0:
             t = t.expand(x.shape[0])
@@ -222,17 +244,14 @@ class UNet(nn.Module):
             )  # (B, context_dim)
             emb = emb + self.context_pool(mean)
 
+        text = (context, context_mask, grounding, grounding_mask, grounding_boxes)  # every attention layer's
         h = self.conv_in(x)
         skips = [h]
         for layer in self.down:
-            h = (
-                layer(h)
-                if isinstance(layer, Downsample)
-                else self._apply_pair(layer, h, emb, context, context_mask)
-            )
+            h = layer(h) if isinstance(layer, Downsample) else self._apply_pair(layer, h, emb, text)
             skips.append(h)
 
-        h = self.mid2(self.mid_attn(self.mid1(h, emb), context, context_mask), emb)
+        h = self.mid2(self.mid_attn(self.mid1(h, emb), *text), emb)
         if control is not None:  # ControlNet: one residual per skip, then one for the middle
             if len(control) != len(skips) + 1:
                 raise ValueError(f"control has {len(control)} residuals; this UNet takes {len(skips) + 1}")
@@ -243,7 +262,7 @@ class UNet(nn.Module):
             if isinstance(layer, Upsample):
                 h = layer(h)
             else:
-                h = self._apply_pair(layer, torch.cat([h, skips.pop()], dim=1), emb, context, context_mask)
+                h = self._apply_pair(layer, torch.cat([h, skips.pop()], dim=1), emb, text)
         return self.conv_out(F.silu(self.norm_out(h)))
 
 

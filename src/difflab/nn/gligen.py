@@ -1,0 +1,121 @@
+"""Grounding tokens and gated self-attention: GLIGEN (Li et al. 2023, "GLIGEN: Open-Set Grounded
+Text-to-Image Generation", Sec. 3).
+
+A *grounding token* says "this phrase, in this box". GLIGEN's Eq. 5 builds it from the phrase's text
+embedding and a Fourier embedding of the box corners (Mildenhall et al. 2020's positional encoding):
+
+    h^e = MLP([ f_text(phrase), Fourier(x0, y0, x1, y1) ])                                    (Eq. 5)
+
+and every transformer block of the UNet gets a new layer between its self-attention and its
+cross-attention, self-attention over the visual tokens *and* the grounding tokens, of which only the
+visual tokens are kept (the token selection TS), added back through a gate:
+
+    v = v + tanh(gamma) * TS(SelfAttn([v, h^e]))                                                  (Eq. 8)
+
+``gamma`` starts at 0, so at initialisation the grounded UNet computes *exactly* what the base UNet
+computes (``tanh(0) = 0``; a test checks bitwise equality): grounding is added to a model without first
+breaking it. GLIGEN freezes the pretrained base and trains only the new layers; here base and grounding
+layers train together from the start (the toy world has no pretrained base worth keeping), and the gate
+still lets the network find the base model's solution first.
+
+One addition, said plainly: each visual token enters this attention with the Fourier embedding of *its
+own* box (the pixel's square) through a learned linear map. Stable Diffusion's UNet has no position
+embedding (position comes from the convolutions' zero padding); a grounding box can only be matched to
+pixels that know where they are, and at 8x8 in a few thousand steps the padding signal is too weak to
+learn it from. With both sides embedded the same way, "is this pixel inside the box" is a dot product.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from difflab.errors import DifflabError
+from difflab.nn.attention import MultiHeadAttention
+
+FOURIER_FREQS = 8
+"""Frequencies per box coordinate: 2^0 pi .. 2^7 pi, enough to tell 1/32 of the canvas apart."""
+
+
+def fourier_boxes(boxes: torch.Tensor, freqs: int = FOURIER_FREQS) -> torch.Tensor:
+    """(..., 4) box corners (x0, y0, x1, y1) in canvas fractions -> (..., 8 * freqs): sin and cos of
+    2^k pi c for every corner coordinate c and k < freqs (NeRF's encoding, GLIGEN Eq. 5)."""
+    scales = math.pi * 2.0 ** torch.arange(freqs, device=boxes.device, dtype=boxes.dtype)  # (F,)
+    angles = boxes[..., None] * scales  # (..., 4, F)
+    return torch.cat([angles.sin(), angles.cos()], -1).flatten(-2)  # (..., 4 * 2F)
+
+
+def pixel_boxes(side: int, device=None) -> torch.Tensor:
+    """(side * side, 4): the square of every pixel of a side x side map, row-major, in canvas fractions."""
+    edges = torch.arange(side, device=device, dtype=torch.float32) / side
+    y0, x0 = torch.meshgrid(edges, edges, indexing="ij")  # (side, side) each
+    return torch.stack([x0, y0, x0 + 1 / side, y0 + 1 / side], -1).reshape(side * side, 4)
+
+
+class GroundingTokens(nn.Module):
+    """Eq. 5: phrase embeddings (B, M, phrase_dim) and boxes (B, M, 4) -> grounding tokens (B, M, dim)."""
+
+    def __init__(self, phrase_dim: int, dim: int, hidden: int | None = None, freqs: int = FOURIER_FREQS):
+        super().__init__()
+        hidden = hidden or 2 * dim
+        self.freqs = freqs
+        self.mlp = nn.Sequential(
+            nn.Linear(phrase_dim + 8 * freqs, hidden), nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU(),
+            nn.Linear(hidden, dim),
+        )  # fmt: skip
+
+    def forward(self, phrases: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
+        return self.mlp(torch.cat([phrases, fourier_boxes(boxes, self.freqs)], -1))
+
+
+class GatedSelfAttention(nn.Module):
+    """Eq. 8 on the visual tokens of one attention block: ``forward(v, side, grounding, mask, boxes)`` with
+    v (B, side*side, C), grounding tokens (B, M, grounding_dim), mask (B, M) True on real objects and their
+    boxes (B, M, 4). Padded objects are masked out as keys; with no grounding the tokens pass unchanged.
+
+    ``box_attention``: a pixel may attend to an object's token only where the pixel's square overlaps the
+    object's box (other pixels and absent objects aside). GLIGEN leaves that routing to be learned; from
+    scratch in a few thousand steps it was not (docs/t2i.md), so the box is also applied as an attention
+    mask, as region-restricted attention does in later layout-to-image work. Off: GLIGEN as published."""
+
+    def __init__(self, channels: int, heads: int, grounding_dim: int, freqs: int = FOURIER_FREQS,
+                 gate: float = 0.0, box_attention: bool = False):  # fmt: skip
+        super().__init__()
+        self.freqs, self.box_attention = freqs, box_attention
+        self.proj = nn.Linear(grounding_dim, channels)  # grounding tokens to the visual width
+        self.where = nn.Linear(8 * freqs, channels)  # each pixel's own box (see the module docstring)
+        self.norm = nn.LayerNorm(channels)
+        self.attn = MultiHeadAttention(channels, heads)
+        self.gate = nn.Parameter(torch.full((1,), float(gate)))  # gamma of Eq. 8: tanh(0) = 0, the base model
+
+    def forward(self, v: torch.Tensor, side: int, grounding: torch.Tensor | None, mask: torch.Tensor | None = None,
+                boxes: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+        if grounding is None:
+            return v
+        b, n, _ = v.shape
+        pixels = pixel_boxes(side, v.device).to(v.dtype)  # (N, 4)
+        where = self.where(fourier_boxes(pixels, self.freqs))  # (N, C)
+        tokens = self.norm(torch.cat([v + where, self.proj(grounding)], 1))  # (B, N + M, C)
+        if mask is None:
+            mask = torch.ones(grounding.shape[:2], dtype=torch.bool, device=v.device)
+        objects = mask.bool()[:, None, :].expand(b, n, -1)  # (B, N, M): query pixel, key object
+        if self.box_attention:
+            if boxes is None:
+                raise DifflabError("box attention needs the objects' boxes; expected boxes (B, M, 4)")
+            objects = objects & overlaps(pixels, boxes)
+        keys = torch.cat(
+            [torch.ones(b, n, n, dtype=torch.bool, device=v.device), objects], 2
+        )  # (B, N, N + M)
+        return v + torch.tanh(self.gate) * self.attn(
+            tokens[:, :n], tokens, mask=keys
+        )  # TS: visual queries only
+
+
+def overlaps(pixels: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
+    """(N, 4) pixel squares and (B, M, 4) boxes -> (B, N, M): whether they intersect (area > 0)."""
+    p, q = pixels[None, :, None, :], boxes[:, None, :, :]  # (1, N, 1, 4), (B, 1, M, 4)
+    return (
+        (p[..., 0] < q[..., 2]) & (q[..., 0] < p[..., 2]) & (p[..., 1] < q[..., 3]) & (q[..., 1] < p[..., 3])
+    )
