@@ -183,11 +183,14 @@ def prompt_sets(world: str) -> dict[str, list[Prompt]]:
         return make_prompt_set(world_preset(world))
 
 
-def eval_prompts(world: str, n: int) -> list[Prompt]:
-    """The first ``n`` prompts of every category of ``world``'s prompt set, category by category."""
+def eval_prompts(world: str, n: int, seed: int | None = None) -> list[Prompt]:
+    """The first ``n`` prompts of every category of ``world``'s prompt set, category by category; with a
+    ``seed``, of a freshly drawn set instead (the same construction, another order of each category's pool:
+    scores that hold there were not tuned to the shipped set)."""
     if not 1 <= n <= MAX_PER_CATEGORY:
         raise DifflabError(f"--n {n} is invalid; expected 1..{MAX_PER_CATEGORY} prompts per category")
-    return [p for ps in prompt_sets(world).values() for p in ps[:n]]
+    sets = prompt_sets(world) if seed is None else make_prompt_set(world_preset(world), seed=seed)
+    return [p for ps in sets.values() for p in ps[:n]]
 
 
 # (colour, shape) pairs kept out of training for compositional generalisation: one per shape, each
