@@ -1,14 +1,19 @@
 """``difflab demo``: the main job, from nothing to a measured model in one command.
 
-Text-to-image (the default, preset ``t2i_demo``), everything trained here from nothing:
+Text-to-image (the default, preset ``t2i_layout_demo``: LMD + GLIGEN), everything trained here from nothing:
 
 1. draws the toy world and measures its reader, the judge of everything that follows (``world.png``);
-2. trains the autoencoder (``vae_t2i``, ``vae/``) and a small CLIP whose text tower becomes the frozen text
-   encoder (``clip_t2i``, ``clip/`` -> ``text_encoder/``);
-3. trains the text-conditioned latent diffusion model (``run/``);
-4. draws GenEval-style prompts of every category (``samples.png``, each caption green where the reader
-   finds the prompt true, red where not) and the cross-attention maps of a few (``attention.png``);
-5. scores ``--n`` prompts per category: faithfulness per category and overall (``report.json``).
+2. trains the autoencoder (``vae_t2i``, ``vae/``), a small CLIP whose text tower becomes the frozen text
+   encoder (``clip_t2i``, ``clip/`` -> ``text_encoder/``) and the caption -> layout planner
+   (``planner_demo``, ``planner/``);
+3. trains the grounded latent diffusion model, the painter (``run/``);
+4. draws GenEval-style prompts of every category on their planned layouts (``samples.png``, the boxes
+   dashed, each caption green where the reader finds the prompt true, red where not) and the
+   cross-attention maps of a few (``attention.png``);
+5. scores ``--n`` prompts per category: faithfulness per category and overall (``report.json``), beside
+   the Stable-Diffusion baseline's figures from the recipe comparison of docs/t2i.md.
+
+``--preset t2i_demo`` runs that baseline itself (cross-attention to the caption alone, no planner).
 
 Any pixel preset can stand in (``--preset demo``: class-conditional pixel diffusion, judged by the reader's
 class accuracy; ``--preset tiny`` finishes in seconds; ``--preset digits`` is judged by an SVC).
@@ -31,6 +36,7 @@ from difflab.errors import DifflabError
 from difflab.models import pixel, t2i, t2i_eval
 from difflab.models.attention_maps import CrossAttentionMaps, save_attention_overlays
 from difflab.models.cli import add_preset_args, check_n, config_from_args
+from difflab.models.layout import outlines
 from difflab.models.registry import get_family, get_preset
 from difflab.models.runs import has_checkpoints
 from difflab.models.text_encoder import export_text_encoder
@@ -56,7 +62,7 @@ def register(subparsers) -> None:
     )
     p.add_argument("--out", default="demo_out", help="output directory (default: demo_out)")
     add_preset_args(p, "train.steps=3000")  # a t2i or pixel preset; tiny ones finish in seconds
-    p.set_defaults(preset="t2i_demo")
+    p.set_defaults(preset="t2i_layout_demo")
     p.add_argument(
         "--vae-preset",
         default="vae_t2i",
@@ -66,6 +72,11 @@ def register(subparsers) -> None:
         "--text-preset",
         default="clip_t2i",
         help="text-to-image: the CLIP preset that trains the text encoder (default: clip_t2i)",
+    )
+    p.add_argument(
+        "--planner-preset",
+        default="planner_demo",
+        help="text-to-image with recipe 'layout': the caption -> layout planner's preset (default: planner_demo)",
     )
     p.add_argument(
         "--n",
@@ -195,6 +206,7 @@ def _text_to_image(args, cfg, out: Path, report: dict, timings: dict, start: flo
                       "heldout_pairs": list(cfg.data.heldout_pairs), "faithfulness": faith}  # fmt: skip
     _finish(out, report, timings, start)
     _print_faithfulness(faith)
+    _print_baseline(cfg.recipe)
     print(
         f"done in {timings['total_seconds']:.0f} s: {out / 'samples.png'}, {out / 'attention.png'}, "
         f'{out / "report.json"}; try: difflab generate {run_dir} "a red circle to the left of a blue square"'
@@ -231,6 +243,14 @@ def _train_text_to_image(args, cfg, out: Path, timings: dict) -> Path:
     cfg = dataclasses.replace(
         cfg, text_encoder=str(encoder_dir), vae=None if vae_dir is None else str(vae_dir)
     )
+    if cfg.recipe == "layout":
+        planner_cfg = stage_config(args.planner_preset)
+        planner_cfg = dataclasses.replace(planner_cfg, data=dataclasses.replace(  # the painter's world and pairs
+            planner_cfg.data, world=cfg.data.world, heldout_pairs=cfg.data.heldout_pairs))  # fmt: skip
+        print(f"[2/5] training the layout planner '{args.planner_preset}' ({planner_cfg.train.steps} steps) into "
+              f"{out / 'planner'} ...", flush=True)  # fmt: skip
+        train_stage("planner", args.planner_preset, planner_cfg, out / "planner")
+        cfg = dataclasses.replace(cfg, planner=str(out / "planner"))
     print(f"[3/5] training text-to-image '{args.preset}' for {cfg.train.steps} steps into {out / 'run'} ...",
           flush=True)  # fmt: skip
     train_stage("t2i", args.preset, cfg, out / "run")
@@ -243,15 +263,36 @@ def _prompt_grid(model, cfg, out: Path, seed: int, per_category: int = 6) -> Non
     into samples.png, and the cross-attention maps of each category's first prompt into attention.png."""
     prompts = eval_prompts(cfg.data.world, per_category)  # category by category
     maps = CrossAttentionMaps(cfg.data.image_size)
-    images = t2i.generate(model, cfg, [p.text() for p in prompts], seed=seed, attention=maps).cpu()
     world = world_preset(cfg.data.world)
+    request, boxes = [p.text() for p in prompts], None
+    if cfg.recipe == "layout":  # plan first, so the grid can show the layout each image was painted on
+        request = model.conditioner.plan(request, seed)
+        boxes = [outlines(scene, world) for scene in request.scenes]
+    images = t2i.generate(model, cfg, request, seed=seed, attention=maps).cpu()
     marks = [holds(p, read(im, world)) for p, im in zip(prompts, images, strict=True)]
-    save_captioned_grid(
-        images, [p.text() for p in prompts], out / "samples.png", ncol=per_category, marks=marks
-    )
+    save_captioned_grid(images, [p.text() for p in prompts], out / "samples.png", ncol=per_category, marks=marks,
+                        boxes=boxes)  # fmt: skip
     first_of_each = list(range(0, len(prompts), per_category))  # the first prompt of each category
     save_attention_overlays(images[first_of_each], maps.maps()[first_of_each],
                             [prompts[i].text() for i in first_of_each], out / "attention.png")  # fmt: skip
+
+
+RECIPES_MEASURED = Path(__file__).parent / "models" / "t2i_recipes.json"
+"""The recipe comparison of docs/t2i.md (``benchmarks/t2i_recipes.py --json``): what the baseline scored."""
+
+
+def _print_baseline(recipe: str) -> None:
+    """The SD baseline's figures from the comparison, beside a run of another recipe."""
+    if recipe == "sd" or not RECIPES_MEASURED.is_file():
+        return
+    doc = json.loads(RECIPES_MEASURED.read_text())
+    sd = next((r for r in doc["records"] if r["recipe"] == "sd"), None)
+    if sd is not None:
+        cats = ", ".join(
+            f"{c} {v:.2f}" for c, v in sd["shipped"].items() if c not in ("overall", "heldout_pairs")
+        )
+        print(f"      the SD baseline (--preset t2i_demo), measured {doc['date']} on {doc['machine']['cpu']}: "
+              f"{sd['shipped']['overall']:.1%} overall ({cats}; n={doc['n']} per category)")  # fmt: skip
 
 
 def _print_faithfulness(faith: dict) -> None:

@@ -7,6 +7,7 @@ import textwrap
 from pathlib import Path
 
 import matplotlib
+import matplotlib.patches
 import matplotlib.pyplot as plt
 import numpy as np
 import torch
@@ -75,9 +76,11 @@ def save_captioned_grid(
     path: str | Path,
     ncol: int = 6,
     marks: list[bool] | None = None,
+    boxes: list[list[tuple[tuple[float, float, float, float], tuple[float, float, float]]]] | None = None,
 ) -> Path:
     """Images (N, C, H, W) in [-1, 1], each under its caption (a prompt), ``ncol`` per row. ``marks``:
-    a judge's verdict per image, drawn as a green (holds) or red (does not) caption."""
+    a judge's verdict per image, drawn as a green (holds) or red (does not) caption. ``boxes``: per image,
+    (x0, y0, x1, y1) in canvas fractions and an RGB colour, drawn as dashed outlines (a planned layout)."""
     matplotlib.use("Agg")
 
     n = len(images)
@@ -90,6 +93,11 @@ def save_captioned_grid(
             continue
         ax.imshow(tiles[i].squeeze(-1) if tiles.shape[-1] == 1 else tiles[i], interpolation="nearest",
                   cmap="gray" if tiles.shape[-1] == 1 else None)  # fmt: skip
+        side = tiles.shape[1]
+        for (x0, y0, x1, y1), rgb in boxes[i] if boxes is not None else ():
+            ax.add_patch(matplotlib.patches.Rectangle((x0 * side - 0.5, y0 * side - 0.5), (x1 - x0) * side,
+                                                      (y1 - y0) * side, fill=False, linestyle="--",
+                                                      linewidth=0.8, edgecolor=rgb))  # fmt: skip
         color = "black" if marks is None else ("tab:green" if marks[i] else "tab:red")
         ax.set_title("\n".join(textwrap.wrap(captions[i], 22)), fontsize=6.5, color=color)
     return save_figure(fig, path, dpi=120)

@@ -21,6 +21,7 @@ import matplotlib.pyplot as plt
 import torch
 import torch.nn.functional as F
 
+from difflab.errors import DifflabError
 from difflab.nn.attention import MultiHeadAttention
 from difflab.text.tokenizer import normalize
 from difflab.viz import save_figure
@@ -52,7 +53,8 @@ class CrossAttentionMaps:
         layers = [m for name, m in unet.named_modules() if name.endswith("cross_attn")]
         layers = [m for m in layers if isinstance(m, MultiHeadAttention)]
         if not layers:
-            raise ValueError("this UNet has no cross-attention layers (was it built with context_dim?)")
+            raise DifflabError("this network has no cross-attention layers to record (an MMDiT reads the text in "
+                               "its joint attention; a UNet needs context_dim)")  # fmt: skip
         for m in layers:
             m.probs_hook = self._hook(n)
         try:

@@ -15,6 +15,8 @@ import torch
 from difflab.config import apply_overrides
 from difflab.errors import DifflabError
 from difflab.models.attention_maps import CrossAttentionMaps, save_attention_overlays
+from difflab.models.conditioners import GroundedPrompts
+from difflab.models.layout import outlines
 from difflab.models.registry import FAMILIES, PRESETS, family_of_run, get_family, get_preset
 from difflab.models.system import generate, generate_classes
 from difflab.models.text_encoder import export_text_encoder, load_text_encoder
@@ -22,6 +24,7 @@ from difflab.nn.unet import count_parameters, training_step_flops
 from difflab.train import distributed
 from difflab.train.device import resolve_device
 from difflab.viz import TrajectoryRecorder, save_captioned_grid, save_grid
+from difflab.world.scene import world_preset
 
 SAMPLER_HELP = "ddpm, ddim, dpmpp_2m, dpmpp_2m_sde, sa_solver, euler or heun (default: the run's)"
 
@@ -137,6 +140,9 @@ def register(subparsers) -> None:
         "--cfg", type=float, default=None, help="classifier-free guidance weight (default: the run's)"
     )
     p.add_argument("--seed", type=int, default=0, help="noise seed (default: 0)")
+    p.add_argument("--prompt-seed", type=int, default=None, metavar="SEED",
+                   help="text-to-image and planner runs: score a freshly drawn prompt set (this seed) instead of "
+                   "the shipped one")  # fmt: skip
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--plot", default=None, metavar="FILE",
                    help="CLIP runs: also draw text -> image search among 100 held-out scenes into FILE")  # fmt: skip
@@ -273,10 +279,15 @@ def _generate(args) -> int:
     model, cfg = family.load(args.run_dir, device=str(resolve_device(args.device or "auto")))
     texts = [p for p in args.prompts for _ in range(args.n)]  # (prompt 0) x n, (prompt 1) x n, ...
     maps = CrossAttentionMaps(cfg.data.image_size) if args.attention else None
-    images = generate(model, cfg, len(texts), texts, sampler=args.sampler, steps=args.steps, cfg_scale=args.cfg,
+    request, boxes, shown = texts, None, ""
+    if isinstance(model.conditioner, GroundedPrompts):  # plan here, to draw the layouts over the images
+        request = model.conditioner.plan(texts, args.seed)
+        boxes = [outlines(scene, world_preset(cfg.data.world)) for scene in request.scenes]
+        shown = " (dashed: the planned layout each was painted on)"
+    images = generate(model, cfg, len(texts), request, sampler=args.sampler, steps=args.steps, cfg_scale=args.cfg,
                       seed=args.seed, attention=maps, progress=sys.stderr.isatty()).cpu()  # fmt: skip
-    save_captioned_grid(images, texts, args.out, ncol=args.n)
-    wrote = f"wrote {len(texts)} images of {len(args.prompts)} prompt(s) to {args.out}"
+    save_captioned_grid(images, texts, args.out, ncol=args.n, boxes=boxes)
+    wrote = f"wrote {len(texts)} images of {len(args.prompts)} prompt(s) to {args.out}{shown}"
     if maps is not None:
         first = list(range(0, len(texts), args.n))  # the first image of each prompt
         save_attention_overlays(images[first], maps.maps()[first], list(args.prompts), args.attention)
@@ -285,7 +296,8 @@ def _generate(args) -> int:
     return 0
 
 
-_EVAL_FLAGS = {"sampler": "--sampler", "steps": "--steps", "cfg_scale": "--cfg", "plot": "--plot"}
+_EVAL_FLAGS = {"sampler": "--sampler", "steps": "--steps", "cfg_scale": "--cfg", "plot": "--plot",
+               "prompt_seed": "--prompt-seed"}  # fmt: skip
 
 
 def _eval(args) -> int:
@@ -293,7 +305,8 @@ def _eval(args) -> int:
     if args.n is None:
         args.n = family.eval_n
     check_n(args.n)
-    given = {"sampler": args.sampler, "steps": args.steps, "cfg_scale": args.cfg, "plot": args.plot}
+    given = {"sampler": args.sampler, "steps": args.steps, "cfg_scale": args.cfg, "plot": args.plot,
+             "prompt_seed": args.prompt_seed}  # fmt: skip
     refused = [k for k, v in given.items() if v is not None and k not in family.eval_options]
     if refused:
         takers = [f.name for f in FAMILIES.values() if all(k in f.eval_options for k in refused)]

@@ -5,7 +5,7 @@ Every conditioner answers two calls:
 - ``for_training(batch, generator, b, device) -> kwargs``: the condition of a training batch, replaced by the
   null condition with probability ``cond_drop`` (drawn from the trainer's generator), so that one network
   learns both p(x|c) and p(x) for classifier-free guidance (Ho & Salimans 2022, Algorithm 1);
-- ``condition(request, n, device) -> (cond, null)``: the keyword arguments for ``n`` samples of a request
+- ``condition(request, n, device, seed) -> (cond, null)``: the keyword arguments for ``n`` samples of a request
   (class labels, prompts) and the null condition (batch 1, broadcast) that guidance steers away from,
   or None for an unconditional model.
 
@@ -15,12 +15,17 @@ the recipe in :mod:`difflab.models.recipe` does not change.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import NamedTuple
+
 import torch
 from torch import nn
 
 from difflab.data.config import DataConfig, num_classes
 from difflab.errors import DifflabError
+from difflab.models.layout import layout_fields, phrase_embeddings
 from difflab.models.text_encoder import FrozenTextEncoder
+from difflab.world.scene import Scene, WorldConfig
 
 
 class Unconditional(nn.Module):
@@ -29,7 +34,7 @@ class Unconditional(nn.Module):
     def for_training(self, batch: dict, generator: torch.Generator, b: int, device) -> dict:
         return {}
 
-    def condition(self, request, n: int, device) -> tuple[dict, None]:
+    def condition(self, request, n: int, device, seed: int = 0) -> tuple[dict, None]:
         if request is not None:
             raise DifflabError("this model is unconditional; it takes no class labels")
         return {}, None
@@ -47,7 +52,7 @@ class ClassLabels(nn.Module):
         drop = torch.rand(b, generator=generator, device=device) < self.cond_drop
         return {"class_labels": torch.where(drop, torch.full_like(labels, self.classes), labels)}
 
-    def condition(self, labels, n: int, device) -> tuple[dict, dict]:
+    def condition(self, labels, n: int, device, seed: int = 0) -> tuple[dict, dict]:
         """``labels`` (N,), or None to cycle through all classes."""
         if labels is None:
             labels = torch.arange(n) % self.classes
@@ -76,7 +81,15 @@ class TextPrompts(nn.Module):
         self.null_ids, self.null_mask = encoder.tokenizer.encode("")  # (1, L) each
 
     def for_training(self, batch: dict, generator: torch.Generator, b: int, device) -> dict:
-        drop = (torch.rand(b, generator=generator, device=device) < self.cond_drop)[:, None]  # (B, 1)
+        return self.captions(batch, self.drops(generator, b, device), device)
+
+    def drops(self, generator: torch.Generator, b: int, device) -> torch.Tensor:
+        """(B,) True where a training caption is replaced by the empty prompt."""
+        return torch.rand(b, generator=generator, device=device) < self.cond_drop
+
+    def captions(self, batch: dict, drop: torch.Tensor, device) -> dict:
+        """The network's keyword arguments for a batch's captions, "" where ``drop``."""
+        drop = drop[:, None]  # (B, 1)
         ids = torch.where(drop, self.null_ids.to(device), batch["ids"])
         mask = torch.where(drop, self.null_mask.to(device), batch["mask"])
         enc = self.encoder.to(device).encode_ids(ids, mask)
@@ -95,7 +108,61 @@ class TextPrompts(nn.Module):
             cond["pooled"] = enc.pooled
         return cond
 
-    def condition(self, prompts, n: int, device) -> tuple[dict, dict]:
-        if isinstance(prompts, str) or not prompts:
-            raise DifflabError(f"prompts must be a non-empty list of strings; got {prompts!r}")
+    def condition(self, prompts, n: int, device, seed: int = 0) -> tuple[dict, dict]:
+        check_prompts(prompts)
         return self.encode(list(prompts)), self.encode([""])
+
+
+def check_prompts(prompts) -> None:
+    if isinstance(prompts, str) or not prompts:
+        raise DifflabError(f"prompts must be a non-empty list of strings; got {prompts!r}")
+
+
+class Layouts(NamedTuple):
+    """A grounded request: prompts and the layout (a scene) each is painted on."""
+
+    prompts: list[str]
+    scenes: list[Scene]
+
+
+class GroundedPrompts(TextPrompts):
+    """Captions plus a layout, GLIGEN's grounding input (Li et al. 2023, Sec. 3.1): each object's phrase
+    embedding and box (:mod:`difflab.models.layout`), read by the network's grounding tokens. A request
+    is prompts (laid out by ``planner(prompts, seed) -> scenes``, LMD's first stage) or :class:`Layouts`.
+    Dropping a caption for guidance drops its layout too, so the null condition is "" with no objects."""
+
+    def __init__(self, encoder: FrozenTextEncoder, cond_drop: float, pooled: bool, world: WorldConfig,
+                 planner: Callable[[list[str], int], list[Scene]] | None = None):  # fmt: skip
+        super().__init__(encoder, cond_drop, pooled)
+        self.world, self.planner = world, planner
+        self.register_buffer(
+            "phrase_table", phrase_embeddings(encoder, world), persistent=False
+        )  # (P, width)
+
+    def for_training(self, batch: dict, generator: torch.Generator, b: int, device) -> dict:
+        drop = self.drops(generator, b, device)
+        return self.captions(batch, drop, device) | self.grounding(batch, device, drop)
+
+    def grounding(self, fields: dict, device, drop: torch.Tensor | None = None) -> dict:
+        """Layout fields (``g_phrase``, ``g_box``, ``g_mask``) -> the network's grounding arguments."""
+        mask = fields["g_mask"].to(device)
+        if drop is not None:
+            mask = mask & ~drop[:, None]
+        return {"grounding_phrases": self.phrase_table[fields["g_phrase"].to(device)],  # (B, M, width)
+                "grounding_boxes": fields["g_box"].to(device), "grounding_mask": mask}  # fmt: skip
+
+    def plan(self, prompts: list[str], seed: int = 0) -> Layouts:
+        if self.planner is None:
+            raise DifflabError("this grounded model has no planner; pass Layouts(prompts, scenes)")
+        return Layouts(list(prompts), self.planner(list(prompts), seed))
+
+    def condition(self, request, n: int, device, seed: int = 0) -> tuple[dict, dict]:
+        if not isinstance(request, Layouts):
+            check_prompts(request)
+            request = self.plan(request, seed)
+        fields = [layout_fields(s, self.world) for s in request.scenes]
+        stacked = {k: torch.stack([f[k] for f in fields]) for k in fields[0]}
+        cond = self.encode(request.prompts) | self.grounding(stacked, device)
+        empty = layout_fields(Scene(()), self.world)
+        null = self.encode([""]) | self.grounding({k: v[None] for k, v in empty.items()}, device)
+        return cond, null

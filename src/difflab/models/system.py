@@ -45,7 +45,7 @@ def generate(system: DiffusionSystem, cfg: DiffusionRunConfig, n: int, request: 
     of every step. Other keyword arguments as :func:`difflab.models.recipe.run_sampler` (sampler, steps,
     cfg_scale, spacing, seed, progress, sampler_options)."""
     device = next(system.network.parameters()).device
-    cond, null = system.conditioner.condition(request, n, device)
+    cond, null = system.conditioner.condition(request, n, device, seed=kwargs.get("seed", 0))
     recording = attention.recording(system.network, n) if attention is not None else contextlib.nullcontext()
     with recording:
         x = run_sampler(system.network, cfg, n, cond, null, callback=system.codec.preview(callback), **kwargs)
@@ -73,6 +73,9 @@ class TrainingParts:
     dataset: torch.utils.data.Dataset
     grid_request: Any = None
     """The request the sample grids draw (None: the conditioner's default, e.g. every class in turn)."""
+    loss_fn: Callable | None = None
+    """``loss_fn(cfg, schedule, conditioner, codec)`` -> the training loss, when a system adds terms to the
+    recipe's (attention supervision); None: :func:`~difflab.models.recipe.make_loss_fn`."""
 
 
 def train_system(
@@ -106,7 +109,8 @@ def train_system(
         request = p.grid_request[:n] if p.grid_request is not None else None
         return generate(system, cfg, n, request, seed=0, callback=callback)
 
-    trainer = Trainer(net, make_loss_fn(cfg, schedule, p.conditioner, p.codec), loader, cfg.train, run_dir,
+    loss = (p.loss_fn or make_loss_fn)(cfg, schedule, p.conditioner, p.codec)
+    trainer = Trainer(net, loss, loader, cfg.train, run_dir,
                       sample_fn=grid_sample_fn(cfg, draw), model_config=model_config)  # fmt: skip
     trainer.fit(resume=resume)
     return run_dir

@@ -24,16 +24,23 @@ compositional generalisation.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
 
-from difflab.data.captioned import T2I_CAPTIONS, Caption, CaptionedScenes, Captioner
+from difflab.data.captioned import CaptionedScenes
+from difflab.data.text_scenes import TextDataConfig, captioned_scenes, captioner  # noqa: F401 (the t2i data API)
 from difflab.errors import DifflabError, check_choice
-from difflab.models import t2i_eval
+from difflab.models import planner, t2i_eval
+from difflab.models.attention_supervision import (
+    LAYER_CHOICES,
+    TOKEN_WEIGHT,
+    WithAttentionTargets,
+    make_supervised_loss_fn,
+)
 from difflab.models.codecs import (
     POSTERIOR,
     Latents,
@@ -43,85 +50,38 @@ from difflab.models.codecs import (
     check_vae_unchanged,
     load_latents,
 )
-from difflab.models.conditioners import TextPrompts
+from difflab.models.conditioners import GroundedPrompts, Layouts, TextPrompts
 from difflab.models.family import Family, Preset
+from difflab.models.layout import WithLayout
 from difflab.models.recipe import DiffusionConfig, SampleConfig, check_cond_drop, check_sampling
-from difflab.models.runs import load_latest_weights, load_run_config
+from difflab.models.runs import checkpoint_id, load_latest_weights, load_run_config
 from difflab.models.system import DiffusionSystem, TrainingParts, train_system
 from difflab.models.system import generate as generate_system
 from difflab.models.text_encoder import FrozenTextEncoder, load_text_encoder, text_encoder_id
+from difflab.nn.gligen import GroundingTokens
+from difflab.nn.mmdit import MMDiT, MMDiTConfig
 from difflab.nn.transformer import Transformer
 from difflab.nn.unet import UNet, UNetConfig, example_inputs
 from difflab.train.config import TrainConfig
 from difflab.train.device import is_main_process
-from difflab.world.geneval import HELDOUT_PAIRS, prompt_sets
-from difflab.world.language import caption, description, short_caption
+from difflab.world.geneval import prompt_sets
 from difflab.world.render import RENDERER_VERSION
-from difflab.world.scene import Scene, WorldConfig, world_preset
+from difflab.world.scene import world_preset
 
-
-@dataclass(frozen=True)
-class TextDataConfig:
-    world: str = "scene32"
-    """Toy-world preset of the training scenes (scene32: one or two objects; scene64: one to four)."""
-    n: int = 100_000
-    seed: int = 0
-    describe_prob: float = 0.25
-    """Probability that a caption is the scene's full description."""
-    short_prob: float = 0.0
-    """Probability that a caption is a short form ('a red circle and a blue square', the forms people type
-    and GenEval asks: :func:`difflab.world.language.short_caption`); the rest are random partial captions
-    that name sizes and positions at random (:func:`difflab.world.language.caption`)."""
-    heldout_pairs: tuple[str, ...] = tuple(f"{c} {s}" for c, s in HELDOUT_PAIRS)
-    """'colour shape' pairs no training scene contains (--set 'data.heldout_pairs=' for none)."""
-    min_objects: int | None = None
-    """At least this many objects in every training scene (None: the world's own range). On scene32,
-    2 trains on two-object scenes only, where every composition (position, binding, counting) is learned;
-    single objects are still named by the partial captions ('a circle' of a two-object scene). What it did
-    on the demo is in docs/t2i.md."""
-
-    def __post_init__(self) -> None:
-        if not 0.0 <= self.describe_prob <= 1.0:
-            raise DifflabError(
-                f"describe_prob {self.describe_prob} is invalid; expected a probability in [0, 1]"
-            )
-        if not 0.0 <= self.short_prob <= 1.0 - self.describe_prob:
-            raise DifflabError(
-                f"short_prob {self.short_prob} is invalid; expected a probability in [0, 1 - describe_prob "
-                f"= {1.0 - self.describe_prob:g}]"
-            )
-        world = world_preset(self.world)
-        if self.min_objects is not None and not world.min_objects <= self.min_objects <= world.max_objects:
-            raise DifflabError(
-                f"min_objects {self.min_objects} is invalid; the '{self.world}' world has "
-                f"{world.min_objects} to {world.max_objects} objects per scene"
-            )
-        for pair in self.heldout_pairs:
-            words = pair.split()
-            if len(words) != 2 or words[0] not in world.colors or words[1] not in world.shapes:
-                raise DifflabError(
-                    f"held-out pair '{pair}' is invalid; expected 'colour shape' with a colour of "
-                    f"{', '.join(world.colors)} and a shape of {', '.join(world.shapes)}"
-                )
-
-    @property
-    def image_size(self) -> int:
-        return world_preset(self.world).resolution
-
-    def world_config(self) -> WorldConfig:
-        """The world the training scenes are drawn from: the preset, with ``min_objects`` if set."""
-        if self.min_objects is None:
-            return world_preset(self.world)
-        return world_preset(self.world, min_objects=self.min_objects)
-
-    def pairs(self) -> tuple[tuple[str, str], ...]:
-        """The held-out pairs as (colour, shape) tuples."""
-        return tuple(tuple(p.split()) for p in self.heldout_pairs)
+RECIPES = ("sd", "tokencompose", "mmdit", "layout")
 
 
 @dataclass(frozen=True)
 class TextToImageConfig:
     kind: str = "t2i"
+    recipe: str = "sd"
+    """Compared in docs/t2i.md. 'sd': Stable Diffusion's UNet with cross-attention to the caption;
+    'tokencompose': the same, its phrase tokens' cross-attention supervised with the objects' masks
+    (``attention_loss_weight``); 'mmdit': SD3's joint-attention transformer (``mmdit``) instead of the
+    UNet; 'layout': LMD + GLIGEN, a planner lays the caption out as objects in boxes and the UNet also
+    reads them as grounding tokens through gated self-attention (``planner``, ``unet.grounding_dim``)."""
+    planner: str | None = None
+    """Run directory of a trained layout planner (--set planner=RUN), for recipe 'layout'."""
     text_encoder: str | None = None
     """An exported text encoder ('difflab export-text-encoder') or a CLIP run: --set text_encoder=DIR."""
     vae: str | None = None
@@ -139,6 +99,12 @@ class TextToImageConfig:
     refiner lets every token read its neighbours on both sides before the UNet attends to them."""
     pooled: bool = True
     """Add the pooled text embedding to the time embedding, besides cross-attention to the tokens."""
+    mmdit: MMDiTConfig = field(default_factory=MMDiTConfig)
+    """The transformer of recipe 'mmdit' (its channels, side and text widths are set like the UNet's)."""
+    attention_loss_weight: float = TOKEN_WEIGHT
+    """Recipe 'tokencompose': lambda of L = L_LDM + lambda (L_token + beta/lambda L_pixel) (the paper's 1e-3)."""
+    attention_loss_layers: str = "mid_up"
+    """Recipe 'tokencompose': which cross-attention layers are supervised (the paper: middle and decoder)."""
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
@@ -149,9 +115,15 @@ class TextToImageConfig:
     latent_scale: float | None = None
     vae_checkpoint: str | None = None
     text_encoder_checkpoint: str | None = None
+    planner_checkpoint: str | None = None
     """What this run was trained with; checked when it is loaded (set by :func:`resolve`)."""
 
     def __post_init__(self) -> None:
+        check_choice("text-to-image recipe", self.recipe, RECIPES)
+        check_choice("supervised attention layers", self.attention_loss_layers, LAYER_CHOICES)
+        if not (math.isfinite(self.attention_loss_weight) and self.attention_loss_weight >= 0):
+            raise DifflabError(f"attention_loss_weight {self.attention_loss_weight} is invalid; expected a "
+                               "finite number >= 0")  # fmt: skip
         check_cond_drop(self.cond_drop)
         check_choice("posterior", self.posterior, POSTERIOR)
         if self.text_refiner_layers < 0:
@@ -161,30 +133,6 @@ class TextToImageConfig:
 
 
 # ----------------------------------------------------------------------------------------------- data
-
-
-def captioner(data: TextDataConfig) -> Captioner:
-    """Text-to-image captions: the full description with probability ``describe_prob``, a short
-    GenEval-form caption with probability ``short_prob``, else a random partial caption."""
-
-    def caption_of(scene: Scene, rng: np.random.Generator) -> Caption:
-        u = rng.random()  # one draw picks the kind, so short_prob = 0 keeps earlier runs' captions
-        if u < data.describe_prob:
-            prompt = description(scene)
-            return Caption(prompt.text(), prompt)
-        if u < data.describe_prob + data.short_prob:
-            return Caption(*short_caption(scene, rng))
-        return Caption(*caption(scene, rng))
-
-    return caption_of
-
-
-def captioned_scenes(data: TextDataConfig, tokenizer=None, latents: dict[str, np.ndarray] | None = None):
-    """Scene i of the world (redrawn while it shows a held-out pair) with one fixed true caption,
-    tokenized (``{"ids", "mask"}``, with a ``tokenizer``), and either ``"image"`` or, given cached
-    ``latents``, the posterior ``"mean"`` and ``"std"``."""
-    return CaptionedScenes(data.world_config(), data.n, data.seed, captioner(data), stream=T2I_CAPTIONS,
-                           tokenizer=tokenizer, heldout=data.pairs(), latents=latents)  # fmt: skip
 
 
 def training_set(cfg: TextToImageConfig, encoder: FrozenTextEncoder, autoencoder=None) -> CaptionedScenes:
@@ -202,6 +150,19 @@ def training_set(cfg: TextToImageConfig, encoder: FrozenTextEncoder, autoencoder
     return captioned_scenes(cfg.data, encoder.tokenizer, latents)
 
 
+def training_items(cfg: TextToImageConfig, encoder: FrozenTextEncoder, autoencoder=None):
+    """What the recipe trains on: the captioned scenes, with their layouts for recipe 'layout' and their
+    phrases' attention targets (at the side of the UNet's largest attention layer) for 'tokencompose'."""
+    data = training_set(cfg, encoder, autoencoder)
+    if cfg.recipe == "layout":
+        return WithLayout(data)
+    if cfg.recipe == "tokencompose":
+        return WithAttentionTargets(
+            data, side=max(cfg.unet.attention_resolutions, default=cfg.unet.image_size)
+        )
+    return data
+
+
 # ----------------------------------------------------------------------------------------- resolution
 
 
@@ -215,12 +176,42 @@ def resolve(cfg: TextToImageConfig, *, attach: bool = True) -> TextToImageConfig
             cfg,
             unet=dataclasses.replace(cfg.unet, in_channels=3, out_channels=3, image_size=cfg.data.image_size),
         )
+    if cfg.recipe == "layout" and cfg.unet.grounding_dim is None:
+        cfg = dataclasses.replace(cfg, unet=dataclasses.replace(cfg.unet, grounding_dim=GROUNDING_DIM))
+    if cfg.recipe != "layout" and cfg.unet.grounding_dim is not None:
+        raise DifflabError(f"unet.grounding_dim {cfg.unet.grounding_dim} is set but recipe '{cfg.recipe}' has no "
+                           "layouts; expected recipe 'layout' or unet.grounding_dim=None")  # fmt: skip
     if attach:
         cfg = _attach_text_encoder(cfg)
         if cfg.vae is not None:
             cfg = attach_autoencoder(cfg, "toy", cfg.data.world, cfg.data.image_size)
+        if cfg.recipe == "layout":
+            cfg = _attach_planner(cfg)
+    if cfg.recipe == "mmdit":  # the transformer takes the UNet's place, at its shapes
+        u = cfg.unet
+        cfg = dataclasses.replace(cfg, mmdit=dataclasses.replace(
+            cfg.mmdit, in_channels=u.in_channels, out_channels=u.out_channels, image_size=u.image_size,
+            context_dim=u.context_dim or cfg.mmdit.context_dim, pooled_dim=u.pooled_dim))  # fmt: skip
     check_sampling(cfg)
     return cfg
+
+
+GROUNDING_DIM = 64
+"""Width of the grounding tokens when a layout recipe leaves ``unet.grounding_dim`` unset."""
+
+
+def _attach_planner(cfg: TextToImageConfig) -> TextToImageConfig:
+    if cfg.planner is None:
+        raise DifflabError("recipe 'layout' needs a layout planner: --set planner=RUN (train one with "
+                           "'difflab train --preset planner_demo')")  # fmt: skip
+    path = Path(cfg.planner).expanduser().resolve()
+    world = planner.load_config(path).data.world
+    if world != cfg.data.world:
+        raise DifflabError(f"planner '{path}' plans '{world}' scenes; expected the '{cfg.data.world}' world "
+                           "this model trains on")  # fmt: skip
+    return dataclasses.replace(
+        cfg, planner=str(path), planner_checkpoint=checkpoint_id(path, "layout planner run")
+    )
 
 
 def _attach_text_encoder(cfg: TextToImageConfig) -> TextToImageConfig:
@@ -246,19 +237,28 @@ def check_inputs_unchanged(cfg: TextToImageConfig, what: str) -> None:
                            f"({cfg.text_encoder_checkpoint}, now {now})")  # fmt: skip
     if cfg.vae is not None:
         check_vae_unchanged(cfg, what)
+    if cfg.planner is not None and checkpoint_id(cfg.planner, "layout planner run") != cfg.planner_checkpoint:
+        raise DifflabError(f"layout planner '{cfg.planner}' has changed since {what}")
 
 
 # ------------------------------------------------------------------------------------------- network
 
 
 class TextConditionedUNet(nn.Module):
-    """The trained network: an optional text refiner over the frozen encoder's tokens, then the UNet.
-    ``forward(x, t, context, context_mask, pooled)`` as the UNet's; ``.cfg`` is the UNet's config."""
+    """The trained network: an optional text refiner over the frozen encoder's tokens, GLIGEN's grounding
+    tokens (Eq. 5: phrase embedding and Fourier box -> MLP) for recipe 'layout', then the UNet.
+    ``forward(x, t, context, context_mask, pooled, grounding_phrases, grounding_boxes, grounding_mask)``;
+    ``.cfg`` is the UNet's config."""
 
     def __init__(self, cfg: TextToImageConfig):
         super().__init__()
-        self.unet = UNet(cfg.unet)
+        self.unet = MMDiT(cfg.mmdit) if cfg.recipe == "mmdit" else UNet(cfg.unet)
         self.cfg = cfg.unet
+        self.grounding = None
+        if cfg.unet.grounding_dim:
+            if not cfg.unet.context_dim:
+                raise DifflabError("grounding tokens need the UNet's context_dim (set from the text encoder)")
+            self.grounding = GroundingTokens(cfg.unet.context_dim, cfg.unet.grounding_dim)
         self.refiner = None
         if cfg.text_refiner_layers:
             if not cfg.unet.context_dim:
@@ -266,34 +266,63 @@ class TextConditionedUNet(nn.Module):
             heads = next(h for h in (4, 2, 1) if cfg.unet.context_dim % h == 0)
             self.refiner = Transformer(cfg.unet.context_dim, cfg.text_refiner_layers, heads)
 
-    def forward(self, x, t, context=None, context_mask=None, pooled=None, **kwargs):
+    def forward(self, x, t, context=None, context_mask=None, pooled=None, grounding_phrases=None,
+                grounding_boxes=None, grounding_mask=None, **kwargs):  # fmt: skip
         if self.refiner is not None and context is not None:
             context = self.refiner(context, context_mask)  # (B, L, context_dim); padding masked as keys
+        if self.grounding is not None and grounding_phrases is not None:
+            kwargs["grounding"] = self.grounding(grounding_phrases, grounding_boxes)  # (B, M, grounding_dim)
+            kwargs["grounding_mask"], kwargs["grounding_boxes"] = grounding_mask, grounding_boxes
         return self.unet(x, t, context=context, context_mask=context_mask, pooled=pooled, **kwargs)
 
 
+def _wrapped(cfg: TextToImageConfig) -> bool:
+    return bool(cfg.text_refiner_layers or cfg.unet.grounding_dim or cfg.recipe == "mmdit")
+
+
 def build_network(cfg: TextToImageConfig) -> UNet | TextConditionedUNet:
-    """The network a run trains: the UNet alone, or with a text refiner in front of it."""
-    return TextConditionedUNet(cfg) if cfg.text_refiner_layers else UNet(cfg.unet)
+    """The network a run trains: the UNet alone, or the UNet or MMDiT with a text refiner or grounding
+    tokens in front."""
+    return TextConditionedUNet(cfg) if _wrapped(cfg) else UNet(cfg.unet)
 
 
 def network_config(cfg: TextToImageConfig):
     """What a checkpoint records of the network's architecture (a resume must match it)."""
-    if not cfg.text_refiner_layers:
+    if not _wrapped(cfg):
         return cfg.unet
-    return {"unet": dataclasses.asdict(cfg.unet), "text_refiner_layers": cfg.text_refiner_layers}
+    record = {"unet": dataclasses.asdict(cfg.unet), "text_refiner_layers": cfg.text_refiner_layers}
+    return record | ({"mmdit": dataclasses.asdict(cfg.mmdit)} if cfg.recipe == "mmdit" else {})
 
 
 def info_network(cfg: TextToImageConfig):
-    """The trained network (the refiner included) with example inputs (``difflab info``)."""
-    return build_network(cfg), example_inputs(cfg.unet, cfg.train.batch_size), None
+    """The trained network (the refiner and grounding tokens included) with example inputs (``difflab
+    info``): a caption, and for recipe 'layout' the world's most objects, each in the middle of the canvas."""
+    b, inputs = cfg.train.batch_size, example_inputs(cfg.unet, cfg.train.batch_size)
+    if cfg.recipe == "layout":
+        m = world_preset(cfg.data.world).max_objects
+        inputs |= {"grounding_phrases": torch.randn(b, m, cfg.unet.context_dim),
+                   "grounding_boxes": torch.tensor([0.3, 0.3, 0.7, 0.7]).expand(b, m, 4),
+                   "grounding_mask": torch.ones(b, m, dtype=torch.bool)}  # fmt: skip
+    return build_network(cfg), inputs, None
 
 
 # ---------------------------------------------------------------------------------------------- system
 
 
-def conditioner(cfg: TextToImageConfig, encoder: FrozenTextEncoder) -> TextPrompts:
-    return TextPrompts(encoder, cfg.cond_drop, pooled=bool(cfg.unet.pooled_dim))
+def conditioner(cfg: TextToImageConfig, encoder: FrozenTextEncoder, layout_planner=None) -> TextPrompts:
+    """The captions (recipe 'sd'), or the captions and their layouts (recipe 'layout'), planned by
+    ``layout_planner`` (a loaded :class:`~difflab.models.planner.LayoutPlanner`) at sampling time."""
+    pooled = bool(cfg.unet.pooled_dim)
+    if cfg.recipe != "layout":
+        return TextPrompts(encoder, cfg.cond_drop, pooled=pooled)
+    plan = None
+    if layout_planner is not None:
+        tokenizer = planner.make_tokenizer(layout_planner.cfg)
+
+        def plan(prompts: list[str], seed: int) -> list:
+            return planner.plan(layout_planner, tokenizer, prompts, seed=seed)
+
+    return GroundedPrompts(encoder, cfg.cond_drop, pooled, world_preset(cfg.data.world), plan)
 
 
 def codec(cfg: TextToImageConfig) -> Pixels | Latents:
@@ -314,14 +343,20 @@ def load_model(
     check_inputs_unchanged(cfg, f"'{run_dir}' was trained on it; retrain the text-to-image model")
     network = load_latest_weights(run_dir, build_network(cfg), ema=ema)
     encoder = load_text_encoder(cfg.text_encoder, layers=cfg.text_layers)
-    return DiffusionSystem(network, conditioner(cfg, encoder), codec(cfg)).to(device).eval(), cfg
+    layout_planner = planner.load_model(cfg.planner)[0] if cfg.recipe == "layout" else None
+    system = DiffusionSystem(network, conditioner(cfg, encoder, layout_planner), codec(cfg))
+    return system.to(device).eval(), cfg
 
 
-def generate(model: DiffusionSystem, cfg: TextToImageConfig, prompts: list[str], **kwargs) -> torch.Tensor:
-    """One image (N, C, H, W) in [-1, 1] per prompt. Keyword arguments as
-    :func:`difflab.models.system.generate` (``attention`` records cross-attention maps; sampler, steps,
-    cfg_scale, spacing, seed, progress, callback)."""
-    return generate_system(model, cfg, len(prompts), prompts, **kwargs)
+def generate(
+    model: DiffusionSystem, cfg: TextToImageConfig, prompts: list[str] | Layouts, **kwargs
+) -> torch.Tensor:
+    """One image (N, C, H, W) in [-1, 1] per prompt; for recipe 'layout', prompts are planned with the
+    sampling seed, or given with their layouts (:class:`~difflab.models.conditioners.Layouts`). Keyword
+    arguments as :func:`difflab.models.system.generate` (``attention`` records cross-attention maps; sampler,
+    steps, cfg_scale, spacing, seed, progress, callback)."""
+    n = len(prompts.prompts) if isinstance(prompts, Layouts) else len(prompts)
+    return generate_system(model, cfg, n, prompts, **kwargs)
 
 
 def grid_prompts(world: str, n: int) -> list[str]:
@@ -338,23 +373,38 @@ def train(cfg: TextToImageConfig, run_dir: str | Path, *, resume: bool = False) 
     def parts(run_dir: Path) -> TrainingParts:
         encoder = load_text_encoder(cfg.text_encoder, layers=cfg.text_layers)
         space = codec(cfg)
-        data = training_set(cfg, encoder, None if cfg.vae is None else space.autoencoder)
+        data = training_items(cfg, encoder, None if cfg.vae is None else space.autoencoder)
         prompts = grid_prompts(cfg.data.world, cfg.sample.grid)
         if is_main_process():
             (run_dir / "prompts.txt").write_text("\n".join(prompts) + "\n")
-        return TrainingParts(conditioner(cfg, encoder), space, data, grid_request=prompts)
+        layout_planner = planner.load_model(cfg.planner)[0] if cfg.recipe == "layout" else None
+        cond = conditioner(cfg, encoder, layout_planner)
+        return TrainingParts(cond, space, data, grid_request=prompts, loss_fn=loss_fn(cfg))
 
     return train_system(cfg, run_dir, resume=resume, load_config=load_config,
                         inputs=("text_encoder_checkpoint", "vae_checkpoint"), parts=parts,
                         network=lambda: build_network(cfg), model_config=network_config(cfg))  # fmt: skip
 
 
+def loss_fn(cfg: TextToImageConfig):
+    """The training loss of a recipe: the shared diffusion loss (None), or for 'tokencompose' that loss plus
+    the weighted grounding loss on the supervised layers' cross-attention (Wang et al. 2024, Sec. 3)."""
+    if cfg.recipe != "tokencompose":
+        return None
+
+    def make(run_cfg, schedule, cond, space):
+        return make_supervised_loss_fn(run_cfg, schedule, cond, space, cfg.attention_loss_weight,
+                                       cfg.attention_loss_layers)  # fmt: skip
+
+    return make
+
+
 def evaluate(run_dir: str | Path, n: int, *, seed: int = 0, sampler=None, steps=None, cfg_scale=None,
-             progress: bool = False) -> dict:  # fmt: skip
+             progress: bool = False, prompt_seed: int | None = None) -> dict:  # fmt: skip
     """GenEval-style faithfulness of the first ``n`` prompts of every category (:mod:`t2i_eval`)."""
     model, cfg = load_model(run_dir)
     return t2i_eval.evaluate(model, cfg, run_dir, n, sampler=sampler, steps=steps, cfg_scale=cfg_scale,
-                             seed=seed, progress=progress)  # fmt: skip
+                             seed=seed, progress=progress, prompt_seed=prompt_seed)  # fmt: skip
 
 
 # -------------------------------------------------------------------------------------------- presets
@@ -392,7 +442,71 @@ PRESETS = (
             sample=SampleConfig(sampler="dpmpp_2m", steps=20, cfg_scale=3.0, grid=36),
         ),
     ),
+    Preset(
+        "t2i_tokencompose_tiny",
+        "t2i",
+        "t2i_tiny with TokenCompose's attention supervision (--set text_encoder=DIR of a clip_tiny run): seconds "
+        "(tests)",
+        lambda: dataclasses.replace(get_preset_config("t2i_tiny"), recipe="tokencompose",
+                                    attention_loss_weight=0.01),
+    ),
+    Preset(
+        "t2i_mmdit_tiny",
+        "t2i",
+        "t2i_tiny's data with a small MMDiT in place of the UNet (--set text_encoder=DIR of a clip_tiny run): "
+        "seconds (tests)",
+        lambda: dataclasses.replace(get_preset_config("t2i_tiny"), recipe="mmdit",
+                                    mmdit=MMDiTConfig(patch_size=2, width=48, depth=2, heads=2)),
+    ),
+    Preset(
+        "t2i_tokencompose_demo",
+        "t2i",
+        "t2i_demo with TokenCompose's attention supervision: each phrase's cross-attention is sent to its object's "
+        "mask (--set vae=RUN --set text_encoder=DIR)",
+        lambda: dataclasses.replace(get_preset_config("t2i_demo"), recipe="tokencompose"),
+    ),
+    Preset(
+        "t2i_mmdit_demo",
+        "t2i",
+        "t2i_demo's data and training with SD3's joint-attention transformer (MMDiT) in place of the UNet "
+        "(--set vae=RUN --set text_encoder=DIR)",
+        lambda: dataclasses.replace(get_preset_config("t2i_demo"), recipe="mmdit", text_refiner_layers=0,
+                                    mmdit=MMDiTConfig(patch_size=2, width=96, depth=4, heads=4)),
+    ),
+    Preset(
+        "t2i_layout_tiny",
+        "t2i",
+        "layout-grounded text-to-image (LMD + GLIGEN) on the tiny world in pixels (--set text_encoder=DIR of a "
+        "clip_tiny run, --set planner=RUN of a planner_tiny run with data.world=tiny): seconds (tests)",
+        lambda: _layout(get_preset_config("t2i_tiny")),
+    ),
+    Preset(
+        "t2i_layout_demo",
+        "t2i",
+        "layout-grounded text-to-image (LMD + GLIGEN): t2i_demo's UNet reading the planned objects as grounding "
+        "tokens (--set vae=RUN --set text_encoder=DIR --set planner=RUN; 'difflab demo' trains all four)",
+        lambda: _layout(get_preset_config("t2i_demo")),
+    ),
 )  # fmt: skip
+
+
+def _layout(cfg: TextToImageConfig) -> TextToImageConfig:
+    """A preset's layout recipe: grounding trained with the UNet from scratch, so the gates start open
+    (gamma = 1: at 0 the gated layers get no gradient and stayed closed, docs/t2i.md) and each pixel reads
+    only the objects whose box it overlaps."""
+    unet = dataclasses.replace(
+        cfg.unet, grounding_dim=GROUNDING_DIM, grounding_gate=1.0, grounding_box_attention=True
+    )
+    sample = dataclasses.replace(
+        cfg.sample, cfg_scale=5.0
+    )  # it followed its layouts better than at 3 (docs/t2i.md)
+    return dataclasses.replace(cfg, recipe="layout", unet=unet, sample=sample)
+
+
+def get_preset_config(name: str) -> TextToImageConfig:
+    """The config of one of this module's presets."""
+    return next(p.build() for p in PRESETS if p.name == name)
+
 
 FAMILY = Family(
     name="t2i",
@@ -406,7 +520,7 @@ FAMILY = Family(
     network=info_network,
     writes="samples.png, prompts.txt, trajectory.png",
     eval_n=100,
-    eval_options=("sampler", "steps", "cfg_scale", "progress"),
+    eval_options=("sampler", "steps", "cfg_scale", "progress", "prompt_seed"),
     parents=("text_encoder",),
     draws="prompts",
 )

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from difflab.models.conditioners import Layouts
 from difflab.models.system import DiffusionSystem, generate
 from difflab.world.geneval import (
     MAX_PER_CATEGORY,
@@ -31,9 +32,10 @@ from difflab.world.geneval import (
     eval_prompts,
     mentions_heldout,
 )
-from difflab.world.prompts import Prompt
+from difflab.world.language import describe, description
+from difflab.world.prompts import Prompt, holds
 from difflab.world.reader import read
-from difflab.world.scene import Scene, world_preset
+from difflab.world.scene import Scene, scene_at, world_preset
 
 
 def generate_batched(model, cfg, texts: list[str], *, batch_size: int = 100, seed: int = 0, progress=False,
@@ -71,11 +73,32 @@ def score(prompts: list[Prompt], images: torch.Tensor, world: str, heldout_pairs
     return report
 
 
+PAINTER_SEED = 4_243
+"""Seed of the layouts the painter is measured on (training scenes come from ``data.seed``, 0)."""
+
+
+def evaluate_painter(system: DiffusionSystem, cfg, n: int, *, seed: int = 0, **kwargs) -> dict:
+    """The grounded painter alone (recipe 'layout'): ``n`` scenes of the world are given as layouts with
+    their full descriptions, and the reader reads each image back. ``exact``: the description holds (every
+    object with its size, colour, shape and cell, and nothing else); ``objects``: the share of given objects
+    found with their shape, colour and cell. Keyword arguments as :func:`generate_batched`."""
+    world = world_preset(cfg.data.world)
+    scenes = [scene_at(world, PAINTER_SEED, i) for i in range(n)]
+    layouts = Layouts([describe(s) for s in scenes], scenes)
+    images = generate(system, cfg, n, layouts, seed=seed, **kwargs).cpu()
+    read_back = [read(image, world) for image in images]
+    exact = [holds(description(s), r) for s, r in zip(scenes, read_back, strict=True)]
+    found = [any((o.shape, o.color, o.cell) == (p.shape, p.color, p.cell) for p in r.objects)
+             for s, r in zip(scenes, read_back, strict=True) for o in s.objects]  # fmt: skip
+    return {"n": n, "exact": sum(exact) / n, "objects": sum(found) / len(found)}
+
+
 def evaluate(system: DiffusionSystem, cfg, run_dir: str | Path, n: int = MAX_PER_CATEGORY, *, sampler=None,
-             steps=None, cfg_scale=None, seed: int = 0, progress: bool = False) -> dict:  # fmt: skip
+             steps=None, cfg_scale=None, seed: int = 0, progress: bool = False,
+             prompt_seed: int | None = None) -> dict:  # fmt: skip
     """Sample the first ``n`` prompts of every category once with the loaded ``system`` of a run (``cfg``
-    its record) and score them (see the module docstring)."""
-    prompts = eval_prompts(cfg.data.world, n)
+    its record) and score them (see the module docstring); ``prompt_seed`` draws a fresh prompt set."""
+    prompts = eval_prompts(cfg.data.world, n, prompt_seed)
     start = time.perf_counter()
     images = generate_batched(system, cfg, [p.text() for p in prompts], sampler=sampler, steps=steps,
                               cfg_scale=cfg_scale, seed=seed, progress=progress)  # fmt: skip
@@ -84,6 +107,7 @@ def evaluate(system: DiffusionSystem, cfg, run_dir: str | Path, n: int = MAX_PER
     return {
         "run": str(run_dir),
         "prompts_per_category": n,
+        "prompt_set": "shipped" if prompt_seed is None else f"drawn with seed {prompt_seed}",
         "sampler": used.sampler,
         "steps": used.steps,
         "cfg_scale": used.cfg_scale,
@@ -91,4 +115,12 @@ def evaluate(system: DiffusionSystem, cfg, run_dir: str | Path, n: int = MAX_PER
         "heldout_pairs": list(cfg.data.heldout_pairs),
         "faithfulness": score(prompts, images, cfg.data.world, cfg.data.pairs()),
         "sampling_images_per_second": len(prompts) / seconds,
-    }
+    } | (
+        {
+            "painter": evaluate_painter(
+                system, cfg, len(prompts), seed=seed, sampler=sampler, steps=steps, cfg_scale=cfg_scale
+            )
+        }
+        if getattr(cfg, "recipe", "sd") == "layout"
+        else {}
+    )
