@@ -55,10 +55,12 @@ def register(subparsers) -> None:
         "demo",
         help="the main job: train text-to-image from nothing, sample it and score it (DIR/report.json)",
         description="From nothing to a measured text-to-image model: draw the toy world and check its reader, "
-        "train an autoencoder, a small CLIP (its text tower is the frozen text encoder) and the text-conditioned "
-        "latent diffusion model (minutes on a 2-core CPU), draw prompts of every GenEval-style category into "
-        "DIR/samples.png with cross-attention maps in DIR/attention.png, and write faithfulness per category "
-        "and timings to DIR/report.json. --preset demo runs the class-conditional pixel demo instead.",
+        "train an autoencoder, a small CLIP (its text tower is the frozen text encoder), a caption -> layout planner "
+        "and the grounded latent diffusion model that paints the planned layouts (LMD + GLIGEN; minutes on a "
+        "2-core CPU), draw prompts of every GenEval-style category on their planned layouts into DIR/samples.png "
+        "with cross-attention maps in DIR/attention.png, and write faithfulness per category and timings to "
+        "DIR/report.json. --preset t2i_demo runs the Stable-Diffusion baseline (no planner); --preset demo the "
+        "class-conditional pixel demo.",
     )
     p.add_argument("--out", default="demo_out", help="output directory (default: demo_out)")
     add_preset_args(p, "train.steps=3000")  # a t2i or pixel preset; tiny ones finish in seconds
