@@ -31,7 +31,15 @@ from difflab.models.runs import has_checkpoints
 
 PRESETS = {"sd": "t2i_demo", "tokencompose": "t2i_tokencompose_demo", "mmdit": "t2i_mmdit_demo",
            "layout": "t2i_layout_demo"}  # fmt: skip
-CATEGORIES = ("single_object", "two_objects", "counting", "colors", "position", "attribute_binding", "overall")
+CATEGORIES = (
+    "single_object",
+    "two_objects",
+    "counting",
+    "colors",
+    "position",
+    "attribute_binding",
+    "overall",
+)
 
 
 def run_recipe(recipe: str, base: Path, out: Path, n: int, prompt_seed: int, overrides: list[str]) -> dict:
@@ -61,12 +69,15 @@ def run_recipe(recipe: str, base: Path, out: Path, n: int, prompt_seed: int, ove
 
 
 def table(records: list[dict], key: str) -> str:
-    rows = ["| recipe | train s | " + " | ".join(CATEGORIES) + " | held-out pairs |",
-            "|---" * (len(CATEGORIES) + 3) + "|"]  # fmt: skip
+    rows = [
+        "| recipe | train s | " + " | ".join(CATEGORIES) + " | held-out pairs |",
+        "|---" * (len(CATEGORIES) + 3) + "|",
+    ]
     for r in records:
         s = r[key]
         cells = " | ".join(f"{s[c]:.2f}" for c in CATEGORIES)
-        rows.append(f"| {r['recipe']} | {r['train_seconds']:.0f} | {cells} | {s.get('heldout_pairs', float('nan')):.2f} |")
+        heldout = s.get("heldout_pairs", float("nan"))
+        rows.append(f"| {r['recipe']} | {r['train_seconds']:.0f} | {cells} | {heldout:.2f} |")
     return "\n".join(rows)
 
 
@@ -76,9 +87,13 @@ def main() -> None:
     p.add_argument("--out", required=True, help="where the recipes' runs go (a trained run is reused)")
     p.add_argument("--recipes", default="sd,tokencompose,mmdit,layout")
     p.add_argument("--n", type=int, default=50, help="prompts per category (default 50)")
-    p.add_argument("--prompt-seed", type=int, default=1, help="seed of the freshly drawn prompt set (default 1)")
+    p.add_argument(
+        "--prompt-seed", type=int, default=1, help="seed of the freshly drawn prompt set (default 1)"
+    )
     p.add_argument("--set", dest="overrides", action="append", default=[], help="override for every recipe")
-    p.add_argument("--json", default=None, metavar="FILE", help="also write the records with date and machine")
+    p.add_argument(
+        "--json", default=None, metavar="FILE", help="also write the records with date and machine"
+    )
     args = p.parse_args()
     records = [run_recipe(r, Path(args.base), Path(args.out), args.n, args.prompt_seed, args.overrides)
                for r in args.recipes.split(",")]  # fmt: skip

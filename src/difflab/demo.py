@@ -43,7 +43,7 @@ from difflab.models.text_encoder import export_text_encoder
 from difflab.train.device import resolve_device
 from difflab.viz import save_captioned_grid, save_grid
 from difflab.world.check import check_reader
-from difflab.world.geneval import eval_prompts
+from difflab.world.geneval import CATEGORIES, eval_prompts
 from difflab.world.preview import save_preview
 from difflab.world.prompts import holds
 from difflab.world.reader import read
@@ -290,11 +290,10 @@ def _print_baseline(recipe: str) -> None:
     doc = json.loads(RECIPES_MEASURED.read_text())
     sd = next((r for r in doc["records"] if r["recipe"] == "sd"), None)
     if sd is not None:
-        cats = ", ".join(
-            f"{c} {v:.2f}" for c, v in sd["shipped"].items() if c not in ("overall", "heldout_pairs")
-        )
+        cats = ", ".join(f"{c} {sd['shipped'][c]:.2f}" for c in CATEGORIES)
         print(f"      the SD baseline (--preset t2i_demo), measured {doc['date']} on {doc['machine']['cpu']}: "
-              f"{sd['shipped']['overall']:.1%} overall ({cats}; n={doc['n']} per category)")  # fmt: skip
+              f"{sd['shipped']['overall']:.1%} overall ({cats}; guidance {sd['shipped']['cfg_scale']:g}, "
+              f"n={doc['n']} per category)")  # fmt: skip
 
 
 def _print_faithfulness(faith: dict) -> None:

@@ -448,7 +448,7 @@ PRESETS = (
         "t2i_tiny with TokenCompose's attention supervision (--set text_encoder=DIR of a clip_tiny run): seconds "
         "(tests)",
         lambda: dataclasses.replace(get_preset_config("t2i_tiny"), recipe="tokencompose",
-                                    attention_loss_weight=0.01),
+                                    attention_loss_weight=0.01, attention_loss_layers="mid"),
     ),
     Preset(
         "t2i_mmdit_tiny",
