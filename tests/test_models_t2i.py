@@ -21,6 +21,7 @@ from difflab.errors import DifflabError
 from difflab.models import clip, t2i, t2i_eval, vae
 from difflab.models.attention_maps import CrossAttentionMaps
 from difflab.models.registry import get_preset
+from difflab.models.t2i_network import TextConditionedUNet
 from difflab.models.text_encoder import export_text_encoder
 from difflab.nn.attention import MultiHeadAttention
 from difflab.nn.unet import UNet, UNetConfig
@@ -349,7 +350,7 @@ def test_text_refiner_is_trained_saved_and_resumed(encoder_dir, tmp_path):
     run = t2i.train(cfg, tmp_path / "run")
     model, saved = t2i.load_model(run)
     net = model.network
-    assert isinstance(net, t2i.TextConditionedUNet) and saved.text_refiner_layers == 1
+    assert isinstance(net, TextConditionedUNet) and saved.text_refiner_layers == 1
     assert any(name.startswith("refiner.") for name, _ in net.named_parameters())
     x, t = torch.randn(2, 3, 16, 16), torch.tensor([5, 500])
     enc = model.conditioner.encoder(["a red circle", "a blue square"])

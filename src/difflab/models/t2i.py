@@ -29,7 +29,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from torch import nn
 
 from difflab.data.captioned import CaptionedScenes
 from difflab.data.text_scenes import TextDataConfig, captioned_scenes, captioner  # noqa: F401 (the t2i data API)
@@ -57,11 +56,10 @@ from difflab.models.recipe import DiffusionConfig, SampleConfig, check_cond_drop
 from difflab.models.runs import checkpoint_id, load_latest_weights, load_run_config
 from difflab.models.system import DiffusionSystem, TrainingParts, train_system
 from difflab.models.system import generate as generate_system
+from difflab.models.t2i_network import build_network, info_network, network_config
 from difflab.models.text_encoder import FrozenTextEncoder, load_text_encoder, text_encoder_id
-from difflab.nn.gligen import GroundingTokens
-from difflab.nn.mmdit import MMDiT, MMDiTConfig
-from difflab.nn.transformer import Transformer
-from difflab.nn.unet import UNet, UNetConfig, example_inputs
+from difflab.nn.mmdit import MMDiTConfig
+from difflab.nn.unet import UNetConfig
 from difflab.train.config import TrainConfig
 from difflab.train.device import is_main_process
 from difflab.world.geneval import prompt_sets
@@ -239,71 +237,6 @@ def check_inputs_unchanged(cfg: TextToImageConfig, what: str) -> None:
         check_vae_unchanged(cfg, what)
     if cfg.planner is not None and checkpoint_id(cfg.planner, "layout planner run") != cfg.planner_checkpoint:
         raise DifflabError(f"layout planner '{cfg.planner}' has changed since {what}")
-
-
-# ------------------------------------------------------------------------------------------- network
-
-
-class TextConditionedUNet(nn.Module):
-    """The trained network: an optional text refiner over the frozen encoder's tokens, GLIGEN's grounding
-    tokens (Eq. 5: phrase embedding and Fourier box -> MLP) for recipe 'layout', then the UNet.
-    ``forward(x, t, context, context_mask, pooled, grounding_phrases, grounding_boxes, grounding_mask)``;
-    ``.cfg`` is the UNet's config."""
-
-    def __init__(self, cfg: TextToImageConfig):
-        super().__init__()
-        self.unet = MMDiT(cfg.mmdit) if cfg.recipe == "mmdit" else UNet(cfg.unet)
-        self.cfg = cfg.unet
-        self.grounding = None
-        if cfg.unet.grounding_dim:
-            if not cfg.unet.context_dim:
-                raise DifflabError("grounding tokens need the UNet's context_dim (set from the text encoder)")
-            self.grounding = GroundingTokens(cfg.unet.context_dim, cfg.unet.grounding_dim)
-        self.refiner = None
-        if cfg.text_refiner_layers:
-            if not cfg.unet.context_dim:
-                raise DifflabError("a text refiner needs the UNet's context_dim (set from the text encoder)")
-            heads = next(h for h in (4, 2, 1) if cfg.unet.context_dim % h == 0)
-            self.refiner = Transformer(cfg.unet.context_dim, cfg.text_refiner_layers, heads)
-
-    def forward(self, x, t, context=None, context_mask=None, pooled=None, grounding_phrases=None,
-                grounding_boxes=None, grounding_mask=None, **kwargs):  # fmt: skip
-        if self.refiner is not None and context is not None:
-            context = self.refiner(context, context_mask)  # (B, L, context_dim); padding masked as keys
-        if self.grounding is not None and grounding_phrases is not None:
-            kwargs["grounding"] = self.grounding(grounding_phrases, grounding_boxes)  # (B, M, grounding_dim)
-            kwargs["grounding_mask"], kwargs["grounding_boxes"] = grounding_mask, grounding_boxes
-        return self.unet(x, t, context=context, context_mask=context_mask, pooled=pooled, **kwargs)
-
-
-def _wrapped(cfg: TextToImageConfig) -> bool:
-    return bool(cfg.text_refiner_layers or cfg.unet.grounding_dim or cfg.recipe == "mmdit")
-
-
-def build_network(cfg: TextToImageConfig) -> UNet | TextConditionedUNet:
-    """The network a run trains: the UNet alone, or the UNet or MMDiT with a text refiner or grounding
-    tokens in front."""
-    return TextConditionedUNet(cfg) if _wrapped(cfg) else UNet(cfg.unet)
-
-
-def network_config(cfg: TextToImageConfig):
-    """What a checkpoint records of the network's architecture (a resume must match it)."""
-    if not _wrapped(cfg):
-        return cfg.unet
-    record = {"unet": dataclasses.asdict(cfg.unet), "text_refiner_layers": cfg.text_refiner_layers}
-    return record | ({"mmdit": dataclasses.asdict(cfg.mmdit)} if cfg.recipe == "mmdit" else {})
-
-
-def info_network(cfg: TextToImageConfig):
-    """The trained network (the refiner and grounding tokens included) with example inputs (``difflab
-    info``): a caption, and for recipe 'layout' the world's most objects, each in the middle of the canvas."""
-    b, inputs = cfg.train.batch_size, example_inputs(cfg.unet, cfg.train.batch_size)
-    if cfg.recipe == "layout":
-        m = world_preset(cfg.data.world).max_objects
-        inputs |= {"grounding_phrases": torch.randn(b, m, cfg.unet.context_dim),
-                   "grounding_boxes": torch.tensor([0.3, 0.3, 0.7, 0.7]).expand(b, m, 4),
-                   "grounding_mask": torch.ones(b, m, dtype=torch.bool)}  # fmt: skip
-    return build_network(cfg), inputs, None
 
 
 # ---------------------------------------------------------------------------------------------- system
