@@ -200,3 +200,30 @@ def test_step_profile_smallest_setting():
         assert abs(sum(shares.values()) - 1) < 1e-3 and all(v >= 0 for v in shares.values())
         assert all(shares[k] > 0 for k in ("convolution", "matmul", "normalisation", "optimizer")), shares
     assert "| difflab |" in out.stderr and "| diffusers |" in out.stderr
+
+
+def test_t2i_recipes_smallest_setting(tmp_path):
+    """Two recipes on tiny presets (2 training steps each, one prompt per category) over a base of a text
+    encoder and a planner: one record per recipe with both prompt sets, the painter's score for the layout
+    recipe, and the tables."""
+    from difflab.config import apply_overrides
+    from difflab.models import clip, planner
+    from difflab.models.registry import get_preset
+
+    clip.train(
+        apply_overrides(get_preset("clip_tiny").build(), ["train.steps=2"]),
+        tmp_path / "base" / "text_encoder",
+    )
+    base = tmp_path / "base"
+    tiny_world = ["data.heldout_pairs=", "data.world=tiny", "train.steps=2"]
+    planner.train(apply_overrides(get_preset("planner_tiny").build(), tiny_world), base / "planner")
+    settings = ["--n", "1", "--set", "train.steps=2", "--set", "sample.grid=2", "--set", "sample.steps=2"]
+    out = run_script("t2i_recipes.py", "--base", str(base), "--out", str(tmp_path / "runs"), "--recipes",
+                     "sd=t2i_tiny,layout=t2i_layout_tiny", *settings, "--json", str(tmp_path / "r.json"))  # fmt: skip
+    records = json_lines(out.stdout)
+    assert [(r["recipe"], r["steps"]) for r in records] == [("sd", 2), ("layout", 2)]
+    for r in records:
+        assert 0 <= r["shipped"]["overall"] <= 1 and 0 <= r["fresh_1"]["overall"] <= 1
+    assert "painter" in records[1]["shipped"] and "painter" not in records[0]["shipped"]
+    assert "| layout |" in out.stdout
+    assert json.loads((tmp_path / "r.json").read_text())["records"] == records

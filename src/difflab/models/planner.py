@@ -375,9 +375,9 @@ PRESETS = (
     Preset(
         "planner_demo",
         "planner",
-        "caption -> layout planner on scene32 (LMD's first stage): about a minute on a CPU",
+        "caption -> layout planner on scene32 (LMD's first stage): about two minutes on a CPU",
         lambda: PlannerConfig(
-            train=TrainConfig(steps=1000, batch_size=64, lr=2e-3, warmup_steps=50, ema_decay=0.99, log_every=50,
+            train=TrainConfig(steps=2000, batch_size=64, lr=2e-3, warmup_steps=50, ema_decay=0.99, log_every=50,
                               checkpoint_every=500),
         ),
     ),
