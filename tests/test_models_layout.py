@@ -26,8 +26,8 @@ from difflab.nn.unet import UNet, UNetConfig
 from difflab.world.grounding import caption_order, ground
 from difflab.world.language import caption, short_caption
 from difflab.world.prompts import Exists, ObjectSpec, Relation, matches, relation_holds
-from difflab.world.reader import read
 from difflab.world.scene import placeable, scene_at, world_preset
+from tests.t2i_checks import colour_accuracy
 
 pytestmark = pytest.mark.usefixtures("single_thread_module")
 
@@ -234,13 +234,7 @@ def test_grounded_prompts_drop_the_layout_with_the_caption(encoder_dir):
 def test_tiny_layout_model_follows_colour_words(layout_run):
     """Chance is 0.5 (two colours): the planned layout's phrase and box must decide what is drawn."""
     model, cfg = t2i.load_model(layout_run)
-    world = world_preset(cfg.data.world)
-    hits = []
-    for colour in world.colors:
-        for shape in world.shapes:
-            images = t2i.generate(model, cfg, [f"a {colour} {shape}"] * 8, seed=1)
-            hits += [any(o.color == colour for o in read(im, world).objects) for im in images]
-    assert sum(hits) / len(hits) >= 0.85
+    assert colour_accuracy(model, cfg, 8) >= 0.85
 
 
 def test_layout_recipe_checks_its_inputs(encoder_dir, tiny_planner):

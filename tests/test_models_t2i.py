@@ -29,6 +29,7 @@ from difflab.world.geneval import CATEGORIES, category, eval_prompts, mentions_h
 from difflab.world.prompts import holds, scene_for
 from difflab.world.reader import read
 from difflab.world.scene import scene_at, world_preset
+from tests.t2i_checks import colour_accuracy
 
 pytestmark = pytest.mark.usefixtures("single_thread_module")
 
@@ -254,23 +255,11 @@ def test_heldout_pairs_are_checked():
 # ------------------------------------------------------------------------------------------- learning
 
 
-def _colour_accuracy(model, cfg, n_per_prompt: int) -> float:
-    """The reader's verdict on 'a red circle' / 'a blue circle' / 'a red square' / 'a blue square'."""
-    world = world_preset(cfg.data.world)
-    hits = []
-    for colour in world.colors:
-        for shape in world.shapes:
-            prompt = f"a {colour} {shape}"
-            images = t2i.generate(model, cfg, [prompt] * n_per_prompt, seed=1)
-            hits += [any(o.color == colour for o in read(im, world).objects) for im in images]
-    return sum(hits) / len(hits)
-
-
 def test_tiny_text_to_image_follows_colour_words(t2i_run):
     """The tiny world has 2 colours, so chance is 0.5: the prompt's one colour word must decide the colour
     of what is drawn, far above chance."""
     model, cfg = t2i.load_model(t2i_run)
-    assert _colour_accuracy(model, cfg, 8) >= 0.85
+    assert colour_accuracy(model, cfg, 8) >= 0.85
 
 
 def test_eval_reports_faithfulness_per_category_with_n(t2i_run):

@@ -15,8 +15,7 @@ from difflab.models import clip, t2i
 from difflab.models.registry import get_preset
 from difflab.models.text_encoder import export_text_encoder
 from difflab.nn.mmdit import MMDiT
-from difflab.world.reader import read
-from difflab.world.scene import world_preset
+from tests.t2i_checks import colour_accuracy
 
 pytestmark = pytest.mark.usefixtures("single_thread_module")
 
@@ -50,13 +49,7 @@ def recipe_run(request):
 def test_recipe_follows_colour_words(recipe_run):
     """The tiny world has 2 colours, so chance is 0.5."""
     model, cfg = t2i.load_model(recipe_run)
-    world = world_preset(cfg.data.world)
-    hits = []
-    for colour in world.colors:
-        for shape in world.shapes:
-            images = t2i.generate(model, cfg, [f"a {colour} {shape}"] * 8, seed=1)
-            hits += [any(o.color == colour for o in read(im, world).objects) for im in images]
-    assert sum(hits) / len(hits) >= 0.85
+    assert colour_accuracy(model, cfg, 8) >= 0.85
 
 
 def test_tokencompose_logs_a_falling_grounding_loss(tokencompose_run):
