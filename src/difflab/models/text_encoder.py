@@ -11,12 +11,26 @@ those two outputs out of a trained difflab CLIP run:
 ``export_text_encoder(RUN, DIR)`` writes a self-contained folder (text_encoder.safetensors,
 text_encoder.json, tokenizer.json); ``load_text_encoder`` reads that folder or a CLIP run directly.
 Nothing is unpickled; the weights are frozen (``requires_grad=False``) and the module stays in eval mode.
+
+What decides the encoder's output is both its weights and its tokenizer (an edited vocabulary maps the
+same prompt to other ids), so both are pinned:
+
+- An exported folder records the sha256 of text_encoder.safetensors and of tokenizer.json in
+  text_encoder.json; ``load_text_encoder`` refuses a folder whose files no longer match, and
+  ``text_encoder_id`` (what a text-to-image run records) is ``text_encoder:<16 hex>`` over both.
+  A folder exported before the hashes were recorded still loads unchecked, and keeps its old
+  weights-only id (``text_encoder.safetensors:<16 hex>``), so runs trained on it keep loading;
+  export it again to have its tokenizer covered.
+- A CLIP run directory loaded directly is pinned by its newest checkpoint (whose sha256 covers the
+  weights), but not its tokenizer.json, which the run writes beside its checkpoints and which nothing
+  records a hash of. Export the encoder to have the tokenizer checked too.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import reprlib
 from pathlib import Path
 from typing import NamedTuple
 
@@ -34,6 +48,8 @@ from difflab.text.tokenizer import load_tokenizer
 from difflab.train.checkpoint import check_compatible, check_safetensors_header
 
 WEIGHTS, CONFIG, TOKENIZER = "text_encoder.safetensors", "text_encoder.json", "tokenizer.json"
+PINNED = (WEIGHTS, TOKENIZER)
+"""The files whose sha256 text_encoder.json records: together they decide what the encoder computes."""
 
 
 class TextEncoding(NamedTuple):
@@ -105,17 +121,72 @@ def export_text_encoder(run_dir: str | Path, out_dir: str | Path) -> Path:
     weights["text_proj.weight"] = model.text_proj.weight.detach()
     with atomic_path(out / WEIGHTS) as tmp:
         save_file({k: v.contiguous() for k, v in weights.items()}, str(tmp))
-    save_json({"text": to_dict(cfg.text), "embed_dim": cfg.embed_dim, "source": str(run_dir)}, out / CONFIG)
     load_tokenizer(Path(run_dir) / TOKENIZER).save(out / TOKENIZER)
+    # Written last, with the hashes of what is now on disk: a crash part-way through a re-export leaves
+    # files that do not match the old record, which loading refuses.
+    record = {"text": to_dict(cfg.text), "embed_dim": cfg.embed_dim, "source": str(run_dir)}
+    save_json({**record, "sha256": {name: _sha256(out / name) for name in PINNED}}, out / CONFIG)
     return out
+
+
+def _sha256(path: Path) -> str:
+    try:
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+    except OSError as err:
+        raise DifflabError(f"cannot read '{path}': {err.strerror or err}") from None
+
+
+def _read_config(path: Path) -> dict:
+    """An exported folder's text_encoder.json."""
+    try:
+        meta = json.loads((path / CONFIG).read_text())
+    except (OSError, ValueError, RecursionError) as err:
+        raise DifflabError(f"cannot read '{path / CONFIG}': {err}") from None
+    if not isinstance(meta, dict):
+        raise DifflabError(f"'{path / CONFIG}' holds a JSON {type(meta).__name__}, expected an object")
+    return meta
+
+
+def _recorded_hashes(path: Path) -> dict[str, str] | None:
+    """The sha256 of each pinned file that text_encoder.json records; ``None`` for a folder exported
+    before they were recorded."""
+    if not (path / CONFIG).is_file():
+        return None
+    recorded = _read_config(path).get("sha256")
+    if recorded is None:
+        return None
+    if not (isinstance(recorded, dict) and all(isinstance(recorded.get(name), str) for name in PINNED)):
+        raise DifflabError(
+            f"'{path / CONFIG}': sha256 is {reprlib.repr(recorded)}, expected the sha256 of "
+            f"{' and '.join(PINNED)}"
+        )
+    return {name: recorded[name] for name in PINNED}
+
+
+def _check_hashes(path: Path) -> None:
+    """Refuse an exported folder whose weights or tokenizer changed since export."""
+    recorded = _recorded_hashes(path)
+    if recorded is None:
+        return  # exported before hashes were recorded: nothing to check against
+    for name in PINNED:
+        if _sha256(path / name) != recorded[name]:
+            raise DifflabError(
+                f"'{path / name}' does not match the sha256 recorded in '{path / CONFIG}' (edited or "
+                f"replaced since export?); export the text encoder again"
+            )
 
 
 def text_encoder_id(path: str | Path) -> str:
     """What a text-to-image run records of its text encoder, to notice when it is replaced later:
-    ``text_encoder:<sha256 prefix>`` of an exported folder's weights, or a CLIP run's checkpoint id."""
+    ``text_encoder:<16 hex>`` of an exported folder's weights and tokenizer together (the sha256 of their
+    two sha256), or a CLIP run's checkpoint id. A folder exported before hashes were recorded keeps its
+    old id, ``text_encoder.safetensors:<16 hex>`` of the weights alone."""
     path = Path(path)
     if (path / WEIGHTS).is_file():
-        return f"{WEIGHTS}:{hashlib.sha256((path / WEIGHTS).read_bytes()).hexdigest()[:16]}"
+        if _recorded_hashes(path) is None:
+            return f"{WEIGHTS}:{_sha256(path / WEIGHTS)[:16]}"
+        both = "\n".join(f"{name}:{_sha256(path / name)}" for name in PINNED)
+        return f"text_encoder:{hashlib.sha256(both.encode()).hexdigest()[:16]}"
     if (path / "config.json").is_file():
         return checkpoint_id(path, "CLIP run")
     raise DifflabError(
@@ -127,17 +198,19 @@ def load_text_encoder(
     path: str | Path, *, device: str = "cpu", layers: tuple[int, ...] = (-1,)
 ) -> FrozenTextEncoder:
     """A frozen text encoder from an exported folder or from a CLIP run directory; ``layers`` picks the
-    hidden states that make its token features (see :func:`check_layers`)."""
+    hidden states that make its token features (see :func:`check_layers`). An exported folder whose
+    weights or tokenizer no longer match the sha256 recorded at export is refused."""
     path = Path(path)
     if (path / CONFIG).is_file():
-        meta = json.loads((path / CONFIG).read_text())
+        meta = _read_config(path)
+        check_safetensors_header(path / WEIGHTS)
+        _check_hashes(path)
         encoder = FrozenTextEncoder(
             from_dict(TextTransformerConfig, meta["text"]),
             meta["embed_dim"],
             load_tokenizer(path / TOKENIZER),
             layers,
         )
-        check_safetensors_header(path / WEIGHTS)
         weights = load_file(str(path / WEIGHTS))
         check_compatible(encoder, weights, f"text encoder '{path}'")
         encoder.load_state_dict(weights)
