@@ -15,13 +15,15 @@ _BASE = {"errors", "config"}
 ALLOWED: dict[str, set[str]] = {
     "errors": set(),
     "config": {"errors"},
-    "world": {"errors"},
-    "diffusion": {"errors"},
+    "cli_types": {"errors"},
+    "outputs": _BASE,
+    "world": {"errors", "outputs", "cli_types"},
+    "diffusion": {"errors", "outputs", "cli_types"},
     "train": _BASE,
     "text": _BASE | {"world"},
     "data": _BASE | {"world"},
     "nn": _BASE | {"text"},
-    "viz": {"data"},
+    "viz": {"data", "outputs"},
     "eval": _BASE | {"data", "world"},
 }
 ALLOWED["models"] = set().union(*ALLOWED.values(), ALLOWED) - {"models"}

@@ -11,6 +11,10 @@ from pathlib import Path
 
 import pytest
 
+# Each benchmark script end to end at its smallest setting: minutes together, so they run in .ci/run's
+# second pass (pytest -m slow), beside the default suite.
+pytestmark = pytest.mark.slow
+
 ROOT = Path(__file__).resolve().parents[1]
 
 

@@ -84,3 +84,30 @@ def test_torchrun_runs_the_train_command_and_rank_0_alone_reports(tmp_path):
     assert [s for s, _ in list_checkpoints(out / "checkpoints")] == [4]
     assert [r["step"] for r in read_metrics(out / "metrics.jsonl")][-1] == 4
     assert (out / "samples.png").is_file()
+
+
+def test_sigterm_to_torchrun_reaches_every_rank_and_they_save_one_step_together(tmp_path):
+    """torchrun forwards SIGTERM to its workers; the ranks agree (one all-reduce per step) to stop after
+    the same step, rank 0 saves it, and each says so in one line."""
+    import signal
+    import time
+
+    out = tmp_path / "run"
+    env = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(TESTS.parent)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "difflab",
+           "train", "--preset", "tiny", "--out", str(out), "--device", "cpu", "--set", "train.steps=100000",
+           "--set", "train.log_every=1", "--set", "train.progress=false"]  # fmt: skip
+    proc = subprocess.Popen(
+        cmd, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
+    metrics = out / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while not (metrics.is_file() and metrics.read_text().count("\n") >= 2) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=120)
+    said = [line for line in proc.stderr.read().splitlines() if line.startswith("difflab:")]
+    (step, _), *_ = reversed(list_checkpoints(out / "checkpoints"))
+    assert said == [f"difflab: interrupted by SIGTERM after step {step}; saved "
+                    f"{out / 'checkpoints' / f'step_{step:07d}'} (continue with --resume)"] * 2  # fmt: skip
+    assert read_metrics(metrics)[-1]["step"] == step

@@ -261,6 +261,7 @@ def test_bf16_autocast_trains_on_cpu(tmp_path):
     assert record["step"] == 2 and math.isfinite(record["loss"])
 
 
+@pytest.mark.slow
 def test_sigkill_at_a_random_step_then_resume_equals_an_uninterrupted_run(tmp_path):
     """A real crash: ``difflab train`` in a subprocess is killed with SIGKILL (no cleanup, maybe mid-save)
     at a random step; ``--resume`` then ends with every tensor of the final checkpoint (weights, EMA,

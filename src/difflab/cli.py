@@ -47,8 +47,16 @@ def main(argv: list[str] | None = None) -> int:
     except DifflabError as err:
         if args.debug:
             raise
-        print(f"difflab: error: {err}", file=sys.stderr)
-        return 2
+        code = getattr(err, "exit_code", 2)  # an interrupted training: 128 + the signal, not an error
+        print(f"difflab: {'' if code != 2 else 'error: '}{err}", file=sys.stderr)
+        return code
+    except KeyboardInterrupt:
+        # Ctrl-C outside a training (which saves and raises Interrupted): nothing half-written is left,
+        # since every file difflab writes is written atomically.
+        if args.debug:
+            raise
+        print("difflab: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ import contextlib
 import dataclasses
 import difflib
 import json
+import math
 import os
 import types
 import typing
@@ -38,6 +39,59 @@ def _strip_optional(tp):
     return tp, False
 
 
+def _describe(tp) -> str:
+    """A declared type in words, for error messages: ``tuple[float, float]`` -> 'a list of 2 floats'."""
+    tp, optional = _strip_optional(tp)
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    names = {
+        int: "an integer",
+        float: "a finite float",
+        str: "a string",
+        bool: "true or false",
+        dict: "an object",
+    }
+    plural = {int: "integers", float: "finite floats", str: "strings", bool: "booleans"}
+    if tp in names:
+        text = names[tp]
+    elif _is_dataclass_type(tp):
+        text = f"an object of {tp.__name__} keys"
+    elif origin is tuple and len(args) == 2 and args[1] is Ellipsis:
+        text = f"a list of {plural.get(args[0], args[0])}"
+    elif origin is tuple and args and len(set(args)) == 1:
+        text = f"a list of {len(args)} {plural.get(args[0], args[0])}"
+    elif origin is dict:
+        text = "an object"
+    else:
+        text = str(tp)
+    return text + (" or null" if optional else "")
+
+
+INT64 = 2**63
+"""Integers of a config fit a signed 64-bit integer (what torch and numpy take); ranges are per field."""
+
+
+def _scalar_ok(value, tp) -> bool:
+    """Whether ``value`` (as read from JSON or parsed from the command line) is a ``tp`` scalar."""
+    if tp is bool:
+        return isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool) and -INT64 <= value < INT64
+    if tp is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if tp is str:
+        return isinstance(value, str)
+    return True  # a type this module does not check (none of the configs has one)
+
+
+def _tuple_items(tp) -> list | None:
+    """The item types of a tuple type: ``tuple[int, ...]`` -> None (any length of ``int``), ``tuple[float,
+    float]`` -> [float, float]."""
+    args = typing.get_args(tp)
+    if not args or (len(args) == 2 and args[1] is Ellipsis):
+        return None
+    return list(args)
+
+
 def parse_value(text: str, tp, key: str):
     """Parse ``text`` as the type ``tp`` of config field ``key``; a bad value names the key and the type."""
     tp, optional = _strip_optional(tp)
@@ -52,16 +106,22 @@ def parse_value(text: str, tp, key: str):
                 return False
             raise ValueError
         if tp in (int, float, str):
-            return tp(text)
+            return tp(text)  # nan, inf and 2**70 parse: each field's own range refuses them, by name
         if origin is tuple:
             args = typing.get_args(tp)
-            elem = args[0] if args else str
-            items = [s for s in text.replace("(", "").replace(")", "").split(",") if s.strip()]
-            return tuple(parse_value(s.strip(), elem, key) for s in items)
+            items = [s.strip() for s in text.replace("(", "").replace(")", "").split(",") if s.strip()]
+            fixed = _tuple_items(tp)
+            if fixed is not None and len(items) != len(fixed):
+                raise DifflabError(
+                    f"bad value '{text}' for config key '{key}'; expected {len(fixed)} comma-separated values"
+                )
+            elems = fixed or [args[0] if args else str] * len(items)
+            return tuple(parse_value(s, elem, key) for s, elem in zip(items, elems, strict=True))
         if origin is dict or tp is dict:
             return json.loads(text)
-    except (ValueError, json.JSONDecodeError):
-        pass
+    except (ValueError, json.JSONDecodeError) as err:
+        if isinstance(err, DifflabError):
+            raise
     else:
         raise DifflabError(f"config key '{key}' has a type ({tp}) that cannot be set from the command line")
     raise DifflabError(f"bad value '{text}' for config key '{key}'; expected {getattr(tp, '__name__', tp)}")
@@ -81,62 +141,129 @@ def valid_keys(cls, prefix: str = "") -> list[str]:
 
 
 def apply_overrides(cfg, overrides: list[str]):
-    """Return a copy of ``cfg`` with ``key=value`` overrides applied (dotted keys reach nested configs)."""
+    """Return a copy of ``cfg`` with ``key=value`` overrides applied (dotted keys reach nested configs).
+
+    Every value is parsed first; then each config is rebuilt once with all of its new values, so that the
+    checks across fields (widths divisible by heads, ...) see the final values whatever the order of the
+    overrides. A config's own check that fails names the overrides of that config."""
+    changes: dict = {}  # nested: {"unet": {"channels": 32}, ...}
+    given: dict[str, str] = {}  # "unet.channels" -> "unet.channels=32", for error messages
     for item in overrides:
         if "=" not in item:
             raise DifflabError(f"bad override '{item}'; expected key=value, e.g. train.lr=3e-4")
-        key, text = item.split("=", 1)
-        cfg = _set(cfg, key.strip().split("."), text.strip(), key.strip(), type(cfg))
-    return cfg
+        key, text = (s.strip() for s in item.split("=", 1))
+        path = key.split(".")
+        value = parse_value(text, _field_type(type(cfg), path, key), key)
+        node = changes
+        for name in path[:-1]:
+            node = node.setdefault(name, {})
+        node[path[-1]] = value
+        given[key] = f"{key}={text}"
+    return _rebuild(cfg, changes, "", given)
 
 
-def _set(cfg, path: list[str], text: str, full_key: str, root_cls):
-    types_ = _field_types(type(cfg))
-    name = path[0]
-    if name not in types_ or name.startswith("_"):
-        keys = valid_keys(root_cls)
-        close = difflib.get_close_matches(full_key, keys, n=1)
-        hint = f" (did you mean '{close[0]}'?)" if close else ""
-        raise DifflabError(f"unknown config key '{full_key}'{hint}; valid keys: {', '.join(keys)}")
-    if len(path) > 1:
-        child = getattr(cfg, name)
-        if not dataclasses.is_dataclass(child):
-            raise DifflabError(f"config key '{full_key}': '{name}' has no sub-keys")
-        value = _set(child, path[1:], text, full_key, root_cls)
-    else:
-        if _is_dataclass_type(types_[name]):
-            raise DifflabError(
-                f"config key '{full_key}' is a group; set one of its keys, e.g. {full_key}.<key>"
-            )
-        value = parse_value(text, types_[name], full_key)
+def _field_type(root_cls, path: list[str], full_key: str):
+    """The declared type of the dotted key ``full_key``; an unknown key names the valid ones."""
+    cls = root_cls
+    for i, name in enumerate(path):
+        if not _is_dataclass_type(cls):
+            raise DifflabError(f"config key '{full_key}': '{path[i - 1]}' has no sub-keys")
+        types_ = _field_types(cls)
+        if name not in types_ or name.startswith("_"):
+            keys = valid_keys(root_cls)
+            close = difflib.get_close_matches(full_key, keys, n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise DifflabError(f"unknown config key '{full_key}'{hint}; valid keys: {', '.join(keys)}")
+        cls = types_[name]
+    if _is_dataclass_type(cls):
+        raise DifflabError(f"config key '{full_key}' is a group; set one of its keys, e.g. {full_key}.<key>")
+    return cls
+
+
+def _rebuild(cfg, changes: dict, prefix: str, given: dict[str, str]):
+    """``cfg`` with ``changes`` (nested dicts for nested configs), each config rebuilt once."""
+    values = {
+        name: _rebuild(getattr(cfg, name), value, f"{prefix}{name}.", given) if isinstance(value, dict)
+        and dataclasses.is_dataclass(getattr(cfg, name)) else value
+        for name, value in changes.items()
+    }  # fmt: skip
     try:
-        return dataclasses.replace(cfg, **{name: value})
+        return dataclasses.replace(cfg, **values)
     except (ValueError, TypeError) as err:  # a config's own __post_init__ validation
-        raise DifflabError(f"config key '{full_key}={text}' is invalid: {err}") from None
+        mine = [text for key, text in given.items() if key.startswith(prefix)]
+        if len(mine) == 1:
+            raise DifflabError(f"config key '{mine[0]}' is invalid: {err}") from None
+        raise DifflabError(f"config keys {', '.join(repr(m) for m in mine)} are invalid: {err}") from None
 
 
 def to_dict(cfg) -> dict:
     return dataclasses.asdict(cfg)
 
 
-def from_dict(cls, data: dict):
+def from_dict(cls, data: dict, *, source: str = "config.json", _prefix: str = ""):
     """Rebuild a (nested) config dataclass from ``to_dict`` output; lists become tuples where the field
-    is a tuple. Unknown keys are an error (a run made by an incompatible version)."""
+    is a tuple. Every value is checked against its field's declared type first, and a config's own check
+    is reported as this file's, so a hand-edited config.json is refused by name (``config.json:
+    train.lr is 'abc' (str); expected a finite float``) rather than failing later in torch. Unknown keys
+    are an error (a run made by an incompatible version); missing ones take their defaults (older runs)."""
+    where = _prefix[:-1] or "the top level"
+    if not isinstance(data, dict):
+        raise DifflabError(f"{source}: {where} is {_shown(data)}; expected an object of {cls.__name__} keys")
     types_ = _field_types(cls)
     unknown = set(data) - set(types_)
     if unknown:
         raise DifflabError(
-            f"config has unknown keys {sorted(unknown)} for {cls.__name__}; made by another version?"
+            f"{source} has unknown keys {sorted(unknown)} for {cls.__name__} (at {where}); made by another version?"
         )
-    kwargs = {}
-    for name, value in data.items():
-        tp, _ = _strip_optional(types_[name])
-        if _is_dataclass_type(tp) and isinstance(value, dict):
-            value = from_dict(tp, value)
-        elif typing.get_origin(tp) is tuple and isinstance(value, list):
-            value = tuple(value)
-        kwargs[name] = value
-    return cls(**kwargs)
+    kwargs = {
+        name: _from_json(value, types_[name], f"{_prefix}{name}", source) for name, value in data.items()
+    }
+    try:
+        return cls(**kwargs)
+    except (ValueError, TypeError) as err:  # a config's own __post_init__ validation
+        # "lr -1.0 is invalid" in train reads "train.lr -1.0 is invalid"; other messages get "train: ..."
+        starts_with_field = str(err).split(" ", 1)[0] in types_
+        where = _prefix if starts_with_field else f"{_prefix[:-1]}: " if _prefix else ""
+        raise DifflabError(f"{source}: {where}{err}") from None
+
+
+def _shown(value) -> str:
+    """A JSON value and its Python type, for error messages: 'abc' (str), null."""
+    return "null" if value is None else f"{value!r} ({type(value).__name__})"
+
+
+def _from_json(value, tp, key: str, source: str):
+    """``value`` as read from JSON, checked against the declared type ``tp`` of ``key`` and converted
+    (lists to tuples, ints to floats where a float is declared)."""
+    base, optional = _strip_optional(tp)
+    bad = DifflabError(f"{source}: {key} is {_shown(value)}; expected {_describe(tp)}")
+    if value is None:
+        if optional:
+            return None
+        raise bad
+    if _is_dataclass_type(base):
+        if not isinstance(value, dict):
+            raise bad
+        return from_dict(base, value, source=source, _prefix=f"{key}.")
+    origin = typing.get_origin(base)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise bad
+        fixed = _tuple_items(base)
+        args = typing.get_args(base)
+        if fixed is not None and len(value) != len(fixed):
+            raise bad
+        elems = fixed or [args[0] if args else typing.Any] * len(value)
+        if not all(_scalar_ok(v, e) for v, e in zip(value, elems, strict=True)):
+            raise bad
+        return tuple(float(v) if e is float else v for v, e in zip(value, elems, strict=True))
+    if origin is dict or base is dict:
+        if not isinstance(value, dict):
+            raise bad
+        return value
+    if not _scalar_ok(value, base):
+        raise bad
+    return float(value) if base is float else value
 
 
 @contextlib.contextmanager

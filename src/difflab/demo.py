@@ -30,6 +30,7 @@ from pathlib import Path
 
 import torch
 
+from difflab import cli_types
 from difflab.config import apply_overrides
 from difflab.data.config import class_factors, num_classes
 from difflab.errors import DifflabError
@@ -40,6 +41,7 @@ from difflab.models.layout import outlines
 from difflab.models.registry import get_family, get_preset
 from difflab.models.runs import has_checkpoints
 from difflab.models.text_encoder import export_text_encoder
+from difflab.outputs import image_folder
 from difflab.train.device import resolve_device
 from difflab.viz import save_captioned_grid, save_grid
 from difflab.world.check import check_reader
@@ -82,11 +84,11 @@ def register(subparsers) -> None:
     )
     p.add_argument(
         "--n",
-        type=int,
+        type=cli_types.integer(None, cli_types.MAX_IMAGES),  # >= 1: check_n, once the default is known
         default=None,
         help="text-to-image: prompts per category to score (default: 50); pixel: samples (default: 400)",
     )
-    p.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
+    p.add_argument("--seed", type=cli_types.seed, default=0, help="sampling seed (default: 0)")
     p.add_argument("--device", default=None, help="auto (default), cpu, cuda, mps")
     p.set_defaults(func=run_demo)
 
@@ -123,7 +125,7 @@ def run_demo(args) -> int:
     run_dir = out / "run"
     if has_checkpoints(run_dir):  # refused before any work, with a message that fits the demo
         raise DifflabError(f"'{run_dir}' already holds a trained run; pick a new --out or delete it")
-    out.mkdir(parents=True, exist_ok=True)
+    image_folder(out, "--out")  # made, and checked to take files, before any work
     report: dict = {
         "preset": args.preset,
         "overrides": list(args.overrides),

@@ -14,17 +14,25 @@ import torch
 from PIL import Image
 
 from difflab.data.images import to_uint8
+from difflab.outputs import FIGURE_MAX, MAX_PIXELS, picture_problem, save_image, write_file
 
 
-def grid_array(images: torch.Tensor, nrow: int | None = None, pad: int = 1) -> np.ndarray:
-    """(N, C, H, W) in [-1, 1] -> one uint8 (rows*(H+pad)+pad, nrow*(W+pad)+pad, 3) mosaic, grey-padded."""
-    n, c, h, w = images.shape
+def grid_shape(n: int, height: int, width: int, nrow: int | None = None, pad: int = 1) -> tuple[int, int]:
+    """(rows, columns) of pixels of :func:`grid_array`'s mosaic of ``n`` tiles of ``height`` x ``width``."""
     nrow = nrow or math.ceil(math.sqrt(n))
     rows = math.ceil(n / nrow)
-    tiles = to_uint8(images)  # (N, H, W, C)
+    return rows * (height + pad) + pad, nrow * (width + pad) + pad
+
+
+def grid_array(images: torch.Tensor | np.ndarray, nrow: int | None = None, pad: int = 1) -> np.ndarray:
+    """(N, C, H, W) float in [-1, 1], or uint8 tiles (N, H, W, C) as :func:`~difflab.data.images.to_uint8`
+    makes them -> one uint8 (rows*(H+pad)+pad, nrow*(W+pad)+pad, 3) mosaic, grey-padded."""
+    tiles = images if isinstance(images, np.ndarray) else to_uint8(images)  # (N, H, W, C)
+    n, h, w, c = tiles.shape
+    nrow = nrow or math.ceil(math.sqrt(n))
     if c == 1:
         tiles = np.repeat(tiles, 3, axis=-1)
-    out = np.full((rows * (h + pad) + pad, nrow * (w + pad) + pad, 3), 128, dtype=np.uint8)
+    out = np.full((*grid_shape(n, h, w, nrow, pad), 3), 128, dtype=np.uint8)
     for i in range(n):
         r, col = divmod(i, nrow)
         out[
@@ -33,15 +41,32 @@ def grid_array(images: torch.Tensor, nrow: int | None = None, pad: int = 1) -> n
     return out
 
 
-def save_grid(images: torch.Tensor, path: str | Path, nrow: int | None = None, scale: int = 4) -> Path:
-    """Save a grid of (N, C, H, W) images in [-1, 1] as a PNG, upscaled ``scale``x with nearest-neighbour
-    so small images stay crisp."""
+def grid_problem(n: int, height: int, width: int) -> str | None:
+    """Why ``n`` tiles of ``height`` x ``width`` should not make one grid picture
+    (:func:`difflab.outputs.picture_problem`; counted at scale 1, as :func:`grid_scale` shrinks the
+    upscale to fit), or None."""
+    rows, cols = grid_shape(n, height, width)
+    return picture_problem(n, cols, rows)
+
+
+def grid_scale(height: int, width: int, scale: int = 4) -> int:
+    """The nearest-neighbour upscale of a ``height`` x ``width`` mosaic: ``scale``, or less where the
+    result would pass PIL's decompression-bomb limit (:data:`difflab.outputs.MAX_PIXELS`); at least 1."""
+    while scale > 1 and height * width * scale * scale > MAX_PIXELS:
+        scale -= 1
+    return scale
+
+
+def save_grid(
+    images: torch.Tensor | np.ndarray, path: str | Path, nrow: int | None = None, scale: int = 4
+) -> Path:
+    """Save a grid of (N, C, H, W) images in [-1, 1] (or uint8 tiles, see :func:`grid_array`) as a picture
+    (PNG unless ``path`` says otherwise), upscaled ``scale``x with nearest-neighbour so small images stay
+    crisp (less for a mosaic too big for that, :func:`grid_scale`). Written atomically; returns the path."""
     arr = grid_array(images, nrow)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     img = Image.fromarray(arr)
-    img.resize((img.width * scale, img.height * scale), Image.NEAREST).save(path)
-    return path
+    scale = grid_scale(img.height, img.width, scale)
+    return save_image(img.resize((img.width * scale, img.height * scale), Image.NEAREST), path)
 
 
 class TrajectoryRecorder:
@@ -70,23 +95,27 @@ class TrajectoryRecorder:
         return save_grid(torch.cat(rows), path, nrow=len(self.xs))
 
 
+CAPTIONED_DPI = 120
+
+
 def save_captioned_grid(
-    images: torch.Tensor,
+    images: torch.Tensor | np.ndarray,
     captions: list[str],
     path: str | Path,
     ncol: int = 6,
     marks: list[bool] | None = None,
     boxes: list[list[tuple[tuple[float, float, float, float], tuple[float, float, float]]]] | None = None,
 ) -> Path:
-    """Images (N, C, H, W) in [-1, 1], each under its caption (a prompt), ``ncol`` per row. ``marks``:
-    a judge's verdict per image, drawn as a green (holds) or red (does not) caption. ``boxes``: per image,
-    (x0, y0, x1, y1) in canvas fractions and an RGB colour, drawn as dashed outlines (a planned layout)."""
+    """Images (N, C, H, W) in [-1, 1] (or uint8 tiles, see :func:`grid_array`), each under its caption (a
+    prompt), ``ncol`` per row. ``marks``: a judge's verdict per image, drawn as a green (holds) or red (does
+    not) caption. ``boxes``: per image, (x0, y0, x1, y1) in canvas fractions and an RGB colour, drawn as
+    dashed outlines (a planned layout). At most :func:`captioned_grid_problem` allows; written atomically."""
     matplotlib.use("Agg")
 
     n = len(images)
     rows = math.ceil(n / ncol)
-    fig, axes = plt.subplots(rows, ncol, figsize=(1.6 * ncol, 1.95 * rows), squeeze=False)
-    tiles = to_uint8(images)
+    fig, axes = plt.subplots(rows, ncol, figsize=captioned_grid_inches(n, ncol), squeeze=False)
+    tiles = images if isinstance(images, np.ndarray) else to_uint8(images)
     for i, ax in enumerate(axes.flat):
         ax.axis("off")
         if i >= n:
@@ -100,14 +129,26 @@ def save_captioned_grid(
                                                       linewidth=0.8, edgecolor=rgb))  # fmt: skip
         color = "black" if marks is None else ("tab:green" if marks[i] else "tab:red")
         ax.set_title("\n".join(textwrap.wrap(captions[i], 22)), fontsize=6.5, color=color)
-    return save_figure(fig, path, dpi=120)
+    return save_figure(fig, path, dpi=CAPTIONED_DPI)
+
+
+def captioned_grid_inches(n: int, ncol: int) -> tuple[float, float]:
+    """(width, height) in inches of :func:`save_captioned_grid`'s figure of ``n`` images, ``ncol`` a row;
+    times :data:`CAPTIONED_DPI` it is the picture's size in pixels."""
+    return 1.6 * ncol, 1.95 * math.ceil(n / ncol)
+
+
+def captioned_grid_problem(n: int, ncol: int) -> str | None:
+    """Why :func:`save_captioned_grid` should not draw ``n`` images ``ncol`` a row, or None."""
+    width, height = captioned_grid_inches(n, ncol)
+    return picture_problem(n, round(width * CAPTIONED_DPI), round(height * CAPTIONED_DPI), most=FIGURE_MAX)
 
 
 def save_figure(fig, path: str | Path, dpi: int = 110) -> Path:
-    """Lay out a matplotlib figure, write it as PNG (making the folder) and free it; returns the path."""
+    """Lay out a matplotlib figure, write it atomically (PNG, or the format its suffix names; the folder
+    made) and free it; returns the path."""
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=dpi)
-    plt.close(fig)
-    return path
+    try:
+        return write_file(path, lambda tmp, fmt: fig.savefig(tmp, dpi=dpi, format=fmt), writer="figure")
+    finally:
+        plt.close(fig)

@@ -12,7 +12,7 @@ import torch
 
 from difflab.data.registry import DATASETS
 from difflab.data.registry import make_dataset as make_registered
-from difflab.errors import DifflabError, check_choice
+from difflab.errors import MAX_COUNT, MAX_SIZE, DifflabError, check_choice, check_int, check_seed
 from difflab.world.scene import world_preset
 
 
@@ -38,6 +38,16 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         check_choice("dataset", self.dataset, DATASETS)
+        check_int("n", self.n, 1, MAX_COUNT)
+        check_seed("seed", self.seed)
+        check_int("image_size", self.image_size, 1, MAX_SIZE)
+        if self.dataset == "toy":  # rendered at the world's own side: another size would fail in the loader
+            side = world_preset(self.world).resolution
+            if self.image_size != side:
+                raise DifflabError(
+                    f"data.image_size {self.image_size} does not match world '{self.world}' ({side}px); "
+                    f"expected data.image_size={side}"
+                )
 
 
 def data_channels(data: DataConfig) -> int:

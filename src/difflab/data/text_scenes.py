@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from difflab.data.captioned import T2I_CAPTIONS, Caption, CaptionedScenes, Captioner
-from difflab.errors import DifflabError
+from difflab.errors import MAX_COUNT, DifflabError, check_int, check_seed
 from difflab.world.geneval import HELDOUT_PAIRS
 from difflab.world.language import caption, description, short_caption
 from difflab.world.scene import Scene, WorldConfig, world_preset
@@ -36,6 +36,8 @@ class TextDataConfig:
     on the demo is in docs/t2i.md."""
 
     def __post_init__(self) -> None:
+        check_int("n", self.n, 1, MAX_COUNT)
+        check_seed("seed", self.seed)
         if not 0.0 <= self.describe_prob <= 1.0:
             raise DifflabError(
                 f"describe_prob {self.describe_prob} is invalid; expected a probability in [0, 1]"

@@ -12,10 +12,14 @@ import sys
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from difflab import cli_types
 from difflab.diffusion.schedules import BETA_SCHEDULES, make_schedule
-from difflab.errors import DifflabError
+from difflab.errors import MAX_TIMESTEPS, DifflabError, check_choice
+from difflab.outputs import image_file, write_file
 
 SCHEDULE_NAMES = tuple(BETA_SCHEDULES)
+BETA = cli_types.number(0.0, 1.0, lo_open=True)
+"""A beta is a variance added per step: in (0, 1], as :meth:`Schedule.from_betas` requires."""
 
 
 def register(subparsers) -> None:
@@ -35,7 +39,7 @@ def register(subparsers) -> None:
     )
     p.add_argument(
         "--timesteps",
-        type=int,
+        type=cli_types.integer(2, MAX_TIMESTEPS),
         default=1000,
         metavar="T",
         help="number of training steps T (default: 1000, as in DDPM)",
@@ -47,13 +51,13 @@ def register(subparsers) -> None:
     )
     p.add_argument(
         "--beta-start",
-        type=float,
+        type=BETA,
         default=None,
         help="first beta (default: the schedule's own, e.g. 1e-4 for linear; not for cosine)",
     )
     p.add_argument(
         "--beta-end",
-        type=float,
+        type=BETA,
         default=None,
         help="last beta (default: the schedule's own, e.g. 0.02 for linear; not for cosine)",
     )
@@ -133,7 +137,7 @@ def plot_schedules(schedules, path: str) -> None:
     axes[2].set_yscale("log")
     axes[0].legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    write_file(path, lambda tmp, fmt: fig.savefig(tmp, dpi=110, format=fmt), writer="figure")  # atomically
 
 
 def run_schedule(args) -> int:
@@ -143,12 +147,16 @@ def run_schedule(args) -> int:
             beta_start=args.beta_start, beta_end=args.beta_end,
         )  # fmt: skip
 
+    names = [n.strip() for n in args.compare.split(",") if n.strip()]
+    if args.plot:  # checked before anything is printed
+        args.plot = str(image_file(args.plot, "--plot", writer="figure"))
+        if not names:
+            raise DifflabError(f"--compare '{args.compare}' names no schedule")
+        for name in names:
+            check_choice("schedule", name, SCHEDULE_NAMES)
     info = describe(build(args.schedule))
     print(json.dumps(info, indent=2) if args.json else _summary(info))
     if args.plot:
-        names = [n.strip() for n in args.compare.split(",") if n.strip()]
-        if not names:
-            raise DifflabError(f"--compare '{args.compare}' names no schedule")
         # --beta-start/--beta-end belong to --schedule; the others keep their papers' ranges.
         schedules = [
             build(n)

@@ -10,23 +10,55 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
 import torch
 
-from difflab.config import apply_overrides
-from difflab.errors import DifflabError
+from difflab import cli_types
+from difflab.config import apply_overrides, atomic_path
+from difflab.data.config import data_channels
+from difflab.data.images import to_uint8
+from difflab.diffusion.samplers import SAMPLERS
+from difflab.errors import MAX_SIZE, MAX_TIMESTEPS, DifflabError
 from difflab.models.attention_maps import CrossAttentionMaps, save_attention_overlays
 from difflab.models.conditioners import GroundedPrompts
 from difflab.models.layout import outlines
+from difflab.models.recipe import GUIDANCE_RANGE
 from difflab.models.registry import FAMILIES, PRESETS, family_of_run, get_family, get_preset
-from difflab.models.system import generate, generate_classes
+from difflab.models.system import generate_batches
 from difflab.models.text_encoder import export_text_encoder, load_text_encoder
 from difflab.nn.unet import count_parameters, training_step_flops
+from difflab.outputs import (
+    FIGURE_MAX,
+    block_size,
+    check_disk,
+    image_file,
+    numbered,
+    png_bytes,
+    sample_target,
+    save_numbered,
+    shown,
+)
 from difflab.train import distributed
+from difflab.train.checkpoint import list_checkpoints
 from difflab.train.device import resolve_device
-from difflab.viz import TrajectoryRecorder, save_captioned_grid, save_grid
+from difflab.viz import (
+    TrajectoryRecorder,
+    captioned_grid_problem,
+    grid_problem,
+    save_captioned_grid,
+    save_grid,
+)
 from difflab.world.scene import world_preset
 
 SAMPLER_HELP = "ddpm, ddim, dpmpp_2m, dpmpp_2m_sde, sa_solver, euler or heun (default: the run's)"
+
+# Flag types (difflab.cli_types): a bad value is argparse's one-line usage error (exit 2) before any run is
+# read, and 0 steps or an empty sampler can no longer fall back to the run's defaults unnoticed.
+IMAGES = cli_types.integer(1, cli_types.MAX_IMAGES)
+SAMPLER = cli_types.choice("sampler", SAMPLERS)
+STEPS = cli_types.integer(1, MAX_TIMESTEPS)  # and at most the run's diffusion.timesteps, checked on loading
+GUIDANCE = cli_types.number(*GUIDANCE_RANGE)
+CLASS = cli_types.integer(0, MAX_SIZE)  # and below the run's class count, checked on loading
 
 
 def add_preset_args(p, example: str) -> None:
@@ -77,13 +109,13 @@ def register(subparsers) -> None:
         description="Sample a trained run (EMA weights) with any sampler and save a grid.",
     )
     p.add_argument("run_dir", help="run directory made by 'difflab train'")
-    p.add_argument("--n", type=int, default=64, help="number of samples (default: 64)")
-    p.add_argument("--sampler", default=None, help=SAMPLER_HELP)
-    p.add_argument("--steps", type=int, default=None, help="sampling steps (default: the run's)")
-    p.add_argument("--cfg", type=float, default=None, help="classifier-free guidance weight (1: none)")
-    p.add_argument("--class", dest="klass", type=int, default=None,
+    p.add_argument("--n", type=IMAGES, default=64, help="number of samples (default: 64)")
+    p.add_argument("--sampler", type=SAMPLER, default=None, help=SAMPLER_HELP)
+    p.add_argument("--steps", type=STEPS, default=None, help="sampling steps (default: the run's)")
+    p.add_argument("--cfg", type=GUIDANCE, default=None, help="classifier-free guidance weight (1: none)")
+    p.add_argument("--class", dest="klass", type=CLASS, default=None,
                    help="draw only this class (default: cycle through all classes)")  # fmt: skip
-    p.add_argument("--seed", type=int, default=0, help="noise seed (default: 0)")
+    p.add_argument("--seed", type=cli_types.seed, default=0, help="noise seed (default: 0)")
     p.add_argument("--out", default="samples.png", help="output image (default: samples.png)")
     p.add_argument("--trajectory", default=None, metavar="FILE", help="also save x_t / x0-hat over the steps")
     p.set_defaults(func=_sample)
@@ -99,13 +131,13 @@ def register(subparsers) -> None:
     p.add_argument(
         "prompts", nargs="+", metavar="PROMPT", help='e.g. "a red circle to the left of a blue square"'
     )
-    p.add_argument("--n", type=int, default=4, help="images per prompt (default: 4)")
-    p.add_argument("--sampler", default=None, help=SAMPLER_HELP)
-    p.add_argument("--steps", type=int, default=None, help="sampling steps (default: the run's)")
+    p.add_argument("--n", type=IMAGES, default=4, help="images per prompt (default: 4)")
+    p.add_argument("--sampler", type=SAMPLER, default=None, help=SAMPLER_HELP)
+    p.add_argument("--steps", type=STEPS, default=None, help="sampling steps (default: the run's)")
     p.add_argument(
-        "--cfg", type=float, default=None, help="classifier-free guidance weight (default: the run's)"
+        "--cfg", type=GUIDANCE, default=None, help="classifier-free guidance weight (default: the run's)"
     )
-    p.add_argument("--seed", type=int, default=0, help="noise seed (default: 0)")
+    p.add_argument("--seed", type=cli_types.seed, default=0, help="noise seed (default: 0)")
     p.add_argument("--out", default="generated.png", help="output image (default: generated.png)")
     p.add_argument(
         "--attention", default=None, metavar="FILE", help="also save cross-attention maps per word"
@@ -130,17 +162,17 @@ def register(subparsers) -> None:
     p.add_argument("run_dir", help="run directory made by 'difflab train'")
     p.add_argument(
         "--n",
-        type=int,
+        type=IMAGES,
         default=None,
         help="number of samples (default: 500); text-to-image: prompts per category (default and most: 100)",
     )
-    p.add_argument("--sampler", default=None, help="sampler (default: the run's)")
-    p.add_argument("--steps", type=int, default=None, help="sampling steps (default: the run's)")
+    p.add_argument("--sampler", type=SAMPLER, default=None, help="sampler (default: the run's)")
+    p.add_argument("--steps", type=STEPS, default=None, help="sampling steps (default: the run's)")
     p.add_argument(
-        "--cfg", type=float, default=None, help="classifier-free guidance weight (default: the run's)"
+        "--cfg", type=GUIDANCE, default=None, help="classifier-free guidance weight (default: the run's)"
     )
-    p.add_argument("--seed", type=int, default=0, help="noise seed (default: 0)")
-    p.add_argument("--prompt-seed", type=int, default=None, metavar="SEED",
+    p.add_argument("--seed", type=cli_types.seed, default=0, help="noise seed (default: 0)")
+    p.add_argument("--prompt-seed", type=cli_types.seed, default=None, metavar="SEED",
                    help="text-to-image and planner runs: score a freshly drawn prompt set (this seed) instead of "
                    "the shipped one")  # fmt: skip
     p.add_argument("--json", action="store_true", help="print one JSON object")
@@ -214,16 +246,29 @@ def _info(args) -> int:
 
 def _train(args) -> int:
     family, cfg = record_from_args(args)
-    distributed.init_from_env(cfg.train.device)  # under torchrun: join the process group
+    # under torchrun: join the process group
+    distributed.init_from_env(cfg.train.device, timeout_s=cfg.train.dist_timeout_s)
     rank = distributed.rank()
+    # A resumed run that has already reached train.steps trains nothing and writes nothing new.
+    done = args.resume and finished_step(Path(args.out) / "checkpoints", cfg.train.steps)
     try:
         run_dir = family.train(cfg, args.out, resume=args.resume)
     finally:
         distributed.shutdown()
     if rank != 0:
         return 0  # rank 0 reports
+    if done:
+        print(f"'{run_dir}' is already trained to step {done} (train.steps={cfg.train.steps}); nothing to do "
+              "(raise train.steps with --set to train further)")  # fmt: skip
+        return 0
     print(f"trained '{args.preset}' into {run_dir}: {family.writes}, metrics.jsonl, checkpoints/")
     return 0
+
+
+def finished_step(checkpoints: Path, steps: int) -> int:
+    """The step of the newest checkpoint under ``checkpoints`` when it has reached ``steps``, else 0."""
+    found = list_checkpoints(checkpoints)
+    return found[-1][0] if found and found[-1][0] >= steps else 0
 
 
 def check_n(n: int) -> None:
@@ -256,42 +301,96 @@ def _generative_family(run_dir: str, draws: str):
 def _sample(args) -> int:
     check_n(args.n)
     family = _generative_family(args.run_dir, "classes")
+    out, to_folder = sample_target(args.out, args.n)  # checked (and its folder made) before any work
+    trajectory = image_file(args.trajectory, "--trajectory") if args.trajectory else None
     model, cfg = family.load(args.run_dir)
-    labels = None if args.klass is None else torch.full((args.n,), args.klass)
+    side = cfg.data.image_size
+    if to_folder:
+        check_disk(out, args.n, png_bytes(data_channels(cfg.data), side, side, block_size(out)))
+    elif problem := grid_problem(args.n, side, side):
+        raise DifflabError(f"--n {args.n} is too many for one grid picture: {problem}; give --out a folder "
+                           "(a path ending in '/') to write one PNG per image")  # fmt: skip
+    labels = None if args.klass is None else torch.tensor(args.klass).expand(args.n)  # a view: no n-long copy
     steps = args.steps or cfg.sample.steps
-    recorder = TrajectoryRecorder(steps) if args.trajectory else None
-    images = generate_classes(model, cfg, args.n, labels=labels, sampler=args.sampler, steps=steps,
-                              cfg_scale=args.cfg, seed=args.seed, callback=recorder,
-                              progress=sys.stderr.isatty())  # fmt: skip
-    save_grid(images, args.out)
+    recorder = TrajectoryRecorder(steps) if trajectory else None
+    batches = generate_batches(model, cfg, args.n, labels, sampler=args.sampler, steps=steps, cfg_scale=args.cfg,
+                               seed=args.seed, callback=recorder, progress=sys.stderr.isatty())  # fmt: skip
+    kept, start = [], 0
+    for images in batches:  # to the CPU as uint8: into the folder and dropped, or kept for the grid
+        tiles = to_uint8(images)
+        if to_folder:
+            save_numbered(out, start, tiles, args.n)
+        else:
+            kept.append(tiles)
+        start += len(tiles)
+    if to_folder:
+        wrote = f"wrote {args.n} samples to {out}/ ({numbered(out, 0, args.n).name} onwards)"
+    else:
+        wrote = f"wrote {args.n} samples to {shown(save_grid(np.concatenate(kept), out), args.out)}"
     if recorder is not None:
-        recorder.save(args.trajectory)
-    print(
-        f"wrote {args.n} samples to {args.out}"
-        + (f" and the trajectory to {args.trajectory}" if recorder else "")
-    )
+        wrote += f" and the trajectory to {shown(recorder.save(trajectory), args.trajectory)}"
+    print(wrote)
     return 0
 
 
 def _generate(args) -> int:
     check_n(args.n)
     family = _generative_family(args.run_dir, "prompts")
+    total = args.n * len(args.prompts)
+    asked = f"--n {args.n} of {len(args.prompts)} prompt(s) ({total} images)"
+    out, to_folder = sample_target(args.out, total, most=FIGURE_MAX, asked=asked)  # before any work
+    if not to_folder and (problem := captioned_grid_problem(total, args.n)):
+        raise DifflabError(f"{asked} is too many for one captioned grid: {problem}; give --out a folder (a path "
+                           "ending in '/') to write one PNG per image")  # fmt: skip
+    attention = image_file(args.attention, "--attention", writer="figure") if args.attention else None
     model, cfg = family.load(args.run_dir, device=str(resolve_device(args.device or "auto")))
+    if to_folder:
+        side = cfg.data.image_size
+        line = max(len(p.encode()) + 1 for p in args.prompts)  # each image's line of prompts.txt
+        check_disk(out, total, png_bytes(3, side, side, block_size(out)) + line)
     texts = [p for p in args.prompts for _ in range(args.n)]  # (prompt 0) x n, (prompt 1) x n, ...
-    maps = CrossAttentionMaps(cfg.data.image_size) if args.attention else None
-    request, boxes, shown = texts, None, ""
+    request, boxes, layouts = texts, None, ""
     if isinstance(model.conditioner, GroundedPrompts):  # plan here, to draw the layouts over the images
         request = model.conditioner.plan(texts, args.seed)
         boxes = [outlines(scene, world_preset(cfg.data.world)) for scene in request.scenes]
-        shown = " (dashed: the planned layout each was painted on)"
-    images = generate(model, cfg, len(texts), request, sampler=args.sampler, steps=args.steps, cfg_scale=args.cfg,
-                      seed=args.seed, attention=maps, progress=sys.stderr.isatty()).cpu()  # fmt: skip
-    save_captioned_grid(images, texts, args.out, ncol=args.n, boxes=boxes)
-    wrote = f"wrote {len(texts)} images of {len(args.prompts)} prompt(s) to {args.out}{shown}"
-    if maps is not None:
-        first = list(range(0, len(texts), args.n))  # the first image of each prompt
-        save_attention_overlays(images[first], maps.maps()[first], list(args.prompts), args.attention)
-        wrote += f" and their cross-attention maps to {args.attention}"
+        layouts = " (dashed: the planned layout each was painted on)"
+    first = range(0, total, args.n)  # the first image of each prompt: the attention figure's
+    recorded: dict[int, CrossAttentionMaps] = {}
+
+    def record(start: int, stop: int) -> CrossAttentionMaps | None:
+        """Fresh maps for a batch that holds a prompt's first image (maps of every image would not fit)."""
+        if -(-start // args.n) * args.n < stop:
+            recorded[start] = CrossAttentionMaps(cfg.data.image_size)
+            return recorded[start]
+        return None
+
+    batches = generate_batches(model, cfg, total, request, sampler=args.sampler, steps=args.steps,
+                               cfg_scale=args.cfg, seed=args.seed, attention=record if attention else None,
+                               progress=sys.stderr.isatty())  # fmt: skip
+    kept, firsts, first_maps, start = [], [], [], 0
+    for images in batches:  # to the CPU as uint8: into the folder and dropped, or kept for the grid
+        tiles = to_uint8(images)
+        if to_folder:
+            save_numbered(out, start, tiles, total)
+        else:
+            kept.append(tiles)
+        here = [i - start for i in first if start <= i < start + len(tiles)]
+        if attention is not None and here:
+            firsts.append(images[here].cpu())
+            first_maps.append(recorded.pop(start).maps()[here])
+        start += len(tiles)
+    if to_folder:
+        with atomic_path(out / "prompts.txt") as tmp:
+            tmp.write_text("".join(f"{t}\n" for t in texts))
+        wrote = (f"wrote {total} images of {len(args.prompts)} prompt(s) to {out}/ ({numbered(out, 0, total).name} "
+                 f"onwards; line i of prompts.txt is image i's prompt)")  # fmt: skip
+    else:
+        grid = save_captioned_grid(np.concatenate(kept), texts, out, ncol=args.n, boxes=boxes)
+        wrote = f"wrote {total} images of {len(args.prompts)} prompt(s) to {shown(grid, args.out)}{layouts}"
+    if attention is not None:
+        firsts, first_maps = torch.cat(firsts), torch.cat(first_maps)
+        attention = save_attention_overlays(firsts, first_maps, list(args.prompts), attention)
+        wrote += f" and their cross-attention maps to {shown(attention, args.attention)}"
     print(wrote)
     return 0
 
@@ -318,6 +417,8 @@ def _eval(args) -> int:
             f"'{args.run_dir}' is a {family.name} run"
         )
     options = {k: v for k, v in given.items() if k in family.eval_options}
+    if args.plot is not None:  # checked (and its folder made) before any work
+        options["plot"] = image_file(args.plot, "--plot", writer="figure")
     if "progress" in family.eval_options:
         options["progress"] = sys.stderr.isatty()
     report = family.evaluate(Path(args.run_dir), args.n, seed=args.seed, **options)

@@ -31,10 +31,10 @@ from torch import nn
 
 from difflab.config import to_dict
 from difflab.data.captioned import CLIP_CAPTIONS, Caption, CaptionedScenes, Captioner
-from difflab.errors import DifflabError, check_choice
+from difflab.errors import MAX_COUNT, MAX_SIZE, DifflabError, check_choice, check_float, check_int, check_seed
 from difflab.models import clip_eval
 from difflab.models.family import Family, Preset
-from difflab.models.runs import load_latest_weights, load_run_config, prepare_run_dir
+from difflab.models.runs import claim_run_dir, load_latest_weights, load_run_config
 from difflab.nn.text_transformer import TextTransformer, TextTransformerConfig
 from difflab.nn.vit import VisionTransformer, ViTConfig
 from difflab.text.tokenizer import WordTokenizer, load_tokenizer
@@ -65,6 +65,8 @@ class CLIPDataConfig:
             raise DifflabError(
                 f"describe_prob {self.describe_prob} is invalid; expected a probability in [0, 1]"
             )
+        check_int("n", self.n, 1, MAX_COUNT)
+        check_seed("seed", self.seed)
 
 
 @dataclass(frozen=True)
@@ -83,8 +85,9 @@ class CLIPConfig:
 
     def __post_init__(self) -> None:
         check_choice("unknown-word policy", self.unknown_words, UNKNOWN_WORDS)
-        if not 0.0 < self.init_temperature:
-            raise DifflabError(f"init_temperature {self.init_temperature} is invalid; expected > 0")
+        check_int("embed_dim", self.embed_dim, 1, MAX_SIZE)
+        check_float("init_temperature", self.init_temperature, 0.0, lo_open=True)
+        check_float("max_logit_scale", self.max_logit_scale, 0.0, lo_open=True)
         if not self.max_logit_scale >= 1.0 / self.init_temperature:
             raise DifflabError(
                 f"max_logit_scale {self.max_logit_scale} is below the initial 1/temperature "
@@ -334,16 +337,16 @@ def load_encoder(run_dir: str | Path, *, device: str = "cpu") -> tuple[ImageText
 def train(cfg: CLIPConfig, run_dir: str | Path, *, resume: bool = False) -> Path:
     """Train CLIP into ``run_dir`` (config.json, tokenizer.json, checkpoints/, metrics.jsonl)."""
     cfg = resolve(cfg)
-    run_dir = prepare_run_dir(run_dir, cfg, resume, load_config)
-    tokenizer = make_tokenizer(cfg)
-    if is_main_process():
-        tokenizer.save(run_dir / "tokenizer.json")
-    torch.manual_seed(cfg.train.seed)  # the initial weights
-    model = CLIP(cfg)
-    loader = make_loader(captioned_scenes(cfg.data, tokenizer), cfg.train)
-    model_config = {"vision": to_dict(cfg.vision), "text": to_dict(cfg.text), "embed_dim": cfg.embed_dim}
-    trainer = Trainer(model, make_loss_fn(), loader, cfg.train, run_dir, model_config=model_config)
-    trainer.fit(resume=resume)
+    with claim_run_dir(run_dir, cfg, resume, load_config) as run_dir:
+        tokenizer = make_tokenizer(cfg)
+        if is_main_process():
+            tokenizer.save(run_dir / "tokenizer.json")
+        torch.manual_seed(cfg.train.seed)  # the initial weights
+        model = CLIP(cfg)
+        loader = make_loader(captioned_scenes(cfg.data, tokenizer), cfg.train)
+        model_config = {"vision": to_dict(cfg.vision), "text": to_dict(cfg.text), "embed_dim": cfg.embed_dim}
+        trainer = Trainer(model, make_loss_fn(), loader, cfg.train, run_dir, model_config=model_config)
+        trainer.fit(resume=resume)
     return run_dir
 
 

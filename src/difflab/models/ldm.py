@@ -16,7 +16,7 @@ import numpy as np
 
 from difflab.config import to_dict
 from difflab.data.config import DataConfig, class_factors, make_dataset, num_classes
-from difflab.errors import check_choice
+from difflab.errors import check_choice, check_optional_float
 from difflab.models import pixel_eval
 from difflab.models.codecs import (
     POSTERIOR,
@@ -64,6 +64,7 @@ class LatentDiffusionConfig:
     def __post_init__(self) -> None:
         check_cond_drop(self.cond_drop)
         check_choice("posterior", self.posterior, POSTERIOR)
+        check_optional_float("latent_scale", self.latent_scale, 0.0, lo_open=True)
 
 
 def resolve(cfg: LatentDiffusionConfig, *, attach: bool = True) -> LatentDiffusionConfig:

@@ -40,9 +40,9 @@ from tqdm import tqdm
 
 from difflab.config import to_dict
 from difflab.data.text_scenes import TextDataConfig, captioned_scenes
-from difflab.errors import DifflabError, check_choice
+from difflab.errors import MAX_SIZE, DifflabError, check_choice, check_int
 from difflab.models.family import Family, Preset
-from difflab.models.runs import load_latest_weights, load_run_config, prepare_run_dir
+from difflab.models.runs import claim_run_dir, load_latest_weights, load_run_config
 from difflab.nn.transformer import Transformer
 from difflab.text.word import WordTokenizer
 from difflab.train.config import TrainConfig
@@ -133,8 +133,7 @@ class PlannerConfig:
 
     def __post_init__(self) -> None:
         for name in ("context_length", "width", "depth", "heads"):
-            if getattr(self, name) < 1:
-                raise DifflabError(f"{name} {getattr(self, name)} is invalid; expected an integer >= 1")
+            check_int(name, getattr(self, name), 1, MAX_SIZE)
         check_choice("slot_fields", self.slot_fields, ("sequential", "parallel"))
         if self.width % self.heads:
             raise DifflabError(f"width {self.width} is invalid; expected a multiple of heads ({self.heads})")
@@ -311,13 +310,15 @@ def load_config(run_dir: str | Path) -> PlannerConfig:
 def train(cfg: PlannerConfig, run_dir: str | Path, *, resume: bool = False) -> Path:
     """Train the planner into ``run_dir`` (config.json, checkpoints/, metrics.jsonl)."""
     cfg = resolve(cfg)
-    run_dir = prepare_run_dir(run_dir, cfg, resume, load_config)
-    tokenizer = make_tokenizer(cfg)
-    torch.manual_seed(cfg.train.seed)  # the initial weights
-    model = LayoutPlanner(cfg, tokenizer)
-    loader = make_loader(LayoutExamples(cfg, tokenizer), cfg.train)
-    model_config = {k: to_dict(cfg)[k] for k in ("context_length", "width", "depth", "heads", "slot_fields")}
-    Trainer(model, loss_fn, loader, cfg.train, run_dir, model_config=model_config).fit(resume=resume)
+    with claim_run_dir(run_dir, cfg, resume, load_config) as run_dir:
+        tokenizer = make_tokenizer(cfg)
+        torch.manual_seed(cfg.train.seed)  # the initial weights
+        model = LayoutPlanner(cfg, tokenizer)
+        loader = make_loader(LayoutExamples(cfg, tokenizer), cfg.train)
+        model_config = {
+            k: to_dict(cfg)[k] for k in ("context_length", "width", "depth", "heads", "slot_fields")
+        }
+        Trainer(model, loss_fn, loader, cfg.train, run_dir, model_config=model_config).fit(resume=resume)
     return run_dir
 
 

@@ -17,7 +17,6 @@ Training step (Algorithm 1 of Ho et al. 2020, with the objective chosen in ``Dif
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,8 +30,8 @@ from difflab.diffusion.forward import q_sample
 from difflab.diffusion.guidance import classifier_free_guidance
 from difflab.diffusion.objectives import LOSS_WEIGHTINGS, PREDICTION_TYPES, diffusion_loss
 from difflab.diffusion.samplers import SAMPLERS, get_sampler
-from difflab.diffusion.schedules import Schedule, make_schedule
-from difflab.errors import DifflabError, check_choice
+from difflab.diffusion.schedules import BETA_SCHEDULES, Schedule, make_schedule
+from difflab.errors import MAX_SIZE, MAX_TIMESTEPS, DifflabError, check_choice, check_float, check_int
 from difflab.nn.unet import UNetConfig
 from difflab.train.config import TrainConfig
 from difflab.viz import TrajectoryRecorder, save_grid
@@ -50,11 +49,23 @@ class DiffusionConfig:
     rescale_zero_snr: bool = False
 
     def __post_init__(self) -> None:
+        check_choice("schedule", self.schedule, BETA_SCHEDULES)
         check_choice("prediction type", self.prediction, PREDICTION_TYPES)
         check_choice("loss weighting", self.loss_weighting, LOSS_WEIGHTINGS)
+        # A schedule needs two steps (make_schedule); MAX_TIMESTEPS keeps its tables small.
+        check_int("timesteps", self.timesteps, 2, MAX_TIMESTEPS)
+        # min-SNR weighting clips the SNR at gamma (Hang et al. 2023): gamma <= 0 zeroes or flips the loss.
+        check_float("min_snr_gamma", self.min_snr_gamma, 0.0, lo_open=True)
 
     def make_schedule(self) -> Schedule:
         return make_schedule(self.schedule, self.timesteps, rescale_zero_snr=self.rescale_zero_snr)
+
+
+GUIDANCE_RANGE = (0.0, 100.0)
+"""Classifier-free guidance weights w that a run or a command accepts: 0 is unconditional sampling, 1 plain
+conditional sampling, and useful values are a few units (Ho & Salimans 2022 sweep 0-4; Stable Diffusion
+uses 7.5). A negative w steers away from the condition, and a w of thousands only amplifies the network's
+error, so both are typos here rather than requests."""
 
 
 @dataclass(frozen=True)
@@ -75,19 +86,16 @@ class SampleConfig:
     def __post_init__(self) -> None:
         check_choice("sampler", self.sampler, SAMPLERS)
         check_choice("timestep spacing", self.spacing, SPACINGS)
-        if self.steps < 1:
-            raise DifflabError(f"sampling steps {self.steps} is invalid; expected an integer >= 1")
-        if not math.isfinite(self.cfg_scale):
-            raise DifflabError(f"guidance scale {self.cfg_scale} is invalid; expected a finite number")
-        if self.grid < 1:
-            raise DifflabError(f"sample grid {self.grid} is invalid; expected at least 1 image")
+        # and at most diffusion.timesteps, which check_sampling compares once both are known
+        check_int("sampling steps", self.steps, 1, MAX_TIMESTEPS)
+        check_float("guidance scale", self.cfg_scale, *GUIDANCE_RANGE)
+        check_int("sample grid", self.grid, 1, MAX_SIZE)
 
     def resolve(self, sampler=None, steps=None, cfg_scale=None, spacing=None) -> SampleConfig:
-        """These defaults with the given settings in place of the ``None`` ones (a command's flags)."""
-        return dataclasses.replace(
-            self, sampler=sampler or self.sampler, steps=steps or self.steps, spacing=spacing or self.spacing,
-            cfg_scale=self.cfg_scale if cfg_scale is None else cfg_scale,
-        )  # fmt: skip
+        """These defaults with the given settings in place of the ``None`` ones (a command's flags). Only
+        None falls back: 0 steps or an empty sampler name is refused by the checks, not silently replaced."""
+        given = {"sampler": sampler, "steps": steps, "cfg_scale": cfg_scale, "spacing": spacing}
+        return dataclasses.replace(self, **{k: v for k, v in given.items() if v is not None})
 
 
 class DiffusionRunConfig(Protocol):
@@ -173,19 +181,23 @@ def run_sampler(
     callback=None,
     progress: bool = False,
     sampler_options: dict | None = None,
+    noise=None,
 ) -> torch.Tensor:
     """Sample ``n`` draws of the network's input shape with conditioning ``cond`` (keyword arguments of
     the network), guided towards it from ``null_cond`` (batch 1, broadcast) when ``cfg_scale`` is not 1.
     The noise comes from a CPU generator seeded with ``seed``, so a seed gives the same sample on any
     device. ``None`` arguments fall back to ``cfg.sample``; ``sampler_options`` go to the sampler itself
-    (e.g. ``{"eta": 2.0}`` for ``dpmpp_2m_sde``). Returns the final sample, unclamped."""
+    (e.g. ``{"eta": 2.0}`` for ``dpmpp_2m_sde``). ``noise`` replaces the seed's generator: ``noise.x_T(shape)``
+    gives the starting noise and ``noise(i, x)`` each step's (per-image generators, for a request sampled in
+    batches: :class:`difflab.models.system.ImageNoise`). Returns the final sample, unclamped."""
     s = cfg.sample.resolve(sampler, steps, cfg_scale, spacing)
     sample_fn = get_sampler(s.sampler)
     schedule = cfg.diffusion.make_schedule()
     device = next(network.parameters()).device
     c, size = cfg.unet.in_channels, cfg.unet.image_size
     gen = torch.Generator(device="cpu").manual_seed(seed)
-    x_T = torch.randn((n, c, size, size), generator=gen).to(device)
+    shape = (n, c, size, size)
+    x_T = (torch.randn(shape, generator=gen) if noise is None else noise.x_T(shape)).to(device)
     denoiser = Denoiser(network, schedule, cfg.diffusion.prediction)
     if s.cfg_scale != 1.0:
         if null_cond is None:
@@ -195,5 +207,6 @@ def run_sampler(
         denoiser = classifier_free_guidance(denoiser, s.cfg_scale, null_cond)
     if s.clip_x0:  # after guidance, on the guided x0 (as diffusers clips the guided prediction)
         denoiser = clip_denoised(denoiser, schedule)
-    return sample_fn(denoiser, x_T, schedule, s.steps, spacing=s.spacing, cond=cond, noise=gen,
-                     callback=callback, progress=progress, **(sampler_options or {}))  # fmt: skip
+    return sample_fn(denoiser, x_T, schedule, s.steps, spacing=s.spacing, cond=cond,
+                     noise=gen if noise is None else noise, callback=callback, progress=progress,
+                     **(sampler_options or {}))  # fmt: skip

@@ -7,16 +7,25 @@ they live on disk is here, so ``difflab train/eval`` treat every family alike.
 
 from __future__ import annotations
 
+import contextlib
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 from torch import nn
 
-from difflab.config import from_dict, save_json, to_dict
+from difflab.config import from_dict, to_dict
 from difflab.errors import DifflabError
+from difflab.train import distributed
 from difflab.train.checkpoint import latest_checkpoint, load_model_weights, read_meta
 from difflab.train.device import is_main_process
-from difflab.train.distributed import barrier
+from difflab.train.run_dir import (
+    check_not_in_use,
+    discard_pending_config,
+    run_lock,
+    stage_config,
+    user_entries,
+)
 
 
 def has_checkpoints(run_dir: str | Path) -> bool:
@@ -47,21 +56,66 @@ def load_run_config(run_dir: str | Path, cls, kind: str, what: str):
     return from_dict(cls, data)
 
 
-def prepare_run_dir(
+@contextlib.contextmanager
+def claim_run_dir(
     run_dir: str | Path, cfg, resume: bool, load_config, inputs: tuple[str, ...] = ()
-) -> Path:
-    """Check that training ``cfg`` into ``run_dir`` is what the user meant, then write its config.json.
+) -> Iterator[Path]:
+    """Hold ``run_dir`` for one training (the block): lock it, check that training ``cfg`` into it is what
+    the user meant, and write its config.json.
 
-    A fresh run refuses a directory that already has checkpoints; a resumed one refuses a run trained on
-    other data, or on other inputs: ``inputs`` names the config fields that record the runs this one is
-    built on (``vae_checkpoint``, ``text_encoder_checkpoint``). The trainer itself checks the network and
-    the run-defining train settings.
+    - Only one training writes into a run directory at a time (:func:`~difflab.train.run_dir.run_lock`).
+    - A fresh run refuses a directory that holds anything (checkpoints, or a user's files it would
+      overwrite: config.json, metrics.jsonl, samples.png are the run's names).
+    - A resumed one refuses a run trained on other data, or on other inputs: ``inputs`` names the config
+      fields that record the runs this one is built on (``vae_checkpoint``, ``text_encoder_checkpoint``).
+      The trainer itself checks the network and the run-defining train settings, so the new config.json
+      is staged and lands only when it accepts the checkpoint
+      (:func:`~difflab.train.run_dir.commit_pending_config`): a refused resume changes nothing.
+
+    Under torchrun rank 0 makes the checks and writes; every rank learns whether it succeeded.
     """
     run_dir = Path(run_dir)
-    if not resume and has_checkpoints(run_dir):
-        raise DifflabError(
-            f"run directory '{run_dir}' already has checkpoints; pass --resume or pick a new --out"
-        )
+    main = is_main_process()
+    with contextlib.ExitStack() as stack:
+        error = None
+        if main:
+            try:
+                # Checked before the lock too, so that a refused run leaves not even a .lock behind in a
+                # user's folder; and again under it, against a run that started in between.
+                check_not_in_use(run_dir)
+                _check_claim(run_dir, cfg, resume, load_config, inputs)
+                stack.enter_context(run_lock(run_dir))
+                _check_claim(run_dir, cfg, resume, load_config, inputs)
+                has_config = (run_dir / "config.json").is_file()
+                stage_config(run_dir, to_dict(cfg), pending=resume and has_config)
+            except DifflabError as err:
+                error = err
+        refused = distributed.any_rank(error is not None)  # also the barrier: the run dir now exists
+        if error is not None:
+            raise error
+        if refused:
+            raise DifflabError(f"rank 0 refused run directory '{run_dir}' (its message says why)")
+        try:
+            yield run_dir
+        finally:
+            if main:
+                discard_pending_config(run_dir)
+
+
+def _check_claim(run_dir: Path, cfg, resume: bool, load_config, inputs: tuple[str, ...]) -> None:
+    if not resume:
+        if has_checkpoints(run_dir):
+            raise DifflabError(
+                f"run directory '{run_dir}' already has checkpoints; pass --resume or pick a new --out"
+            )
+        held = user_entries(run_dir)
+        if held:
+            shown = ", ".join(held[:5]) + (f" and {len(held) - 5} more" if len(held) > 5 else "")
+            hint = " (a run that stopped before its first checkpoint: --resume starts it over)"
+            raise DifflabError(
+                f"run directory '{run_dir}' is not empty ({shown}); training would overwrite what it holds, "
+                f"so pick a new --out{hint if 'config.json' in held else ''}"
+            )
     if resume and (run_dir / "config.json").is_file():
         saved = load_config(run_dir)
         if saved.data != cfg.data:
@@ -70,11 +124,6 @@ def prepare_run_dir(
             was, now = getattr(saved, name), getattr(cfg, name)
             if was != now:
                 raise DifflabError(f"cannot resume '{run_dir}': it was trained with {name} {was}, now {now}")
-    if is_main_process():
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_json(to_dict(cfg), run_dir / "config.json")
-    barrier()  # under torchrun, the other ranks go on once the run dir exists
-    return run_dir
 
 
 def load_latest_weights(run_dir: str | Path, model: nn.Module, *, ema: bool = True) -> nn.Module:

@@ -32,7 +32,7 @@ import torch
 
 from difflab.data.captioned import CaptionedScenes
 from difflab.data.text_scenes import TextDataConfig, captioned_scenes, captioner  # noqa: F401 (the t2i data API)
-from difflab.errors import DifflabError, check_choice
+from difflab.errors import MAX_SIZE, DifflabError, check_choice, check_int, check_ints, check_optional_float
 from difflab.models import planner, t2i_eval
 from difflab.models.attention_supervision import (
     LAYER_CHOICES,
@@ -124,10 +124,10 @@ class TextToImageConfig:
                                "finite number >= 0")  # fmt: skip
         check_cond_drop(self.cond_drop)
         check_choice("posterior", self.posterior, POSTERIOR)
-        if self.text_refiner_layers < 0:
-            raise DifflabError(
-                f"text_refiner_layers {self.text_refiner_layers} is invalid; expected an integer >= 0"
-            )
+        check_int("text_refiner_layers", self.text_refiner_layers, 0, MAX_SIZE)
+        # -1 is the last layer; which others exist depends on the text encoder (check_layers, at resolve)
+        check_ints("text_layers", self.text_layers, -1, MAX_SIZE, nonempty=True)
+        check_optional_float("latent_scale", self.latent_scale, 0.0, lo_open=True)
 
 
 # ----------------------------------------------------------------------------------------------- data

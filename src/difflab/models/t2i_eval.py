@@ -40,12 +40,14 @@ from difflab.world.scene import Scene, scene_at, world_preset
 
 def generate_batched(model, cfg, texts: list[str], *, batch_size: int = 100, seed: int = 0, progress=False,
                      **kwargs) -> torch.Tensor:  # fmt: skip
-    """One image per text, ``batch_size`` at a time; batch k uses noise seed ``seed + k``."""
+    """One image per text, ``batch_size`` at a time; batch k uses noise seed ``seed + k`` (each batch is
+    one :func:`~difflab.models.system.generate` batch, drawing as it always has)."""
     out = []
     starts = range(0, len(texts), batch_size)
     for k, start in enumerate(tqdm(starts, desc="sampling", disable=not progress, leave=False)):
         batch = texts[start : start + batch_size]
-        out.append(generate(model, cfg, len(batch), batch, seed=seed + k, **kwargs).cpu())
+        images = generate(model, cfg, len(batch), batch, seed=seed + k, batch_size=batch_size, **kwargs)
+        out.append(images.cpu())
     return torch.cat(out)
 
 
@@ -85,7 +87,8 @@ def evaluate_painter(system: DiffusionSystem, cfg, n: int, *, seed: int = 0, **k
     world = world_preset(cfg.data.world)
     scenes = [scene_at(world, PAINTER_SEED, i) for i in range(n)]
     layouts = Layouts([describe(s) for s in scenes], scenes)
-    images = generate(system, cfg, n, layouts, seed=seed, **kwargs).cpu()
+    # one batch, as always: n is at most six categories of MAX_PER_CATEGORY prompts
+    images = generate(system, cfg, n, layouts, seed=seed, batch_size=max(n, 1), **kwargs).cpu()
     read_back = [read(image, world) for image in images]
     exact = [holds(description(s), r) for s, r in zip(scenes, read_back, strict=True)]
     found = [any((o.shape, o.color, o.cell) == (p.shape, p.color, p.cell) for p in r.objects)

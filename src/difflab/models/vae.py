@@ -36,9 +36,9 @@ from torch import nn
 
 from difflab.config import save_json
 from difflab.data.config import DataConfig, data_channels, held_out, held_out_images, make_dataset
-from difflab.errors import DifflabError, check_choice
+from difflab.errors import MAX_COUNT, MAX_SIZE, DifflabError, check_choice, check_float, check_int, check_ints
 from difflab.models.family import Family, Preset
-from difflab.models.runs import load_latest_weights, load_run_config, prepare_run_dir
+from difflab.models.runs import claim_run_dir, load_latest_weights, load_run_config
 from difflab.nn.discriminator import (
     PatchDiscriminator,
     adaptive_gan_weight,
@@ -80,8 +80,16 @@ class VAELossConfig:
     def __post_init__(self) -> None:
         check_choice("reconstruction loss", self.reconstruction, RECONSTRUCTION_LOSSES)
         for name in ("kl_weight", "perceptual_weight", "gan_weight"):
-            if getattr(self, name) < 0:
-                raise DifflabError(f"{name} {getattr(self, name)} is invalid; expected a weight >= 0")
+            check_float(name, getattr(self, name), 0.0)
+        check_ints(
+            "perceptual_widths", self.perceptual_widths, 1, MAX_SIZE, nonempty=self.perceptual_weight > 0
+        )
+        check_int("gan_start", self.gan_start, 0, MAX_COUNT)
+        check_int("disc_layers", self.disc_layers, 1, 16)  # each halves the side: 2**16 px is MAX_SIZE
+        # The discriminator's GroupNorms have 8 groups, and every width is a multiple of disc_channels.
+        check_int("disc_channels", self.disc_channels, 1, MAX_SIZE)
+        if self.disc_channels % 8:
+            raise DifflabError(f"disc_channels {self.disc_channels} is invalid; expected a multiple of 8")
 
 
 @dataclass(frozen=True)
@@ -97,8 +105,16 @@ class VAEConfig:
     """Held-out images shown (with their reconstructions) in the grids written during training."""
 
     def __post_init__(self) -> None:
-        if self.latent_stats_n < 2:
-            raise DifflabError(f"latent_stats_n {self.latent_stats_n} is invalid; expected at least 2 images")
+        check_int("latent_stats_n", self.latent_stats_n, 2, MAX_COUNT)
+        check_int("grid", self.grid, 1, MAX_SIZE)
+        # The losses' networks shrink the image: each needs a side that leaves at least one value.
+        side, loss = self.data.image_size, self.loss
+        if loss.gan_weight > 0 and side < 3 * 2**loss.disc_layers:
+            raise DifflabError(f"loss.disc_layers {loss.disc_layers} is too many for {side}px images; expected "
+                               f"3 * 2**disc_layers <= data.image_size")  # fmt: skip
+        if loss.perceptual_weight > 0 and side < 2 ** (len(loss.perceptual_widths) - 1):
+            raise DifflabError(f"loss.perceptual_widths {loss.perceptual_widths} has too many stages for {side}px "
+                               f"images; expected 2**(stages - 1) <= data.image_size")  # fmt: skip
 
 
 def resolve(cfg: VAEConfig, *, attach: bool = True) -> VAEConfig:
@@ -302,27 +318,27 @@ def train(cfg: VAEConfig, run_dir: str | Path, *, resume: bool = False) -> Path:
     """Train an autoencoder into ``run_dir`` (config.json, checkpoints/, metrics.jsonl,
     samples/step_*.png: held-out images over their reconstructions), then write latent_stats.json."""
     cfg = resolve(cfg)
-    run_dir = prepare_run_dir(run_dir, cfg, resume, load_config)
-    (run_dir / STATS_FILE).unlink(missing_ok=True)  # measured again for the weights trained now
-    torch.manual_seed(cfg.train.seed)
-    trainee = VAETrainee(cfg)
-    loader = make_loader(make_dataset(cfg.data), cfg.train)
-    shown = held_out_images(cfg.data, cfg.grid)
+    with claim_run_dir(run_dir, cfg, resume, load_config) as run_dir:
+        torch.manual_seed(cfg.train.seed)
+        trainee = VAETrainee(cfg)
+        loader = make_loader(make_dataset(cfg.data), cfg.train)
+        shown = held_out_images(cfg.data, cfg.grid)
 
-    def sample_fn(model: VAETrainee, step: int, out_dir: Path) -> None:
-        x = shown.to(next(model.parameters()).device)
-        rec = model.autoencoder(x, sample=False)[0].clamp(-1, 1)
-        grid = torch.cat([x, rec]).cpu()  # top row: held-out images, bottom row: reconstructions
-        save_grid(grid, Path(out_dir) / "samples" / f"step_{step:07d}.png", nrow=len(x))
-        if step >= cfg.train.steps:
-            save_grid(grid, Path(out_dir) / "reconstructions.png", nrow=len(x))
+        def sample_fn(model: VAETrainee, step: int, out_dir: Path) -> None:
+            x = shown.to(next(model.parameters()).device)
+            rec = model.autoencoder(x, sample=False)[0].clamp(-1, 1)
+            grid = torch.cat([x, rec]).cpu()  # top row: held-out images, bottom row: reconstructions
+            save_grid(grid, Path(out_dir) / "samples" / f"step_{step:07d}.png", nrow=len(x))
+            if step >= cfg.train.steps:
+                save_grid(grid, Path(out_dir) / "reconstructions.png", nrow=len(x))
 
-    # The discriminator gets no gradient before loss.gan_start: DDP must not wait for it.
-    trainer = Trainer(trainee, make_loss_fn(cfg), loader, cfg.train, run_dir, sample_fn=sample_fn,
-                      model_config=cfg.vae, find_unused_parameters=True)  # fmt: skip
-    trainer.fit(resume=resume)
-    if is_main_process():
-        latent_stats(run_dir)
+        # The discriminator gets no gradient before loss.gan_start: DDP must not wait for it.
+        trainer = Trainer(trainee, make_loss_fn(cfg), loader, cfg.train, run_dir, sample_fn=sample_fn,
+                          model_config=cfg.vae, find_unused_parameters=True)  # fmt: skip
+        # measured again for the weights trained now, once the trainer has accepted the run
+        trainer.fit(resume=resume, on_start=lambda: (run_dir / STATS_FILE).unlink(missing_ok=True))
+        if is_main_process():
+            latent_stats(run_dir)
     return run_dir
 
 

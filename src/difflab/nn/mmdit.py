@@ -46,8 +46,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from difflab.errors import DifflabError
+from difflab.errors import MAX_SIZE, DifflabError, check_int
 from difflab.nn.embeddings import TimestepEmbedding, sinusoidal_embedding
+from difflab.nn.transformer import check_mlp_ratio
 
 TIMESTEP_FEATURES = 256
 """Sinusoidal features fed to the timestep MLP (DiT's ``frequency_embedding_size``)."""
@@ -93,8 +94,10 @@ class MMDiTConfig:
         for name, value in sizes.items():
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise DifflabError(f"MMDiT {name} {value!r} is not a positive integer")
+            check_int(f"MMDiT {name}", value, 1, MAX_SIZE)
         if not self.mlp_ratio > 0:
             raise DifflabError(f"MMDiT mlp_ratio {self.mlp_ratio!r} is not a positive number")
+        check_mlp_ratio(self.mlp_ratio, self.width)
         if self.image_size % self.patch_size:
             raise DifflabError(
                 f"MMDiT patch_size {self.patch_size} does not divide image_size {self.image_size}; "

@@ -18,8 +18,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from difflab.errors import DifflabError
-from difflab.nn.transformer import Transformer, causal_padding_mask
+from difflab.errors import MAX_SIZE, DifflabError, check_int
+from difflab.nn.transformer import Transformer, causal_padding_mask, check_mlp_ratio
 from difflab.text.tokenizer import eos_positions
 
 
@@ -36,6 +36,10 @@ class TextTransformerConfig:
     """Causal attention as in CLIP; False gives a bidirectional encoder (padding is always masked)."""
 
     def __post_init__(self) -> None:
+        for name in ("context_length", "width", "depth", "heads"):
+            check_int(name, getattr(self, name), 1, MAX_SIZE)
+        check_int("vocab_size", self.vocab_size, 1, 2**20)  # 16x GPT-2's 50257 tokens
+        check_mlp_ratio(self.mlp_ratio, self.width)
         if self.width % self.heads:
             raise DifflabError(f"text width {self.width} is not divisible by heads={self.heads}")
 

@@ -12,7 +12,22 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from difflab.errors import DifflabError, check_float
 from difflab.nn.attention import MultiHeadAttention
+
+MAX_MLP_RATIO = 64.0
+"""The MLP's hidden width is mlp_ratio * width; transformers use 4 (GPT-2, ViT, CLIP, DiT), a few use 8/3
+(SwiGLU): a ratio above 64 is a typo, and 1e30 would be an allocation no machine survives."""
+
+
+def check_mlp_ratio(mlp_ratio: float, width: int) -> float:
+    """A transformer config's ``mlp_ratio``: in (0, 64], and leaving the MLP at least one hidden unit."""
+    check_float("mlp_ratio", mlp_ratio, 0.0, MAX_MLP_RATIO, lo_open=True)
+    if int(width * mlp_ratio) < 1:
+        raise DifflabError(
+            f"mlp_ratio {mlp_ratio} leaves no hidden unit at width {width}; expected a larger one"
+        )
+    return mlp_ratio
 
 
 class TransformerBlock(nn.Module):

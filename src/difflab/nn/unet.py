@@ -24,6 +24,14 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from difflab.errors import (
+    MAX_SIZE,
+    DifflabError,
+    check_float,
+    check_int,
+    check_ints,
+    check_optional_int,
+)
 from difflab.nn.attention import SpatialAttention
 from difflab.nn.embeddings import TimestepEmbedding
 from difflab.nn.gligen import GatedSelfAttention
@@ -82,27 +90,44 @@ class UNetConfig:
     On the text-to-image demo it did not help, position prompts included (docs/t2i.md)."""
 
     def __post_init__(self) -> None:
+        # Ranges first, so that the divisibility checks below never divide by zero.
+        for name in ("in_channels", "out_channels", "image_size", "channels", "heads", "norm_groups"):
+            check_int(name, getattr(self, name), 1, MAX_SIZE)
+        check_ints("channel_mult", self.channel_mult, 1, MAX_SIZE, nonempty=True)
+        check_int("num_res_blocks", self.num_res_blocks, 0, MAX_SIZE)  # 0: the up path still has one
+        check_ints("attention_resolutions", self.attention_resolutions, 1, MAX_SIZE)
+        for name in ("head_dim", "num_classes", "context_dim", "pooled_dim", "grounding_dim"):
+            check_optional_int(name, getattr(self, name), 1, MAX_SIZE)
+        check_ints("class_factors", self.class_factors, 1, MAX_SIZE)
+        check_float("dropout", self.dropout, 0.0, 1.0, hi_open=True)
+        check_float("grounding_gate", self.grounding_gate)
+        if self.context_pool and self.context_dim is None:
+            raise DifflabError("context_pool is set but context_dim is None; expected a context to pool")
         levels = len(self.channel_mult)
         if self.image_size % 2 ** (levels - 1):
-            raise ValueError(
+            raise DifflabError(
                 f"image_size {self.image_size} is not divisible by 2^{levels - 1}, "
                 f"as channel_mult {self.channel_mult} needs"
             )
         for m in self.channel_mult:
             if (self.channels * m) % self.norm_groups:
-                raise ValueError(
+                raise DifflabError(
                     f"width {self.channels * m} is not divisible by norm_groups={self.norm_groups}"
                 )
-        if self.head_dim is not None:
-            for res in (*self.attention_resolutions, self.image_size // 2 ** (levels - 1)):
-                level = int(math.log2(self.image_size // res)) if res <= self.image_size else 0
-                width = self.channels * self.channel_mult[min(level, levels - 1)]
-                if self.head_dim < 1 or width % self.head_dim:
-                    raise ValueError(
-                        f"head_dim {self.head_dim} does not divide the attention width {width} at {res}px"
-                    )
+        # Every attention layer (at attention_resolutions and in the middle) splits its width into heads.
+        for res in (*self.attention_resolutions, self.image_size // 2 ** (levels - 1)):
+            level = int(math.log2(self.image_size // res)) if res <= self.image_size else 0
+            width = self.channels * self.channel_mult[min(level, levels - 1)]
+            if self.head_dim is not None and width % self.head_dim:
+                raise DifflabError(
+                    f"head_dim {self.head_dim} does not divide the attention width {width} at {res}px"
+                )
+            if self.head_dim is None and width % self.heads:
+                raise DifflabError(
+                    f"heads {self.heads} does not divide the attention width {width} at {res}px"
+                )
         if self.class_factors and math.prod(self.class_factors) != self.num_classes:
-            raise ValueError(
+            raise DifflabError(
                 f"class_factors {self.class_factors} do not multiply to num_classes={self.num_classes}"
             )
 

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from difflab.errors import DifflabError, check_choice
+from difflab.errors import MAX_SIZE, DifflabError, check_choice, check_int, check_ints
 from difflab.nn.attention import SpatialAttention
 from difflab.nn.resblock import Downsample, ResBlock, Upsample
 
@@ -60,7 +60,13 @@ class AutoencoderConfig:
 
     def __post_init__(self) -> None:
         check_choice("autoencoder layout", self.layout, LAYOUTS)
+        for name in ("in_channels", "image_size", "channels", "heads", "norm_groups"):
+            check_int(name, getattr(self, name), 1, MAX_SIZE)
+        check_ints("channel_mult", self.channel_mult, 1, MAX_SIZE)
+        check_int("num_res_blocks", self.num_res_blocks, 0, MAX_SIZE)
         f = self.downsample_factor
+        if not isinstance(f, int) or isinstance(f, bool) or f > MAX_SIZE:
+            raise DifflabError(f"downsample_factor {f!r} is invalid; expected a power of two >= 2 (2, 4, 8)")
         if f < 2 or f & (f - 1):
             raise DifflabError(f"downsample_factor {f} is invalid; expected a power of two >= 2 (2, 4, 8)")
         if self.image_size % f:
@@ -74,8 +80,11 @@ class AutoencoderConfig:
         for width in self.widths:
             if width % self.norm_groups:
                 raise DifflabError(f"width {width} is not divisible by norm_groups={self.norm_groups}")
-        if self.latent_channels < 1:
-            raise DifflabError(f"latent_channels {self.latent_channels} is invalid; expected at least 1")
+        if self.mid_attention and self.widths[-1] % self.heads:
+            raise DifflabError(
+                f"heads {self.heads} does not divide the middle attention width {self.widths[-1]}"
+            )
+        check_int("latent_channels", self.latent_channels, 1, MAX_SIZE)
 
     @property
     def widths(self) -> tuple[int, ...]:

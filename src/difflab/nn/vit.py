@@ -17,8 +17,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from difflab.errors import DifflabError, check_choice
-from difflab.nn.transformer import Transformer
+from difflab.errors import MAX_SIZE, DifflabError, check_choice, check_int
+from difflab.nn.transformer import Transformer, check_mlp_ratio
 
 POOLING = ("cls", "mean", "max")
 STEMS = ("patch", "conv")
@@ -43,6 +43,9 @@ class ViTConfig:
     transformers see better"): on the toy world's small shapes it learns shape far faster."""
 
     def __post_init__(self) -> None:
+        for name in ("image_size", "patch_size", "in_channels", "width", "depth", "heads"):
+            check_int(name, getattr(self, name), 1, MAX_SIZE)
+        check_mlp_ratio(self.mlp_ratio, self.width)
         if self.image_size % self.patch_size:
             raise DifflabError(
                 f"patch_size {self.patch_size} does not divide image_size {self.image_size}; "

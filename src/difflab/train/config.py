@@ -2,9 +2,19 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
-from difflab.errors import DifflabError, check_choice
+from difflab.errors import (
+    MAX_COUNT,
+    MAX_SIZE,
+    DifflabError,
+    check_choice,
+    check_float,
+    check_int,
+    check_optional_int,
+    check_seed,
+)
 from difflab.train.schedule import LR_SCHEDULES
 
 MIXED_PRECISION = ("no", "bf16", "fp16")
@@ -60,24 +70,38 @@ class TrainConfig:
     docs/benchmarks.md for when it pays); 'eager' only traces it (a quick check that it compiles)."""
     progress: bool = True
     """Show a progress bar (only ever when stderr is a terminal)."""
+    dist_timeout_s: float = 1800.0
+    """Under torchrun: how long a collective waits for a rank that stopped answering before failing
+    (``init_process_group(timeout=...)``; gloo's and nccl's default is the same 30 minutes)."""
 
     def __post_init__(self):
-        positive = {"steps": self.steps, "batch_size": self.batch_size, "grad_accum": self.grad_accum}
-        positive |= {"log_every": self.log_every, "keep_last": self.keep_last}
-        positive |= {"sample_every": self.sample_every or 1, "checkpoint_every": self.checkpoint_every or 1}
-        for key, value in positive.items():
-            if value < 1:
-                raise DifflabError(f"bad {key} {value}; expected an integer >= 1")
-        if not self.lr > 0:
-            raise DifflabError(f"bad lr {self.lr}; expected a positive learning rate")
-        if self.warmup_steps < 0:
-            raise DifflabError(f"bad warmup_steps {self.warmup_steps}; expected an integer >= 0")
-        if self.grad_clip is not None and not self.grad_clip > 0:
-            raise DifflabError(f"bad grad_clip {self.grad_clip}; expected a positive max norm or None")
+        # Every numeric field has a range (see difflab.errors for the shared bounds' reasons).
+        for key in ("steps", "log_every", "keep_last"):
+            check_int(key, getattr(self, key), 1, MAX_COUNT)
+        for key in ("sample_every", "checkpoint_every"):
+            check_optional_int(key, getattr(self, key), 1, MAX_COUNT)
+        check_int("batch_size", self.batch_size, 1, MAX_SIZE)
+        check_int("grad_accum", self.grad_accum, 1, MAX_SIZE)
+        check_float("lr", self.lr, 0.0, lo_open=True)
+        check_float("weight_decay", self.weight_decay, 0.0)
+        # AdamW's moment decays: 1 would never forget, and torch refuses anything outside [0, 1).
+        if not (isinstance(self.betas, tuple) and len(self.betas) == 2):
+            raise DifflabError(
+                f"betas {self.betas!r} is invalid; expected two numbers in [0, 1), e.g. 0.9,0.999"
+            )
+        for beta in self.betas:
+            check_float(f"betas {self.betas}: beta", beta, 0.0, 1.0, hi_open=True)
+        check_float("eps", self.eps, 0.0, lo_open=True)
+        # Warmup may outlast a short run (a preset's 10 warmup steps under --set train.steps=2 is a smoke
+        # test, its rate still rising at the end); it is bounded like every step count.
+        check_int("warmup_steps", self.warmup_steps, 0, MAX_COUNT)
+        if self.grad_clip is not None and not 0 < self.grad_clip < math.inf:
+            raise DifflabError(f"bad grad_clip {self.grad_clip}; expected a positive finite max norm or None")
         if self.ema_decay is not None and not 0.0 <= self.ema_decay < 1.0:
             raise DifflabError(f"bad ema_decay {self.ema_decay}; expected a number in [0, 1) or None")
-        if not 0.0 <= self.min_lr_ratio <= 1.0:
-            raise DifflabError(f"bad min_lr_ratio {self.min_lr_ratio}; expected a number in [0, 1]")
+        check_float("min_lr_ratio", self.min_lr_ratio, 0.0, 1.0)
+        check_seed("seed", self.seed)
+        check_float("dist_timeout_s", self.dist_timeout_s, 0.0, MAX_COUNT, lo_open=True)
         check_choice("lr schedule", self.lr_schedule, LR_SCHEDULES)
         check_choice("mixed precision mode", self.mixed_precision, MIXED_PRECISION)
         check_choice("compile mode", self.compile, COMPILE)

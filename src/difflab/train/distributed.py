@@ -18,6 +18,7 @@ with torchrun's ``--nnodes``, ``--node_rank`` and ``--rdzv-endpoint`` (docs/dist
 from __future__ import annotations
 
 import contextlib
+import datetime
 import os
 from collections.abc import Iterator
 
@@ -49,21 +50,47 @@ def launched_by_torchrun() -> bool:
     return int(text) > 1
 
 
-def init_from_env(device: str = "auto") -> bool:
+# What ``init_process_group``'s env:// rendezvous reads, beside WORLD_SIZE; torchrun sets all of them.
+_RENDEZVOUS_ENV = ("RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+def check_rendezvous_env() -> None:
+    """Name what is missing or malformed when WORLD_SIZE > 1 comes without the rest of torchrun's
+    environment (``init_process_group`` would otherwise fail with a ValueError deep in its rendezvous)."""
+    missing = [k for k in _RENDEZVOUS_ENV if not os.environ.get(k)]
+    if missing:
+        raise DifflabError(
+            f"WORLD_SIZE={os.environ['WORLD_SIZE']} but {', '.join(missing)} not set in the environment; "
+            "launch with torchrun (it sets RANK, LOCAL_RANK, MASTER_ADDR and MASTER_PORT)"
+        )
+    for key in ("RANK", "MASTER_PORT", "LOCAL_RANK"):
+        text = os.environ.get(key, "0")
+        if not text.isdigit():
+            raise DifflabError(f"bad {key} {text!r} in the environment; expected a non-negative integer")
+    rank_, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    if rank_ >= world:
+        raise DifflabError(f"RANK {rank_} is not below WORLD_SIZE {world}")
+
+
+def init_from_env(device: str = "auto", timeout_s: float = 1800.0) -> bool:
     """Join the process group that torchrun describes in the environment; False when there is none.
 
     The backend follows the device: nccl when training runs on CUDA (``device`` 'auto' with a GPU,
     'cuda' or 'cuda:N'), gloo otherwise. On CUDA each process takes the GPU of its ``LOCAL_RANK``.
+    ``timeout_s`` bounds every collective (``train.dist_timeout_s``): a rank that stops answering
+    (stopped, hung, killed without torchrun noticing) makes the others fail after it instead of waiting
+    for gloo's and nccl's 30-minute default.
     """
     if is_initialized() or not launched_by_torchrun():
         return is_initialized()
     if not dist.is_available():
         raise DifflabError("WORLD_SIZE > 1 but this build of PyTorch has no torch.distributed")
+    check_rendezvous_env()
     name = str(device).strip().lower()
     cuda = name.startswith("cuda") or (name == "auto" and torch.cuda.is_available())
     if cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dist.init_process_group("nccl" if cuda else "gloo")
+    dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(seconds=timeout_s))
     return True
 
 
@@ -87,6 +114,18 @@ def main_process_first() -> Iterator[None]:
     yield
     if rank() == 0:
         barrier()
+
+
+def any_rank(flag: bool) -> bool:
+    """True on every process when ``flag`` is true on any (one all-reduce; ``flag`` itself alone): how
+    the ranks agree to stop together when a signal reached only some of them."""
+    if world_size() == 1:
+        return flag
+    value = torch.tensor([int(flag)], dtype=torch.int32)
+    if dist.get_backend() == "nccl":
+        value = value.cuda()
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())
 
 
 def all_reduce_mean(values: torch.Tensor) -> torch.Tensor:

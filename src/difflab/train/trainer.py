@@ -48,17 +48,27 @@ from tqdm.auto import tqdm
 
 from difflab.errors import DifflabError
 from difflab.train import distributed
-from difflab.train.checkpoint import latest_checkpoint, list_checkpoints
+from difflab.train.checkpoint import latest_checkpoint, list_checkpoints, step_dir_name
 from difflab.train.config import TrainConfig
 from difflab.train.device import is_main_process, resolve_device
 from difflab.train.ema import EMA
 from difflab.train.loader import InfiniteLoader
 from difflab.train.metrics import MetricsLogger
 from difflab.train.resume import OPTION_OFF, ResumableTraining, _as_json
+from difflab.train.run_dir import commit_pending_config
 from difflab.train.schedule import lr_factor
 from difflab.train.seeding import derive_seed, global_rng_state, make_generator, set_global_rng_state
+from difflab.train.signals import Interrupted, StopSignals
 
-__all__ = ["OPTION_OFF", "TrainConfig", "Trainer", "batch_items", "make_loader", "move_to_device"]
+__all__ = [
+    "OPTION_OFF",
+    "Interrupted",
+    "TrainConfig",
+    "Trainer",
+    "batch_items",
+    "make_loader",
+    "move_to_device",
+]
 
 
 def make_loader(dataset, cfg: TrainConfig, *, num_workers: int = 0, collate_fn=None) -> InfiniteLoader:
@@ -161,6 +171,7 @@ class Trainer(ResumableTraining):
             self.model.compile(backend=cfg.compile, dynamic=False)  # batches have one fixed shape
         self.metrics = MetricsLogger(self.run_dir / "metrics.jsonl")
         self.step = 0
+        self.steps_this_call = 0  # optimizer steps the last fit() took (0: the run was already trained)
         self.last_checkpoint: Path | None = None
         self._elapsed_before = 0.0  # training seconds of earlier processes of this run
         self._fit_start: float | None = None
@@ -288,14 +299,26 @@ class Trainer(ResumableTraining):
             **metrics,
         }
 
-    def fit(self, resume: bool = False) -> dict | None:
+    def fit(self, resume: bool = False, on_start: Callable[[], None] | None = None) -> dict | None:
         """Train up to ``cfg.steps``. With ``resume``, continue from the newest good checkpoint in
-        ``run_dir`` (starting fresh if there is none). Returns the last ``metrics.jsonl`` record."""
+        ``run_dir`` (starting fresh if there is none). Returns the last ``metrics.jsonl`` record.
+
+        Once the start is accepted (a checkpoint loaded and checked against this run, or a fresh start),
+        a config staged by :func:`~difflab.models.runs.claim_run_dir` lands as config.json and
+        ``on_start`` runs (main process): nothing of the run changes before that. SIGINT (Ctrl-C) and
+        SIGTERM stop the run after the step in progress, with a checkpoint of it (:class:`Interrupted`).
+        """
         cfg = self.cfg
         if resume:
             path = latest_checkpoint(self.checkpoint_dir)
             if path is not None:
                 self.load_checkpoint(path, verify=False)  # latest_checkpoint has just verified it
+            elif list_checkpoints(self.checkpoint_dir):
+                # Starting over would save fresh checkpoints beside (and then prune) the user's only copies.
+                raise DifflabError(
+                    f"no checkpoint in '{self.checkpoint_dir}' passes its checks (see the warnings above); "
+                    "move them aside to train from step 0, or restore a good copy"
+                )
             else:
                 self._note(f"no checkpoint to resume in '{self.checkpoint_dir}'; starting from step 0")
                 self._start_fresh()
@@ -307,8 +330,13 @@ class Trainer(ResumableTraining):
                     "resume it (--resume) or choose a new run dir"
                 )
             self._start_fresh()
+        if is_main_process():
+            commit_pending_config(self.run_dir)
+            if on_start is not None:
+                on_start()
         # Records past this step were written after the last checkpoint by an interrupted process.
         self.metrics.truncate_after(self.step)
+        self.steps_this_call = 0
         if self.step >= cfg.steps:
             return None
 
@@ -317,35 +345,45 @@ class Trainer(ResumableTraining):
         self._fit_start = time.perf_counter()
         window: dict[str, float] = {}
         counts: dict[str, int] = {}  # steps that reported each key: a metric may start mid-window (a GAN)
-        window_start = time.perf_counter()
+        window_start, window_from = time.perf_counter(), self.step + 1
         record = None
-        try:
-            while self.step < cfg.steps:
-                out = self.train_step()
-                for k, v in out.items():
-                    window[k] = window.get(k, 0.0) + v
-                    counts[k] = counts.get(k, 0) + 1
-                bar.update(1)
-                bar.set_postfix(loss=f"{out['loss']:.4f}", refresh=False)
-                last = self.step == cfg.steps
-                if self.step % cfg.log_every == 0 or last:
-                    now = time.perf_counter()
-                    items = window.pop("items")
-                    record = {k: v / counts[k] for k, v in window.items()}
-                    record.update(
-                        step=self.step,
-                        lr=out["lr"],
-                        seconds=round(self.elapsed_seconds(), 3),
-                        items_per_s=round(items / max(now - window_start, 1e-9), 2),
-                    )
-                    self.metrics.log(record)
-                    window, counts, window_start = {}, {}, now
-                if (cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0) or last:
-                    self.save_checkpoint()
-                if (cfg.sample_every and self.step % cfg.sample_every == 0) or last:
-                    self.sample()
-        finally:
-            bar.close()
+        with StopSignals() as signals:
+            try:
+                while self.step < cfg.steps:
+                    out = self.train_step()
+                    self.steps_this_call += 1
+                    for k, v in out.items():
+                        window[k] = window.get(k, 0.0) + v
+                        counts[k] = counts.get(k, 0) + 1
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{out['loss']:.4f}", refresh=False)
+                    last = self.step == cfg.steps
+                    stop = distributed.any_rank(signals.received is not None)  # every rank stops together
+                    if self.step % cfg.log_every == 0 or last or stop:
+                        now = time.perf_counter()
+                        items = window.pop("items")
+                        record = {k: v / counts[k] for k, v in window.items()}
+                        # from_step: the window's first step (after a resume it starts at the checkpoint)
+                        record.update(
+                            step=self.step,
+                            from_step=window_from,
+                            lr=out["lr"],
+                            seconds=round(self.elapsed_seconds(), 3),
+                            items_per_s=round(items / max(now - window_start, 1e-9), 2),
+                        )
+                        self.metrics.log(record)
+                        window, counts, window_start, window_from = {}, {}, now, self.step + 1
+                    saved = (cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0) or last
+                    if saved or stop:
+                        self.save_checkpoint()
+                    if stop:
+                        distributed.barrier()  # rank 0 has written the checkpoint
+                        raise Interrupted(signals.received or "a signal on another rank", self.step,
+                                          self.checkpoint_dir / step_dir_name(self.step))  # fmt: skip
+                    if (cfg.sample_every and self.step % cfg.sample_every == 0) or last:
+                        self.sample()
+            finally:
+                bar.close()
         distributed.barrier()  # rank 0 may still be writing the last checkpoint and samples
         return record
 

@@ -6,10 +6,15 @@ import argparse
 import json
 import sys
 
+from difflab import cli_types
 from difflab.errors import DifflabError
+from difflab.outputs import image_file, shown
 from difflab.world.check import check_reader
-from difflab.world.preview import save_preview
+from difflab.world.preview import check_preview, save_preview
 from difflab.world.scene import BACKGROUNDS, WORLD_PRESETS, world_preset
+
+MAX_NOISE = 10.0
+"""Largest --noise of 'world check' (a standard deviation on [0, 1] pixels)."""
 
 
 def register(subparsers) -> None:
@@ -27,7 +32,10 @@ def register(subparsers) -> None:
         )
         p.add_argument("--n", type=int, default=n_default, help=f"number of scenes (default: {n_default})")
         p.add_argument(
-            "--seed", type=int, default=0, help="dataset seed: scene i of seed s is always the same"
+            "--seed",
+            type=cli_types.seed,
+            default=0,
+            help="dataset seed: scene i of seed s is always the same",
         )
         p.add_argument("--background", choices=BACKGROUNDS, default=None,
                        help="override the preset's background (plain, gradient or texture)")  # fmt: skip
@@ -55,22 +63,30 @@ def register(subparsers) -> None:
 
 
 def _config(args):
-    if args.n < 1:
-        raise DifflabError(f"--n {args.n} is invalid; expected a positive number of scenes")
+    if not 1 <= args.n <= cli_types.MAX_IMAGES:
+        raise DifflabError(
+            f"--n {args.n} is invalid; expected a number of scenes in [1, {cli_types.MAX_IMAGES}]"
+        )
     overrides = {"background": args.background} if args.background else {}
     return world_preset(args.preset, **overrides)
 
 
 def _preview(args) -> int:
     cfg = _config(args)
-    save_preview(cfg, args.n, args.seed, args.out, field=args.field)
-    print(f"wrote {args.n} {args.preset} scenes to {args.out}")
+    check_preview(args.n)  # before the path is made, and before anything is rendered
+    out = image_file(args.out, "--out", writer="figure")
+    out = save_preview(cfg, args.n, args.seed, out, field=args.field, progress=sys.stderr.isatty())
+    print(f"wrote {args.n} {args.preset} scenes to {shown(out, args.out)}")
     return 0
 
 
 def _check(args) -> int:
-    if args.noise < 0:
-        raise DifflabError(f"--noise {args.noise} is invalid; expected a standard deviation >= 0")
+    # Pixels are in [0, 1], so a standard deviation of 10 already buries every scene; nan is not > 0, so
+    # it used to add no noise at all and report the clean accuracy as "noise nan".
+    if not 0 <= args.noise <= MAX_NOISE:
+        raise DifflabError(
+            f"--noise {args.noise} is invalid; expected a standard deviation in [0, {MAX_NOISE:g}]"
+        )
     cfg = _config(args)
     report = {
         "preset": args.preset,
