@@ -187,6 +187,23 @@ def test_generate_writes_a_folder_with_its_prompts(t2i_run, tmp_path, capsys):
     assert (tmp_path / "att.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_generated_prompts_are_drawn_or_refused_by_name(t2i_run, tmp_path_factory, capsys):
+    """Any text as a prompt of `difflab generate`: a picture, or one line naming the problem (exit 2)."""
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    words = st.sampled_from(["a", "red", "blue", "circle", "square", "two", "of", "zz", "", "\t", "🙂"])
+
+    @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+    @given(prompt=st.one_of(st.text(max_size=40), st.lists(words, max_size=40).map(" ".join)))
+    def check(prompt):
+        out = tmp_path_factory.mktemp("gen") / "g.png"
+        code, _, err = cli(["generate", t2i_run, prompt, "--n", 1, "--steps", 1, "--out", out], capsys)
+        assert code == 0 and out.is_file() or code == 2 and err.startswith("difflab") and err.count("\n") == 1
+
+    check()
+
+
 # ---------------------------------------------------------------------------------------- output paths
 
 

@@ -12,6 +12,8 @@ import math
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from difflab.cli import main
 from difflab.config import apply_overrides
@@ -199,6 +201,52 @@ def test_untrained_planner_emits_only_valid_slots(world_name, slot_fields):
         scene = planner.layout_scene(slots, world, np.random.default_rng(0))
         assert [3 * o.cell[0] + o.cell[1] for o in scene.objects] == cells
     assert len(counts) > 1  # random weights draw layouts of several sizes
+
+
+PROMPT_TEXT = st.one_of(
+    st.text(max_size=60),  # any unicode: control characters, emoji, right-to-left, empty
+    st.lists(
+        st.sampled_from(
+            [
+                "a",
+                "red",
+                "blue",
+                "circle",
+                "square",
+                "two",
+                "left",
+                "of",
+                "the",
+                "and",
+                "zz",
+                "",
+                "  ",
+                "\n",
+                ",",
+                "seven",
+                "above",
+            ]
+        ),
+        max_size=25,
+    ).map(" ".join),  # fmt: skip
+)
+
+
+@settings(max_examples=60, deadline=None)
+@given(prompt=PROMPT_TEXT)
+def test_generated_prompts_are_planned_or_refused_by_name(prompt):
+    """Any text given as a prompt is planned into a valid scene of the world, or refused with a
+    DifflabError; never another exception."""
+    cfg = dataclasses.replace(get_preset("planner_tiny").build(), context_length=16)
+    tokenizer = planner.make_tokenizer(cfg)
+    torch.manual_seed(0)
+    model = planner.LayoutPlanner(cfg, tokenizer).eval()
+    world = world_preset(cfg.data.world)
+    try:
+        (scene,) = planner.plan(model, tokenizer, [prompt], seed=1)
+    except DifflabError:
+        return
+    assert world.min_objects <= len(scene.objects) <= world.max_objects
 
 
 def test_planner_learns_the_prompt(tiny_planner):
