@@ -19,6 +19,8 @@ from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
 import difflab.train.checkpoint as ckpt
+import difflab.train.checkpoint_format as ckpt_format
+import difflab.train.checkpoint_read as ckpt_read
 from difflab.errors import DifflabError
 from difflab.train import latest_checkpoint, read_checkpoint, save_checkpoint, verify_checkpoint
 
@@ -77,7 +79,8 @@ def _deny_open(monkeypatch, victim) -> None:
             raise PermissionError(13, "Permission denied", os.fspath(file))
         return builtins.open(file, *args, **kwargs)
 
-    monkeypatch.setattr(ckpt, "open", guarded_open, raising=False)
+    for module in (ckpt_read, ckpt_format):  # the reader, and the sha256 of the format module
+        monkeypatch.setattr(module, "open", guarded_open, raising=False)
 
 
 def _set(*keys, value):
@@ -101,7 +104,7 @@ def _deep_state(meta):
 
 
 def _huge_meta(path, monkeypatch):
-    monkeypatch.setattr(ckpt, "_MAX_META_BYTES", (path.parent / GOOD / "meta.json").stat().st_size + 16)
+    monkeypatch.setattr(ckpt_read, "_MAX_META_BYTES", (path.parent / GOOD / "meta.json").stat().st_size + 16)
     with open(path / "meta.json", "a") as f:
         f.write(" " * 1000)  # still valid JSON: refused for its size alone
 
