@@ -28,7 +28,7 @@ from difflab.nn.unet import UNet, UNetConfig
 from difflab.world.geneval import CATEGORIES, category, eval_prompts, mentions_heldout
 from difflab.world.prompts import holds, scene_for
 from difflab.world.reader import read
-from difflab.world.scene import scene_at, world_preset
+from difflab.world.scene import Obj, Scene, scene_at, world_preset
 from tests.t2i_checks import colour_accuracy
 
 pytestmark = pytest.mark.usefixtures("single_thread_module")
@@ -290,6 +290,20 @@ def test_score_of_a_perfect_model_is_one_and_counts_its_objects():
     assert report["objects_read"] == {c: dict(sorted(h.items())) for c, h in expected.items()}
     assert {sum(h.values()) for h in report["objects_read"].values()} == {5}
     assert set(report["objects_read"]["attribute_binding"]) == {"2"}  # two named objects, at most two
+    assert report["two_coloured_objects"] == {c: 0 for c in expected}  # the world draws one colour each
+
+
+def test_two_coloured_objects_are_counted_apart_from_extra_ones():
+    """An image of one shape painted half in another colour: the reader reads two objects (the prompt of
+    one fails), and two_coloured_objects says it was one object in two colours, not an extra one."""
+    world = world_preset("scene32")
+    prompts = [p for p in eval_prompts("scene32", 5) if category(p) == "single_object"][:2]
+    red = scene_image(Scene((Obj("square", "red", "large", 0.5, 0.5),)), world)
+    blue = scene_image(Scene((Obj("square", "blue", "large", 0.5, 0.5),)), world)
+    half = torch.cat([blue[:, :, :16], red[:, :, 16:]], dim=2)  # (3, 32, 32): left half blue
+    report = t2i_eval.score(prompts, torch.stack([half, red]), "scene32", ())
+    assert report["objects_read"]["single_object"] == {"1": 1, "2": 1}
+    assert report["two_coloured_objects"] == {"single_object": 1}
 
 
 def test_attention_maps_are_probabilities_over_tokens(t2i_run):

@@ -14,7 +14,7 @@ from hypothesis.extra import numpy as hnp
 
 from difflab.errors import DifflabError
 from difflab.world.check import check_reader
-from difflab.world.reader import read
+from difflab.world.reader import _components, estimate_background, read, read_with_blends
 from difflab.world.render import render
 from difflab.world.scene import COLORS, SHAPES, Obj, Scene, scene_at, world_preset
 
@@ -94,3 +94,26 @@ def test_fuzzed_images_read_or_raise_the_documented_error(image, preset):
     for obj in scene.objects:
         assert obj.shape in SHAPES and obj.color in COLORS
         assert 0.0 <= obj.x <= 1.0 and 0.0 <= obj.y <= 1.0
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_one_shape_in_two_colours_is_a_blend_and_two_touching_shapes_are_not(shape):
+    """The reader splits a component by colour either way; a blend is the one a single template explains
+    better than the per-colour halves (read_with_blends)."""
+    cfg = world_preset("scene32")
+    red = render(Scene((Obj(shape, "red", "large", 0.5, 0.5),)), cfg).image
+    blue = render(Scene((Obj(shape, "blue", "large", 0.5, 0.5),)), cfg).image
+    half = red.copy()
+    half[:, : cfg.resolution // 2] = blue[:, : cfg.resolution // 2]  # left half blue, right half red
+    scene, blends = read_with_blends(half, cfg)
+    assert sorted(o.color for o in scene.objects) == ["blue", "red"] and blends == 1
+    # Two objects drawn side by side, touching (closer than the world ever places them): one component,
+    # split into two objects, and not a blend.
+    r = 0.85 * cfg.radius["small"]
+    pair = Scene((Obj(shape, "red", "small", 0.5 - r, 0.5), Obj(shape, "blue", "small", 0.5 + r, 0.5)))
+    image = render(pair, cfg).image
+    assert len(_components(np.linalg.norm(image - estimate_background(image), axis=-1) > 0.05)) == 1
+    scene, blends = read_with_blends(image, cfg)
+    assert sorted(o.color for o in scene.objects) == ["blue", "red"] and blends == 0
+    # One-coloured objects, far apart as the world draws them: nothing to blend.
+    assert read_with_blends(render(scene_at(cfg, 0, 3), cfg).image, cfg)[1] == 0

@@ -314,7 +314,10 @@ def _print_faithfulness(faith: dict) -> None:
             total.update({min(int(k), 3): n for k, n in h.items()})
         n = sum(total.values())
         shares = ", ".join(f"{'3+' if k == 3 else k}: {total[k] / n:.0%}" for k in sorted(total))
-        print(f"      objects the reader found for two-object prompts: {shares}")
+        blends = sum(faith.get("two_coloured_objects", {}).get(c, 0)
+                     for c in ("two_objects", "position", "attribute_binding"))  # fmt: skip
+        print(f"      objects the reader found for two-object prompts: {shares} ({blends} of the {n} images held "
+              "one object drawn in two colours, read as two)")  # fmt: skip
     if "heldout_pairs" in faith:
         unseen = faith["heldout_pairs"]["overall"]
         print(f"      prompts naming a (colour, shape) pair never seen in training: {unseen['score']:.1%} "

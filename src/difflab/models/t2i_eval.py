@@ -11,7 +11,10 @@ score carries its n.
 
 ``objects_read`` says how the misses look: per category, how many images the reader found 0, 1, 2, ...
 objects in. On scene32, whose training scenes hold one or two objects, a '3' there is an object the model
-invented (docs/t2i.md: guidance brings the missing second object and an extra third together).
+invented (docs/t2i.md: guidance brings the missing second object and an extra third together) - or one
+object drawn in two colours, which the reader (rightly) reads as two. ``two_coloured_objects`` tells them
+apart: per category, the images in which the reader found such a blend
+(:func:`~difflab.world.reader.read_with_blends`).
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ from difflab.world.geneval import (
 )
 from difflab.world.language import describe, description
 from difflab.world.prompts import Prompt, holds
-from difflab.world.reader import read
+from difflab.world.reader import read, read_with_blends
 from difflab.world.scene import Scene, scene_at, world_preset
 
 
@@ -60,12 +63,21 @@ def object_counts(prompts: list[Prompt], scenes: list[Scene]) -> dict[str, dict[
     return {c: {str(k): n for k, n in sorted(h.items())} for c, h in counts.items()}
 
 
+def two_coloured(prompts: list[Prompt], blends) -> dict[str, int]:
+    """``{category: images holding at least one object drawn in two colours}`` (every category, 0s too)."""
+    out = {category(p): 0 for p in prompts}
+    for p, b in zip(prompts, blends, strict=True):
+        out[category(p)] += b > 0
+    return out
+
+
 def score(prompts: list[Prompt], images: torch.Tensor, world: str, heldout_pairs) -> dict:
     """Faithfulness of ``images`` (one per prompt) by the reader: all prompts, and split into prompts that
     do and do not name a held-out pair; and the number of objects read per category (``objects_read``)."""
     cfg = world_preset(world)
-    scenes = [read(image, cfg) for image in images]
-    report = {"all": check_faithfulness(prompts, scenes), "objects_read": object_counts(prompts, scenes)}
+    scenes, blends = zip(*(read_with_blends(image, cfg) for image in images), strict=True)
+    report = {"all": check_faithfulness(prompts, list(scenes)), "objects_read": object_counts(prompts, scenes),
+              "two_coloured_objects": two_coloured(prompts, blends)}  # fmt: skip
     if heldout_pairs:
         split = [mentions_heldout(p, heldout_pairs) for p in prompts]
         for name, keep in (("seen", False), ("heldout_pairs", True)):

@@ -89,13 +89,29 @@ def read(image, cfg: WorldConfig) -> Scene:
     over the whole vocabulary (not only ``cfg``'s), so a model that draws an unrequested colour is caught.
     Depth cannot be seen in a flat render; every read object gets depth 0.5.
     """
+    return read_with_blends(image, cfg)[0]
+
+
+def read_with_blends(image, cfg: WorldConfig) -> tuple[Scene, int]:
+    """:func:`read`, and how many of its components were **one object drawn in two colours** (a blend).
+
+    A component that several palette colours share is split into one object per colour, as two touching
+    objects of different colours must be (the scene then holds both, and a prompt of one object fails,
+    rightly). The world itself never draws touching objects (``scene.fits`` keeps a gap), so in a
+    generated image such a component is either a real pair drawn too close, or one shape painted in two
+    colours. The two differ in geometry: one (shape, size) template fitted to the whole component's
+    coverage explains a two-coloured object better than the per-colour templates explain its halves,
+    while two real objects are each explained by their own. A blend is a component where the single
+    template's squared error is below the sum of the parts'. The scene is the same either way; the count
+    only says how the misses look (``objects_read`` in :mod:`difflab.models.t2i_eval`).
+    """
     img = _as_image(image)
     h, w, _ = img.shape
     bg = estimate_background(img)
     faintest = np.linalg.norm(_PALETTE_RGB - bg, axis=1).min()
     dist = np.linalg.norm(img - bg, axis=-1)  # (H, W)
     fg = dist > _WEAK * faintest
-    objects = []
+    objects, blends = [], 0
     min_pixels = 0.25 * (3 * np.sqrt(3) / 4) * (min(cfg.radius.values()) * h) ** 2
     for pix in _components(fg):
         rows, cols = pix[:, 0], pix[:, 1]
@@ -114,12 +130,16 @@ def read(image, cfg: WorldConfig) -> Scene:
         else:
             labels = _majority_3x3(_colour_labels(img[rows, cols], bg, candidates=present), pix, (h, w))
             parts = [(k, pix[labels == k]) for k in present]
-        for k, part in parts:
-            obj = _fit_object(img, bg, part, COLORS[k], cfg, (h, w))
-            if obj is not None:
-                objects.append(obj)
+        fits = [(COLORS[k], _fit(_soft_mask(img, bg, part, COLORS[k]), cfg)) for k, part in parts]
+        found = [(color, fit) for color, fit in fits if fit is not None]
+        for color, (shape, size, cx, cy, _) in found:
+            objects.append(Obj(shape, color, size, float(cx / w), float(cy / h), 0.5))
+        if len(found) > 1:
+            whole = sum(_soft_mask(img, bg, part, COLORS[k]) for k, part in parts)
+            one = _fit(np.clip(whole, 0.0, 1.0), cfg)
+            blends += one is not None and one[4] < sum(fit[4] for _, fit in found)
     objects.sort(key=lambda o: (o.cell, o.x, o.y))
-    return Scene(tuple(objects))
+    return Scene(tuple(objects)), blends
 
 
 def _colour_labels(rgb: np.ndarray, bg: np.ndarray, candidates=None) -> np.ndarray:
@@ -145,20 +165,25 @@ def _majority_3x3(labels: np.ndarray, pix: np.ndarray, hw: tuple[int, int]) -> n
     return ks[box[:, pix[:, 0], pix[:, 1]].argmax(axis=0)]
 
 
-def _fit_object(img, bg, pix, color: str, cfg: WorldConfig, hw: tuple[int, int]) -> Obj | None:
-    """Centroid, shape and size of one component by template matching on its soft mask."""
-    h, w = hw
+def _soft_mask(img, bg, pix, color: str) -> np.ndarray:
+    """Each pixel's coverage by ``color`` over the component ``pix`` grown by one pixel (so the faint
+    anti-aliased rim below the threshold counts too): ``<img - bg, C - bg> / |C - bg|^2`` in [0, 1]."""
+    h, w, _ = img.shape
     direction = np.asarray(PALETTE[color]) - bg
-    rows, cols = pix[:, 0], pix[:, 1]
-    # The component grown by one pixel, so the faint anti-aliased rim below the threshold counts too.
     region = np.zeros((h, w), dtype=bool)
-    region[rows, cols] = True
+    region[pix[:, 0], pix[:, 1]] = True
     grown = region.copy()
     grown[1:] |= region[:-1]
     grown[:-1] |= region[1:]
     grown[:, 1:] |= region[:, :-1]
     grown[:, :-1] |= region[:, 1:]
-    soft = np.clip((img - bg) @ direction / (direction @ direction), 0.0, 1.0) * grown  # (H, W)
+    return np.clip((img - bg) @ direction / (direction @ direction), 0.0, 1.0) * grown  # (H, W)
+
+
+def _fit(soft: np.ndarray, cfg: WorldConfig) -> tuple[str, str, float, float, float] | None:
+    """``(shape, size, cx, cy, squared error)`` of the (shape, size) template that best matches the soft
+    mask at its centroid (pixels); None when the mask is too small to be an object."""
+    h, w = soft.shape
     area = soft.sum()
     smallest = min(cfg.radius.values()) * h
     # Half the area of the smallest object the world draws (a small triangle, (3 sqrt(3) / 4) r^2): a
@@ -178,4 +203,4 @@ def _fit_object(img, bg, pix, color: str, cfg: WorldConfig, hw: tuple[int, int])
             if err < best_err:
                 best, best_err = (shape, size), err
     assert best is not None
-    return Obj(best[0], color, best[1], float(cx / w), float(cy / h), 0.5)
+    return best[0], best[1], float(cx), float(cy), float(best_err)
