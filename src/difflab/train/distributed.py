@@ -121,9 +121,9 @@ def any_rank(flag: bool) -> bool:
     the ranks agree to stop together when a signal reached only some of them."""
     if world_size() == 1:
         return flag
-    value = torch.tensor([int(flag)], dtype=torch.int32)
-    if dist.get_backend() == "nccl":
-        value = value.cuda()
+    # nccl reduces only tensors on this rank's GPU (init_from_env set it); gloo, CPU tensors
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+    value = torch.tensor([int(flag)], dtype=torch.int32, device=device)
     dist.all_reduce(value, op=dist.ReduceOp.MAX)
     return bool(value.item())
 
