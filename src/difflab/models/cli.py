@@ -271,6 +271,23 @@ def finished_step(checkpoints: Path, steps: int) -> int:
     return found[-1][0] if found and found[-1][0] >= steps else 0
 
 
+def drain(batches, out: Path, to_folder: bool, n: int, each=None) -> np.ndarray | None:
+    """Take sampled batches (of an ``n``-image request) to the CPU as uint8 as they come: into ``out``'s
+    numbered PNGs and dropped (``to_folder``; returns None), or kept for one grid (returns them, (N, H, W, C)).
+    ``each(images, start)`` sees every batch as drawn first."""
+    kept, start = [], 0
+    for images in batches:
+        if each is not None:
+            each(images, start)
+        tiles = to_uint8(images)
+        if to_folder:
+            save_numbered(out, start, tiles, n)
+        else:
+            kept.append(tiles)
+        start += len(tiles)
+    return None if to_folder else np.concatenate(kept)
+
+
 def check_n(n: int) -> None:
     if n < 1:
         raise DifflabError(f"--n {n} is invalid; expected a positive number of samples")
@@ -315,18 +332,11 @@ def _sample(args) -> int:
     recorder = TrajectoryRecorder(steps) if trajectory else None
     batches = generate_batches(model, cfg, args.n, labels, sampler=args.sampler, steps=steps, cfg_scale=args.cfg,
                                seed=args.seed, callback=recorder, progress=sys.stderr.isatty())  # fmt: skip
-    kept, start = [], 0
-    for images in batches:  # to the CPU as uint8: into the folder and dropped, or kept for the grid
-        tiles = to_uint8(images)
-        if to_folder:
-            save_numbered(out, start, tiles, args.n)
-        else:
-            kept.append(tiles)
-        start += len(tiles)
+    tiles = drain(batches, out, to_folder, args.n)
     if to_folder:
         wrote = f"wrote {args.n} samples to {out}/ ({numbered(out, 0, args.n).name} onwards)"
     else:
-        wrote = f"wrote {args.n} samples to {shown(save_grid(np.concatenate(kept), out), args.out)}"
+        wrote = f"wrote {args.n} samples to {shown(save_grid(tiles, out), args.out)}"
     if recorder is not None:
         wrote += f" and the trajectory to {shown(recorder.save(trajectory), args.trajectory)}"
     print(wrote)
@@ -367,25 +377,22 @@ def _generate(args) -> int:
     batches = generate_batches(model, cfg, total, request, sampler=args.sampler, steps=args.steps,
                                cfg_scale=args.cfg, seed=args.seed, attention=record if attention else None,
                                progress=sys.stderr.isatty())  # fmt: skip
-    kept, firsts, first_maps, start = [], [], [], 0
-    for images in batches:  # to the CPU as uint8: into the folder and dropped, or kept for the grid
-        tiles = to_uint8(images)
-        if to_folder:
-            save_numbered(out, start, tiles, total)
-        else:
-            kept.append(tiles)
-        here = [i - start for i in first if start <= i < start + len(tiles)]
+    firsts, first_maps = [], []
+
+    def keep_firsts(images: torch.Tensor, start: int) -> None:
+        here = [i - start for i in first if start <= i < start + len(images)]
         if attention is not None and here:
             firsts.append(images[here].cpu())
             first_maps.append(recorded.pop(start).maps()[here])
-        start += len(tiles)
+
+    tiles = drain(batches, out, to_folder, total, each=keep_firsts)
     if to_folder:
         with atomic_path(out / "prompts.txt") as tmp:
             tmp.write_text("".join(f"{t}\n" for t in texts))
         wrote = (f"wrote {total} images of {len(args.prompts)} prompt(s) to {out}/ ({numbered(out, 0, total).name} "
                  f"onwards; line i of prompts.txt is image i's prompt)")  # fmt: skip
     else:
-        grid = save_captioned_grid(np.concatenate(kept), texts, out, ncol=args.n, boxes=boxes)
+        grid = save_captioned_grid(tiles, texts, out, ncol=args.n, boxes=boxes)
         wrote = f"wrote {total} images of {len(args.prompts)} prompt(s) to {shown(grid, args.out)}{layouts}"
     if attention is not None:
         firsts, first_maps = torch.cat(firsts), torch.cat(first_maps)
