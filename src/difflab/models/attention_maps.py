@@ -68,6 +68,11 @@ class CrossAttentionMaps:
             raise ValueError("no cross-attention was recorded")
         return (self.total / self.count).cpu()
 
+    def set_maps(self, maps: torch.Tensor) -> None:
+        """Hold ``maps`` (N, ...) as the recorded means: the maps of a request recorded batch by batch, each
+        image's maps its own mean over steps, put side by side."""
+        self.total, self.count = maps, 1
+
 
 def save_attention_overlays(
     images: torch.Tensor, maps: torch.Tensor, prompts: list[str], path: str | Path

@@ -155,7 +155,7 @@ def generate(system: DiffusionSystem, cfg: DiffusionRunConfig, n: int, request: 
     images = torch.cat(list(generate_batches(system, cfg, n, request, batch_size=batch_size, attention=fresh,
                                              **kwargs)))  # fmt: skip
     # an image's maps are its own (a mean over steps), so the batches' maps side by side are the request's
-    attention.total, attention.count = torch.cat([m.maps() for m in parts]), 1
+    attention.set_maps(torch.cat([m.maps() for m in parts]))
     return images
 
 
