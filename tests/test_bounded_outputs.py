@@ -201,7 +201,8 @@ def test_generated_prompts_are_drawn_or_refused_by_name(t2i_run, tmp_path_factor
     @given(prompt=st.one_of(st.text(max_size=40), st.lists(words, max_size=40).map(" ".join)))
     def check(prompt):
         out = tmp_path_factory.mktemp("gen") / "g.png"
-        code, _, err = cli(["generate", t2i_run, prompt, "--n", 1, "--steps", 1, "--out", out], capsys)
+        # after '--', as any text must go (a prompt such as '-:' would otherwise be read as a flag)
+        code, _, err = cli(["generate", t2i_run, "--n", 1, "--steps", 1, "--out", out, "--", prompt], capsys)
         assert code == 0 and out.is_file() or code == 2 and err.startswith("difflab") and err.count("\n") == 1
 
     check()
