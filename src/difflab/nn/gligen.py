@@ -113,6 +113,47 @@ class GatedSelfAttention(nn.Module):
         )  # TS: visual queries only
 
 
+class GroundingMap(nn.Module):
+    """The grounding tokens painted into their boxes at the UNet's input resolution: every pixel gets the
+    tokens of the objects that cover it, weighted by the share of its square each box covers, through a
+    zero-initialised linear map, added to the first convolution's output.
+
+    GLIGEN (Sec. 3.2, "spatially-aligned conditions") feeds dense conditions such as keypoint or depth maps
+    to the UNet's first layer rather than through attention. A box is such a condition once drawn: the
+    gated self-attention layers sit only at the UNet's coarse levels (8x8 of a 16x16 latent in the demo),
+    and the full-resolution level, where an object's outline is drawn, learns what lies where only through
+    them. Painted in, colour and shape reach every pixel of the box from the first layer. Zero at
+    initialisation, so a grounded UNet with a closed gate is still exactly the base model."""
+
+    def __init__(self, grounding_dim: int, channels: int):
+        super().__init__()
+        self.proj = nn.Linear(grounding_dim, channels)
+        nn.init.zeros_(self.proj.weight)
+        nn.init.zeros_(self.proj.bias)
+
+    def forward(self, h: torch.Tensor, grounding: torch.Tensor | None, mask: torch.Tensor | None = None,
+                boxes: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+        if grounding is None:
+            return h
+        if boxes is None:
+            raise DifflabError("a grounding map needs the objects' boxes; expected boxes (B, M, 4)")
+        b, c, side, _ = h.shape
+        cover = coverage(pixel_boxes(side, h.device).to(h.dtype), boxes.to(h.dtype))  # (B, N, M)
+        if mask is not None:
+            cover = cover * mask[:, None, :].to(h.dtype)  # padded objects paint nothing
+        painted = cover @ self.proj(grounding)  # (B, N, C)
+        return h + painted.transpose(1, 2).reshape(b, c, side, side)
+
+
+def coverage(pixels: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
+    """(N, 4) pixel squares and (B, M, 4) boxes -> (B, N, M): the share of each pixel's square inside
+    each box, in [0, 1]."""
+    p, q = pixels[None, :, None, :], boxes[:, None, :, :]  # (1, N, 1, 4), (B, 1, M, 4)
+    w = (torch.minimum(p[..., 2], q[..., 2]) - torch.maximum(p[..., 0], q[..., 0])).clamp(min=0)
+    h = (torch.minimum(p[..., 3], q[..., 3]) - torch.maximum(p[..., 1], q[..., 1])).clamp(min=0)
+    return w * h / ((p[..., 2] - p[..., 0]) * (p[..., 3] - p[..., 1]))
+
+
 def overlaps(pixels: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
     """(N, 4) pixel squares and (B, M, 4) boxes -> (B, N, M): whether they intersect (area > 0)."""
     p, q = pixels[None, :, None, :], boxes[:, None, :, :]  # (1, N, 1, 4), (B, 1, M, 4)

@@ -34,7 +34,7 @@ from difflab.errors import (
 )
 from difflab.nn.attention import SpatialAttention
 from difflab.nn.embeddings import TimestepEmbedding
-from difflab.nn.gligen import GatedSelfAttention
+from difflab.nn.gligen import GatedSelfAttention, GroundingMap
 from difflab.nn.resblock import Downsample, ResBlock, Upsample
 
 
@@ -84,6 +84,9 @@ class UNetConfig:
     grounding_gate: float = 0.0
     """Initial gamma of the gates, tanh(gamma) the share of the grounding update: 0 (GLIGEN) makes the
     network at initialisation exactly the one without grounding."""
+    grounding_map: bool = False
+    """Also paint the grounding tokens into their boxes at the input resolution, added after the first
+    convolution (:class:`~difflab.nn.gligen.GroundingMap`, zero at initialisation). Needs ``grounding_dim``."""
     attention_positions: bool = False
     """A learned position embedding in every attention layer (:class:`difflab.nn.attention.SpatialAttention`),
     so that attention knows where each pixel is: what 'to the left of' needs. Off: Stable Diffusion's UNet.
@@ -101,6 +104,10 @@ class UNetConfig:
         check_ints("class_factors", self.class_factors, 1, MAX_SIZE)
         check_float("dropout", self.dropout, 0.0, 1.0, hi_open=True)
         check_float("grounding_gate", self.grounding_gate)
+        if self.grounding_map and self.grounding_dim is None:
+            raise DifflabError(
+                "grounding_map is set but grounding_dim is None; expected grounding tokens to paint"
+            )
         if self.context_pool and self.context_dim is None:
             raise DifflabError("context_pool is set but context_dim is None; expected a context to pool")
         levels = len(self.channel_mult)
@@ -178,6 +185,7 @@ class UNet(nn.Module):
             nn.Linear(cfg.context_dim, emb_dim) if cfg.context_pool and cfg.context_dim else None
         )
         self.conv_in = nn.Conv2d(cfg.in_channels, ch, 3, padding=1)
+        self.grounding_map = GroundingMap(cfg.grounding_dim, ch) if cfg.grounding_map else None
 
         def positions(res: int) -> int | None:  # rows of an attention layer's position embedding at side res
             return res * res if cfg.attention_positions else None
@@ -271,6 +279,8 @@ class UNet(nn.Module):
 
         text = (context, context_mask, grounding, grounding_mask, grounding_boxes)  # every attention layer's
         h = self.conv_in(x)
+        if self.grounding_map is not None:
+            h = self.grounding_map(h, grounding, grounding_mask, grounding_boxes)  # (B, C, H, W)
         skips = [h]
         for layer in self.down:
             h = layer(h) if isinstance(layer, Downsample) else self._apply_pair(layer, h, emb, text)
