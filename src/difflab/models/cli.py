@@ -58,6 +58,7 @@ IMAGES = cli_types.integer(1, cli_types.MAX_IMAGES)
 SAMPLER = cli_types.choice("sampler", SAMPLERS)
 STEPS = cli_types.integer(1, MAX_TIMESTEPS)  # and at most the run's diffusion.timesteps, checked on loading
 GUIDANCE = cli_types.number(*GUIDANCE_RANGE)
+TEMPERATURE = cli_types.number(1e-3, 100.0)  # PlannerConfig.temperature's range
 CLASS = cli_types.integer(0, MAX_SIZE)  # and below the run's class count, checked on loading
 
 
@@ -175,6 +176,9 @@ def register(subparsers) -> None:
     p.add_argument("--prompt-seed", type=cli_types.seed, default=None, metavar="SEED",
                    help="text-to-image and planner runs: score a freshly drawn prompt set (this seed) instead of "
                    "the shipped one")  # fmt: skip
+    p.add_argument("--temperature", type=TEMPERATURE, default=None,
+                   help="planner and layout text-to-image runs: the planner's sampling temperature (default: "
+                   "the planner's, 0.5 unless trained otherwise)")  # fmt: skip
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--plot", default=None, metavar="FILE",
                    help="CLIP runs: also draw text -> image search among 100 held-out scenes into FILE")  # fmt: skip
@@ -403,7 +407,7 @@ def _generate(args) -> int:
 
 
 _EVAL_FLAGS = {"sampler": "--sampler", "steps": "--steps", "cfg_scale": "--cfg", "plot": "--plot",
-               "prompt_seed": "--prompt-seed"}  # fmt: skip
+               "prompt_seed": "--prompt-seed", "temperature": "--temperature"}  # fmt: skip
 
 
 def _eval(args) -> int:
@@ -412,7 +416,7 @@ def _eval(args) -> int:
         args.n = family.eval_n
     check_n(args.n)
     given = {"sampler": args.sampler, "steps": args.steps, "cfg_scale": args.cfg, "plot": args.plot,
-             "prompt_seed": args.prompt_seed}  # fmt: skip
+             "prompt_seed": args.prompt_seed, "temperature": args.temperature}  # fmt: skip
     refused = [k for k, v in given.items() if v is not None and k not in family.eval_options]
     if refused:
         takers = [f.name for f in FAMILIES.values() if all(k in f.eval_options for k in refused)]

@@ -268,15 +268,18 @@ def load_config(run_dir: str | Path) -> TextToImageConfig:
 
 
 def load_model(
-    run_dir: str | Path, *, ema: bool = True, device: str = "cpu"
+    run_dir: str | Path, *, ema: bool = True, device: str = "cpu", temperature: float | None = None
 ) -> tuple[DiffusionSystem, TextToImageConfig]:
     """The trained network (EMA weights by default) between its frozen text encoder and its codec
-    (pixels, or the autoencoder's latents), and the config."""
+    (pixels, or the autoencoder's latents), and the config; ``temperature``: the planner's sampling
+    temperature instead of its config's (recipe 'layout')."""
     cfg = load_config(run_dir)
     check_inputs_unchanged(cfg, f"'{run_dir}' was trained on it; retrain the text-to-image model")
     network = load_latest_weights(run_dir, build_network(cfg), ema=ema)
     encoder = load_text_encoder(cfg.text_encoder, layers=cfg.text_layers)
-    layout_planner = planner.load_model(cfg.planner)[0] if cfg.recipe == "layout" else None
+    layout_planner = (
+        planner.load_model(cfg.planner, temperature=temperature)[0] if cfg.recipe == "layout" else None
+    )
     system = DiffusionSystem(network, conditioner(cfg, encoder, layout_planner), codec(cfg))
     return system.to(device).eval(), cfg
 
@@ -333,11 +336,21 @@ def loss_fn(cfg: TextToImageConfig):
 
 
 def evaluate(run_dir: str | Path, n: int, *, seed: int = 0, sampler=None, steps=None, cfg_scale=None,
-             progress: bool = False, prompt_seed: int | None = None) -> dict:  # fmt: skip
-    """GenEval-style faithfulness of the first ``n`` prompts of every category (:mod:`t2i_eval`)."""
-    model, cfg = load_model(run_dir)
-    return t2i_eval.evaluate(model, cfg, run_dir, n, sampler=sampler, steps=steps, cfg_scale=cfg_scale,
-                             seed=seed, progress=progress, prompt_seed=prompt_seed)  # fmt: skip
+             progress: bool = False, prompt_seed: int | None = None,
+             temperature: float | None = None) -> dict:  # fmt: skip
+    """GenEval-style faithfulness of the first ``n`` prompts of every category (:mod:`t2i_eval`);
+    ``temperature``: the planner's, for recipe 'layout'."""
+    model, cfg = load_model(run_dir, temperature=temperature)
+    if temperature is not None and cfg.recipe != "layout":
+        raise DifflabError(
+            f"--temperature is the layout planner's; '{run_dir}' is a '{cfg.recipe}' run, which has none"
+        )
+    report = t2i_eval.evaluate(model, cfg, run_dir, n, sampler=sampler, steps=steps, cfg_scale=cfg_scale,
+                               seed=seed, progress=progress, prompt_seed=prompt_seed)  # fmt: skip
+    if cfg.recipe == "layout":
+        used = planner.load_config(cfg.planner).temperature if temperature is None else temperature
+        report["planner_temperature"] = used
+    return report
 
 
 # -------------------------------------------------------------------------------------------- presets
@@ -453,7 +466,7 @@ FAMILY = Family(
     network=info_network,
     writes="samples.png, prompts.txt, trajectory.png",
     eval_n=100,
-    eval_options=("sampler", "steps", "cfg_scale", "progress", "prompt_seed"),
+    eval_options=("sampler", "steps", "cfg_scale", "progress", "prompt_seed", "temperature"),
     parents=("text_encoder",),
     draws="prompts",
 )
