@@ -13,6 +13,7 @@ toy dataset's own (:class:`difflab.data.toy.ToyWorldDataset`).
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -31,6 +32,9 @@ CLIP_CAPTIONS, T2I_CAPTIONS = 11, 21
 so that each model keeps the captions it has always drawn for scene i."""
 REDRAW_SEED = 7_919
 """Seed step between redraws of a scene that shows a held-out pair."""
+SCENE_CACHE = 32_768
+"""Scenes a dataset keeps once drawn (a few tens of MB): all of a text-to-image run's 20,000, revisited each
+epoch; a planner's 400,000 are each seen once, and it keeps only the last ones."""
 
 
 class Caption(NamedTuple):
@@ -56,14 +60,21 @@ class CaptionedScenes(Dataset):
         self.captioner, self.stream, self.tokenizer, self.with_text = captioner, stream, tokenizer, with_text
         self.heldout = set(map(tuple, heldout))
         self.latents = None if latents is None else {k: torch.from_numpy(v) for k, v in latents.items()}
+        self._scenes: OrderedDict[int, Scene] = OrderedDict()  # the last SCENE_CACHE scenes drawn
 
     def __len__(self) -> int:
         return self.n
 
     def scene(self, i: int) -> Scene:
+        if i in self._scenes:  # drawing is a third of an item's cost, and an item asks twice with a layout
+            self._scenes.move_to_end(i)
+            return self._scenes[i]
         for k in range(1000):
             scene = scene_at(self.world, self.seed + k * REDRAW_SEED, i)
             if not mentions_heldout(scene, self.heldout):
+                self._scenes[i] = scene
+                if len(self._scenes) > SCENE_CACHE:
+                    self._scenes.popitem(last=False)
                 return scene
         raise DifflabError(f"could not draw a scene without the held-out pairs {sorted(self.heldout)}")
 
