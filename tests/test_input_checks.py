@@ -249,6 +249,8 @@ def test_from_dict_converts_what_json_cannot_spell():
         (["eval", "RUN", "--seed", "-1"], "argument --seed: -1 is invalid"),
         (["eval", "RUN", "--prompt-seed", str(2**70)], "argument --prompt-seed: 1180591620717411303424"),
         (["eval", "RUN", "--n", "0"], "argument --n: 0 is invalid"),
+        (["eval", "RUN", "--temperature", "0"], "argument --temperature: 0.0 is invalid; expected a finite number"),
+        (["eval", "RUN", "--temperature", "nan"], "argument --temperature: nan is invalid"),
         (["world", "check", "--noise", "nan"], "--noise nan is invalid; expected a standard deviation in [0, 10]"),
         (["world", "check", "--noise", "inf"], "--noise inf is invalid"),
         (["world", "check", "--n", str(2**70)], "--n 1180591620717411303424 is invalid"),

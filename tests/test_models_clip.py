@@ -219,6 +219,20 @@ def test_captioned_scenes_are_deterministic_and_mixed():
     assert torch.equal(item["image"], toy[0]["image"])  # the toy dataset's own pixels
 
 
+def test_the_scene_cache_returns_what_a_fresh_draw_would(monkeypatch):
+    """Scenes are kept once drawn (captioned.SCENE_CACHE): what comes back, after eviction too, is what a
+    dataset that never cached draws."""
+    from difflab.data import captioned
+
+    monkeypatch.setattr(captioned, "SCENE_CACHE", 4)
+    cfg = get_preset("clip_demo").build()
+    data, fresh = (captioned_scenes(cfg.data, make_tokenizer(cfg)) for _ in range(2))
+    order = [0, 1, 2, 0, 3, 4, 5, 6, 0, 1, 9, 9]
+    assert [data.scene(i) for i in order] == [fresh.scene(i) for i in order]
+    assert data.scene(2) == captioned_scenes(cfg.data, make_tokenizer(cfg)).scene(2)
+    assert len(data._scenes) == 4
+
+
 def test_every_clip_preset_builds_and_takes_one_step():
     from difflab.models.registry import PRESETS
 
@@ -285,6 +299,8 @@ def test_eval_cli_json(tiny_run, capsys):
     capsys.readouterr()
     assert main(["eval", str(tiny_run), "--sampler", "ddim"]) == 2
     assert "--sampler applies to diffusion runs (pixel, ldm, t2i)" in capsys.readouterr().err
+    assert main(["eval", str(tiny_run), "--temperature", "0.5"]) == 2
+    assert "--temperature applies to planner, t2i runs" in capsys.readouterr().err
     assert main(["sample", str(tiny_run)]) == 2
     assert "difflab sample draws from diffusion runs" in capsys.readouterr().err
 

@@ -23,8 +23,9 @@ from difflab.models.conditioners import GroundedPrompts, Layouts
 from difflab.models.layout import layout_fields, object_box, phrase_index, phrases
 from difflab.models.registry import get_preset
 from difflab.models.text_encoder import export_text_encoder, load_text_encoder
-from difflab.nn.gligen import GatedSelfAttention, fourier_boxes, pixel_boxes
+from difflab.nn.gligen import GatedSelfAttention, GroundingMap, coverage, fourier_boxes, pixel_boxes
 from difflab.nn.unet import UNet, UNetConfig
+from difflab.world.geneval import eval_prompts
 from difflab.world.grounding import caption_order, ground
 from difflab.world.language import caption, short_caption
 from difflab.world.prompts import Exists, ObjectSpec, Relation, matches, relation_holds
@@ -111,33 +112,67 @@ def test_fourier_boxes_closed_form_and_pixel_boxes_tile_the_canvas():
     assert torch.equal(boxes[1], torch.tensor([0.25, 0.0, 0.5, 0.25]))  # row-major: pixel (0, 1)
 
 
-def _unet_cfg(grounding_dim):
+def _unet_cfg(grounding_dim, grounding_map=False):
     return UNetConfig(in_channels=3, out_channels=3, image_size=8, channels=16, channel_mult=(1, 2),
                       num_res_blocks=1, attention_resolutions=(8, 4), heads=2, norm_groups=4, context_dim=12,
-                      grounding_dim=grounding_dim)  # fmt: skip
+                      grounding_dim=grounding_dim, grounding_map=grounding_map)  # fmt: skip
 
 
-def test_zero_gate_leaves_the_grounded_unet_bitwise_equal_to_the_base():
-    """GLIGEN Eq. 8 with gamma = 0: v + tanh(0) * attention = v, exactly, whatever the grounding says."""
+@pytest.mark.parametrize("grounding_map", [False, True])
+def test_zero_gate_leaves_the_grounded_unet_bitwise_equal_to_the_base(grounding_map):
+    """GLIGEN Eq. 8 with gamma = 0: v + tanh(0) * attention = v, exactly, whatever the grounding says; the
+    grounding map's zero-initialised projection adds exactly 0 too."""
     torch.manual_seed(0)
     base = UNet(_unet_cfg(None))
-    grounded = UNet(_unet_cfg(6))
+    grounded = UNet(_unet_cfg(6, grounding_map))
     missing, unexpected = grounded.load_state_dict(base.state_dict(), strict=False)
-    assert not unexpected and missing and all(".grounding." in k for k in missing)
+    assert not unexpected and missing and all(".grounding." in k or "grounding_map." in k for k in missing)
     for p in base.conv_out.parameters():  # a non-zero output layer, so equality is not 0 == 0
         torch.nn.init.normal_(p)
     grounded.conv_out.load_state_dict(base.conv_out.state_dict())
     x, t, ctx = torch.randn(2, 3, 8, 8), torch.tensor([3, 700]), torch.randn(2, 5, 12)
     tokens = 10 * torch.randn(2, 3, 6)
+    boxes = torch.tensor([0.1, 0.2, 0.6, 0.9]).expand(2, 3, 4)
     out = grounded(
-        x, t, context=ctx, grounding=tokens, grounding_mask=torch.tensor([[1, 1, 0], [1, 0, 0]]).bool()
-    )
+        x, t, context=ctx, grounding=tokens, grounding_boxes=boxes,
+        grounding_mask=torch.tensor([[1, 1, 0], [1, 0, 0]]).bool(),
+    )  # fmt: skip
     assert torch.equal(out, base(x, t, context=ctx))
     assert out.abs().max() > 0
     for m in grounded.modules():  # open the gates: now the grounding must matter
         if isinstance(m, GatedSelfAttention):
             m.gate.data.fill_(1.0)
-    assert not torch.allclose(grounded(x, t, context=ctx, grounding=tokens), out, atol=1e-4)
+    assert not torch.allclose(
+        grounded(x, t, context=ctx, grounding=tokens, grounding_boxes=boxes), out, atol=1e-4
+    )
+
+
+def test_coverage_is_the_share_of_each_pixel_inside_the_box():
+    """Closed form on a 4 x 4 canvas: a box over the left half of the first row and half of the second."""
+    cover = coverage(pixel_boxes(4), torch.tensor([[[0.0, 0.0, 0.5, 0.375]]]))  # (1, 16, 1)
+    expected = torch.zeros(4, 4)
+    expected[0, :2], expected[1, :2] = 1.0, 0.5
+    assert torch.allclose(cover[0, :, 0].reshape(4, 4), expected)
+    whole = coverage(pixel_boxes(4), torch.tensor([[[0.0, 0.0, 1.0, 1.0]]]))
+    assert torch.allclose(whole, torch.ones_like(whole))
+
+
+def test_grounding_map_paints_each_object_only_inside_its_box():
+    torch.manual_seed(2)
+    painter = GroundingMap(grounding_dim=6, channels=5)
+    torch.nn.init.normal_(painter.proj.weight)  # trained: no longer zero
+    torch.nn.init.normal_(painter.proj.bias)
+    h = torch.randn(1, 5, 4, 4)
+    tokens = torch.randn(1, 2, 6)
+    boxes = torch.tensor([[[0.0, 0.0, 0.5, 0.5], [0.5, 0.5, 1.0, 1.0]]])  # top-left and bottom-right quarters
+    delta = painter(h, tokens, torch.tensor([[True, False]]), boxes) - h  # the second object is padding
+    assert torch.allclose(
+        delta[0, :, :2, :2], painter.proj(tokens[0, 0])[:, None, None].expand(5, 2, 2), atol=1e-6
+    )
+    assert delta[0, :, 2:, :].abs().max() == 0 and delta[0, :, :, 2:].abs().max() == 0
+    assert torch.equal(painter(h, None), h)
+    with pytest.raises(DifflabError, match="needs the objects' boxes"):
+        painter(h, tokens)
 
 
 def test_gated_attention_ignores_padded_objects_and_passes_without_grounding():
@@ -203,6 +238,29 @@ def test_untrained_planner_emits_only_valid_slots(world_name, slot_fields):
     assert len(counts) > 1  # random weights draw layouts of several sizes
 
 
+def test_planner_temperature_sharpens_the_draws_to_the_argmax():
+    """Logits / T before the softmax: as T -> 0 every draw is the most likely allowed token, so two seeds
+    plan the same layouts and each prompt gets one layout (diversity 1); at T = 1 they differ."""
+    cfg = get_preset("planner_tiny").build()
+    tokenizer = planner.make_tokenizer(cfg)
+    torch.manual_seed(0)
+    model = planner.LayoutPlanner(cfg, tokenizer).eval()
+    ids, mask = tokenizer.encode(
+        ["a red circle", "two squares", "a cross to the left of a blue diamond"] * 10
+    )
+    cold = [model.sample(ids, mask, torch.Generator().manual_seed(s), temperature=1e-3) for s in (0, 1)]
+    assert cold[0] == cold[1]
+    warm = [model.sample(ids, mask, torch.Generator().manual_seed(s), temperature=1.0) for s in (0, 1)]
+    assert warm[0] != warm[1]
+    prompts = eval_prompts("scene32", 3)
+    frozen = planner.diversity(planner.LayoutPlanner(dataclasses.replace(cfg, temperature=1e-3), tokenizer).eval(),
+                               cfg, prompts)  # fmt: skip
+    assert frozen["overall"] == 1.0 and set(frozen) >= {"position", "attribute_binding", "draws"}
+    assert planner.diversity(model, cfg, prompts)["overall"] > 1.5  # the untrained planner at its default 0.5
+    with pytest.raises(DifflabError, match="temperature"):
+        dataclasses.replace(cfg, temperature=0.0)
+
+
 PROMPT_TEXT = st.one_of(
     st.text(max_size=60),  # any unicode: control characters, emoji, right-to-left, empty
     st.lists(
@@ -252,8 +310,11 @@ def test_generated_prompts_are_planned_or_refused_by_name(prompt):
 def test_planner_learns_the_prompt(tiny_planner):
     """On the tiny world every prompt is a colour and/or shape of the one object: the trained planner's
     layouts satisfy them (chance: 1/2 per named attribute), where the untrained one does not."""
-    report = planner.evaluate(tiny_planner, 20)["faithfulness"]["all"]
-    assert report["overall"]["score"] >= 0.95 and report["colors"]["score"] >= 0.95
+    report = planner.evaluate(tiny_planner, 20)
+    assert report["temperature"] == 0.5 and 1 <= report["diversity"]["overall"] <= planner.DIVERSITY_DRAWS
+    assert report["faithfulness"]["all"]["overall"]["score"] >= 0.95
+    assert report["faithfulness"]["all"]["colors"]["score"] >= 0.95
+    assert planner.evaluate(tiny_planner, 5, temperature=2.0)["temperature"] == 2.0
 
 
 # ---------------------------------------------------------------------------------------- grounded model
