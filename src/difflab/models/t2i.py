@@ -438,11 +438,11 @@ PRESETS = (
 
 def _layout(cfg: TextToImageConfig) -> TextToImageConfig:
     """A preset's layout recipe: grounding trained with the UNet from scratch, so the gates start open
-    (gamma = 1: at 0 the gated layers get no gradient and stayed closed, docs/t2i.md) and each pixel reads
-    only the objects whose box it overlaps."""
-    unet = dataclasses.replace(
-        cfg.unet, grounding_dim=GROUNDING_DIM, grounding_gate=1.0, grounding_box_attention=True
-    )
+    (gamma = 1: at 0 the gated layers get no gradient and stayed closed, docs/t2i.md), each pixel reads
+    only the objects whose box it overlaps, and the boxes are also painted in at full resolution (the
+    grounding map: 0.79 -> 0.87 overall at 2,000 steps, docs/t2i.md)."""
+    unet = dataclasses.replace(cfg.unet, grounding_dim=GROUNDING_DIM, grounding_gate=1.0,
+                               grounding_box_attention=True, grounding_map=True)  # fmt: skip
     sample = dataclasses.replace(
         cfg.sample, cfg_scale=5.0
     )  # it followed its layouts better than at 3 (docs/t2i.md)

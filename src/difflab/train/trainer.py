@@ -192,7 +192,7 @@ class Trainer(ResumableTraining):
             raise DifflabError("the model has no trainable parameters (all have requires_grad=False)")
         # fused: one kernel over all tensors instead of a dozen element-wise passes per tensor; on the
         # painter's 1.4 M parameters (~170 tensors) a CPU step took 57-77 ms unfused, 9-13 ms fused
-        # (docs/benchmarks.md). The fused kernel exists for CPU, CUDA and MPS tensors.
+        # (docs/t2i.md, "A painter step, measured"). The fused kernel exists for CPU, CUDA and MPS tensors.
         fused = all(p.device.type in ("cpu", "cuda", "mps") and p.is_floating_point() for p in params)
         return torch.optim.AdamW(groups, lr=self.cfg.lr, betas=self.cfg.betas, eps=self.cfg.eps, fused=fused)
 
