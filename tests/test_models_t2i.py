@@ -379,6 +379,9 @@ def test_errors_name_the_problem(encoder_dir, t2i_run, tmp_path, capsys):
         eval_prompts("scene32", 101)
     assert main(["generate", str(tmp_path / "nothing"), "a red circle"]) == 2
     assert "is not a difflab run directory" in capsys.readouterr().err
+    capsys.readouterr()
+    assert main(["eval", str(t2i_run), "--temperature", "0.5"]) == 2  # an 'sd' run has no planner
+    assert "--temperature is the layout planner's; " in capsys.readouterr().err
 
 
 def test_changed_text_encoder_is_refused(clip_run, tmp_path):

@@ -263,18 +263,17 @@ def layout_scene(slots: list[dict], world: WorldConfig, rng: np.random.Generator
 
 
 def plan(
-    planner: LayoutPlanner, tokenizer, prompts: list[str], seed: int = 0, batch_size: int = 256,
-    temperature: float | None = None,
-) -> list[Scene]:  # fmt: skip
-    """One planned scene (objects at positions inside their planned cells) per prompt; ``seed`` fixes
-    both the slots and the positions; ``temperature`` defaults to the planner config's."""
+    planner: LayoutPlanner, tokenizer, prompts: list[str], seed: int = 0, batch_size: int = 256
+) -> list[Scene]:
+    """One planned scene (objects at positions inside their planned cells) per prompt, at the planner
+    config's temperature; ``seed`` fixes both the slots and the positions."""
     device = next(planner.parameters()).device
     gen = torch.Generator().manual_seed(seed)
     rng = np.random.default_rng(seed)
     out = []
     for start in range(0, len(prompts), batch_size):
         ids, mask = tokenizer.encode(list(prompts[start : start + batch_size]))
-        for slots in planner.sample(ids.to(device), mask.to(device), gen, temperature):
+        for slots in planner.sample(ids.to(device), mask.to(device), gen):
             out.append(layout_scene(slots, planner.vocab.world, rng))
     return out
 
@@ -365,7 +364,7 @@ def evaluate(run_dir: str | Path, n: int = MAX_PER_CATEGORY, *, seed: int = 0, p
     """Does the prompt hold on the planned layout? The first ``n`` prompts of every GenEval category, one
     layout each, checked by the prompt's own ``holds`` (no pixels: the planner alone). ``diversity``: what
     a lower temperature costs, the mean number of different layouts among :data:`DIVERSITY_DRAWS` draws
-    for one prompt, over the first single-object prompts."""
+    of one prompt, over the first 20 prompts of each category."""
     model, cfg = load_model(run_dir, temperature=temperature)
     prompts = eval_prompts(cfg.data.world, n, prompt_seed)
     scenes = []

@@ -340,11 +340,12 @@ def evaluate(run_dir: str | Path, n: int, *, seed: int = 0, sampler=None, steps=
              temperature: float | None = None) -> dict:  # fmt: skip
     """GenEval-style faithfulness of the first ``n`` prompts of every category (:mod:`t2i_eval`);
     ``temperature``: the planner's, for recipe 'layout'."""
-    model, cfg = load_model(run_dir, temperature=temperature)
-    if temperature is not None and cfg.recipe != "layout":
+    recipe = load_config(run_dir).recipe
+    if temperature is not None and recipe != "layout":  # refused before anything is loaded
         raise DifflabError(
-            f"--temperature is the layout planner's; '{run_dir}' is a '{cfg.recipe}' run, which has none"
+            f"--temperature is the layout planner's; '{run_dir}' is a '{recipe}' run, which has none"
         )
+    model, cfg = load_model(run_dir, temperature=temperature)
     report = t2i_eval.evaluate(model, cfg, run_dir, n, sampler=sampler, steps=steps, cfg_scale=cfg_scale,
                                seed=seed, progress=progress, prompt_seed=prompt_seed)  # fmt: skip
     if cfg.recipe == "layout":
