@@ -248,13 +248,18 @@ def test_planner_temperature_sharpens_the_draws_to_the_argmax():
     ids, mask = tokenizer.encode(
         ["a red circle", "two squares", "a cross to the left of a blue diamond"] * 10
     )
-    cold = [model.sample(ids, mask, torch.Generator().manual_seed(s), temperature=1e-3) for s in (0, 1)]
+
+    def at(temperature: float) -> planner.LayoutPlanner:  # the same weights, sampled at another temperature
+        other = planner.LayoutPlanner(dataclasses.replace(cfg, temperature=temperature), tokenizer).eval()
+        other.load_state_dict(model.state_dict())
+        return other
+
+    cold = [at(1e-3).sample(ids, mask, torch.Generator().manual_seed(s)) for s in (0, 1)]
     assert cold[0] == cold[1]
-    warm = [model.sample(ids, mask, torch.Generator().manual_seed(s), temperature=1.0) for s in (0, 1)]
+    warm = [at(1.0).sample(ids, mask, torch.Generator().manual_seed(s)) for s in (0, 1)]
     assert warm[0] != warm[1]
     prompts = eval_prompts("scene32", 3)
-    frozen = planner.diversity(planner.LayoutPlanner(dataclasses.replace(cfg, temperature=1e-3), tokenizer).eval(),
-                               cfg, prompts)  # fmt: skip
+    frozen = planner.diversity(at(1e-3), cfg, prompts)
     assert frozen["overall"] == 1.0 and set(frozen) >= {"position", "attribute_binding", "draws"}
     assert planner.diversity(model, cfg, prompts)["overall"] > 1.5  # the untrained planner at its default 0.5
     with pytest.raises(DifflabError, match="temperature"):

@@ -22,6 +22,7 @@ from difflab.errors import MAX_SIZE, MAX_TIMESTEPS, DifflabError
 from difflab.models.attention_maps import CrossAttentionMaps, save_attention_overlays
 from difflab.models.conditioners import GroundedPrompts
 from difflab.models.layout import outlines
+from difflab.models.planner import TEMPERATURE_RANGE
 from difflab.models.recipe import GUIDANCE_RANGE
 from difflab.models.registry import FAMILIES, PRESETS, family_of_run, get_family, get_preset
 from difflab.models.system import generate_batches
@@ -58,7 +59,7 @@ IMAGES = cli_types.integer(1, cli_types.MAX_IMAGES)
 SAMPLER = cli_types.choice("sampler", SAMPLERS)
 STEPS = cli_types.integer(1, MAX_TIMESTEPS)  # and at most the run's diffusion.timesteps, checked on loading
 GUIDANCE = cli_types.number(*GUIDANCE_RANGE)
-TEMPERATURE = cli_types.number(1e-3, 100.0)  # PlannerConfig.temperature's range
+TEMPERATURE = cli_types.number(*TEMPERATURE_RANGE)
 CLASS = cli_types.integer(0, MAX_SIZE)  # and below the run's class count, checked on loading
 
 

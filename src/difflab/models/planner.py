@@ -68,6 +68,8 @@ from difflab.world.scene import (
 )
 
 FIELDS = ("shape", "color", "size", "cell")
+TEMPERATURE_RANGE = (1e-3, 100.0)
+"""Sampling temperatures a planner takes: above 0, where the softmax of logits / T is defined."""
 """The four tokens of an object slot, in the order they are written."""
 
 
@@ -146,7 +148,7 @@ class PlannerConfig:
     def __post_init__(self) -> None:
         for name in ("context_length", "width", "depth", "heads"):
             check_int(name, getattr(self, name), 1, MAX_SIZE)
-        check_float("temperature", self.temperature, 1e-3, 100.0)
+        check_float("temperature", self.temperature, *TEMPERATURE_RANGE)
         check_choice("slot_fields", self.slot_fields, ("sequential", "parallel"))
         if self.width % self.heads:
             raise DifflabError(f"width {self.width} is invalid; expected a multiple of heads ({self.heads})")
@@ -203,12 +205,10 @@ class LayoutPlanner(nn.Module):
         return logits.masked_fill(~self.vocab.field_mask[:t].to(logits.device), float("-inf"))
 
     @torch.no_grad()
-    def sample(self, ids: torch.Tensor, mask: torch.Tensor, generator: torch.Generator,
-               temperature: float | None = None) -> list[list[dict]]:  # fmt: skip
+    def sample(self, ids: torch.Tensor, mask: torch.Tensor, generator: torch.Generator) -> list[list[dict]]:
         """One layout (a list of slots) per caption, drawn under the constraints of the module docstring:
-        token by token, or (``slot_fields='parallel'``) slot by slot, at ``temperature`` (default: the
-        config's). The draws come from ``generator`` (CPU), so a seed gives the same layouts on any device."""
-        temperature = self.cfg.temperature if temperature is None else temperature
+        token by token, or (``slot_fields='parallel'``) slot by slot, at the config's ``temperature``. The
+        draws come from ``generator`` (CPU), so a seed gives the same layouts on any device."""
         vocab = self.vocab
         b, dev = ids.shape[0], ids.device
         layout = torch.full((b, 1), vocab.START, dtype=torch.long, device=dev)
@@ -221,7 +221,7 @@ class LayoutPlanner(nn.Module):
             allowed = torch.stack(
                 [self._allowed(layout[i, 1:].tolist(), slot, FIELDS[f], done[i]) for i in range(b)]
             )
-            probs = (logits / temperature).masked_fill(~allowed, float("-inf")).softmax(-1)
+            probs = (logits / self.cfg.temperature).masked_fill(~allowed, float("-inf")).softmax(-1)
             nxt = torch.multinomial(probs, 1, generator=generator)  # (B, 1)
             done |= nxt[:, 0] == vocab.END
             layout = torch.cat([layout, nxt.to(dev)], 1)

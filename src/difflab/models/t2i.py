@@ -274,6 +274,10 @@ def load_model(
     (pixels, or the autoencoder's latents), and the config; ``temperature``: the planner's sampling
     temperature instead of its config's (recipe 'layout')."""
     cfg = load_config(run_dir)
+    if temperature is not None and cfg.recipe != "layout":  # refused before anything is loaded
+        raise DifflabError(
+            f"--temperature is the layout planner's; '{run_dir}' is a '{cfg.recipe}' run, which has none"
+        )
     check_inputs_unchanged(cfg, f"'{run_dir}' was trained on it; retrain the text-to-image model")
     network = load_latest_weights(run_dir, build_network(cfg), ema=ema)
     encoder = load_text_encoder(cfg.text_encoder, layers=cfg.text_layers)
@@ -340,11 +344,6 @@ def evaluate(run_dir: str | Path, n: int, *, seed: int = 0, sampler=None, steps=
              temperature: float | None = None) -> dict:  # fmt: skip
     """GenEval-style faithfulness of the first ``n`` prompts of every category (:mod:`t2i_eval`);
     ``temperature``: the planner's, for recipe 'layout'."""
-    recipe = load_config(run_dir).recipe
-    if temperature is not None and recipe != "layout":  # refused before anything is loaded
-        raise DifflabError(
-            f"--temperature is the layout planner's; '{run_dir}' is a '{recipe}' run, which has none"
-        )
     model, cfg = load_model(run_dir, temperature=temperature)
     report = t2i_eval.evaluate(model, cfg, run_dir, n, sampler=sampler, steps=steps, cfg_scale=cfg_scale,
                                seed=seed, progress=progress, prompt_seed=prompt_seed)  # fmt: skip
