@@ -23,7 +23,16 @@ from difflab.models.conditioners import GroundedPrompts, Layouts
 from difflab.models.layout import layout_fields, object_box, phrase_index, phrases
 from difflab.models.registry import get_preset
 from difflab.models.text_encoder import export_text_encoder, load_text_encoder
-from difflab.nn.gligen import GatedSelfAttention, GroundingMap, coverage, fourier_boxes, pixel_boxes
+from difflab.nn.gligen import (
+    BOX_COORD_FEATURES,
+    BOX_COORD_FREQS,
+    GatedSelfAttention,
+    GroundingMap,
+    box_coordinates,
+    coverage,
+    fourier_boxes,
+    pixel_boxes,
+)
 from difflab.nn.unet import UNet, UNetConfig
 from difflab.world.geneval import eval_prompts
 from difflab.world.grounding import caption_order, ground
@@ -112,19 +121,20 @@ def test_fourier_boxes_closed_form_and_pixel_boxes_tile_the_canvas():
     assert torch.equal(boxes[1], torch.tensor([0.25, 0.0, 0.5, 0.25]))  # row-major: pixel (0, 1)
 
 
-def _unet_cfg(grounding_dim, grounding_map=False):
+def _unet_cfg(grounding_dim, grounding_map=False, coords=False):
     return UNetConfig(in_channels=3, out_channels=3, image_size=8, channels=16, channel_mult=(1, 2),
                       num_res_blocks=1, attention_resolutions=(8, 4), heads=2, norm_groups=4, context_dim=12,
-                      grounding_dim=grounding_dim, grounding_map=grounding_map)  # fmt: skip
+                      grounding_dim=grounding_dim, grounding_map=grounding_map,
+                      grounding_map_coords=coords)  # fmt: skip
 
 
-@pytest.mark.parametrize("grounding_map", [False, True])
-def test_zero_gate_leaves_the_grounded_unet_bitwise_equal_to_the_base(grounding_map):
+@pytest.mark.parametrize(("grounding_map", "coords"), [(False, False), (True, False), (True, True)])
+def test_zero_gate_leaves_the_grounded_unet_bitwise_equal_to_the_base(grounding_map, coords):
     """GLIGEN Eq. 8 with gamma = 0: v + tanh(0) * attention = v, exactly, whatever the grounding says; the
     grounding map's zero-initialised projection adds exactly 0 too."""
     torch.manual_seed(0)
     base = UNet(_unet_cfg(None))
-    grounded = UNet(_unet_cfg(6, grounding_map))
+    grounded = UNet(_unet_cfg(6, grounding_map, coords))
     missing, unexpected = grounded.load_state_dict(base.state_dict(), strict=False)
     assert not unexpected and missing and all(".grounding." in k or "grounding_map." in k for k in missing)
     for p in base.conv_out.parameters():  # a non-zero output layer, so equality is not 0 == 0
@@ -173,6 +183,33 @@ def test_grounding_map_paints_each_object_only_inside_its_box():
     assert torch.equal(painter(h, None), h)
     with pytest.raises(DifflabError, match="needs the objects' boxes"):
         painter(h, tokens)
+
+
+def test_box_coordinates_put_each_pixel_centre_in_the_box_frame():
+    """Closed form: on a 4 x 4 canvas the box (0, 0, 0.5, 1) has the first two columns' centres at
+    u = -0.5 and 0.5, the rows' at v = -0.75 .. 0.75; features are u, v, then sin and cos of 2^k pi/2 u, v."""
+    features = box_coordinates(pixel_boxes(4), torch.tensor([[[0.0, 0.0, 0.5, 1.0]]]))  # (1, 16, 1, F)
+    assert features.shape == (1, 16, 1, BOX_COORD_FEATURES)
+    uv = features[0, :, 0, :2].reshape(4, 4, 2)
+    assert torch.allclose(uv[0, :, 0], torch.tensor([-0.5, 0.5, 1.5, 2.5]))
+    assert torch.allclose(uv[:, 0, 1], torch.tensor([-0.75, -0.25, 0.25, 0.75]))
+    k = BOX_COORD_FREQS
+    assert torch.allclose(
+        features[0, 0, 0, 2 : 2 + k], torch.sin(-0.5 * torch.pi / 2 * 2.0 ** torch.arange(k))
+    )
+
+
+def test_grounding_map_with_coordinates_paints_where_in_the_box_and_only_inside_it():
+    torch.manual_seed(3)
+    painter = GroundingMap(grounding_dim=6, channels=5, coords=True)
+    h, tokens = torch.randn(1, 5, 4, 4), torch.randn(1, 1, 6)
+    boxes = torch.tensor([[[0.0, 0.0, 0.5, 0.5]]])
+    assert torch.equal(painter(h, tokens, None, boxes), h)  # zero-initialised: the base model
+    torch.nn.init.normal_(painter.proj.weight)
+    delta = painter(h, tokens, None, boxes) - h
+    assert delta[0, :, 2:, :].abs().max() == 0 and delta[0, :, :, 2:].abs().max() == 0
+    inside = delta[0, :, :2, :2].reshape(5, 4)  # the box's four pixels get four different vectors
+    assert torch.cdist(inside.T, inside.T).add(torch.eye(4)).min() > 1e-3
 
 
 def test_gated_attention_ignores_padded_objects_and_passes_without_grounding():
@@ -378,3 +415,10 @@ def test_demo_layout_recipe_tiny(tmp_path, capsys):
     assert report["eval"]["faithfulness"]["all"]["overall"]["n"] == 9
     assert "planner_seconds" in report["timings"]
     assert "faithfulness" in capsys.readouterr().out
+
+
+def test_a_grounding_map_option_without_its_parts_is_refused_by_name():
+    with pytest.raises(DifflabError, match="grounding_map is set but grounding_dim is None"):
+        _unet_cfg(None, grounding_map=True)
+    with pytest.raises(DifflabError, match="grounding_map_coords is set but grounding_map is off"):
+        _unet_cfg(6, grounding_map=False, coords=True)

@@ -37,12 +37,14 @@ from difflab.errors import DifflabError
 from difflab.models import pixel, t2i, t2i_eval
 from difflab.models.attention_maps import CrossAttentionMaps, save_attention_overlays
 from difflab.models.cli import add_preset_args, check_n, config_from_args
+from difflab.models.codecs import attach_autoencoder
 from difflab.models.layout import outlines
 from difflab.models.registry import get_family, get_preset
 from difflab.models.runs import has_checkpoints
 from difflab.models.text_encoder import export_text_encoder
 from difflab.outputs import image_folder
 from difflab.train.device import resolve_device
+from difflab.train.side_by_side import Job, run_side_by_side
 from difflab.viz import save_captioned_grid, save_grid
 from difflab.world.check import check_reader
 from difflab.world.geneval import CATEGORIES, eval_prompts
@@ -89,6 +91,14 @@ def register(subparsers) -> None:
         help="text-to-image: prompts per category to score (default: 50); pixel: samples (default: 400)",
     )
     p.add_argument("--seed", type=cli_types.seed, default=0, help="sampling seed (default: 0)")
+    p.add_argument(
+        "--jobs",
+        type=cli_types.integer(1, 3),
+        default=2,
+        help="text-to-image: how many of the painter's parents (autoencoder, CLIP, planner) train at once, "
+        "each in its own process with an equal share of the threads; 1 trains them one after another "
+        "(default: 2: small networks use two cores poorly, docs/t2i.md)",
+    )
     p.add_argument("--device", default=None, help="auto (default), cpu, cuda, mps")
     p.set_defaults(func=run_demo)
 
@@ -219,47 +229,84 @@ def _text_to_image(args, cfg, out: Path, report: dict, timings: dict, start: flo
 
 
 def _train_text_to_image(args, cfg, out: Path, timings: dict) -> Path:
-    """Steps 2-3: the autoencoder and the CLIP whose text tower is exported, then the t2i run itself."""
+    """Steps 2-3: the painter's parents side by side (autoencoder, then its latents of the training
+    scenes; CLIP, then its exported text tower; the planner), then the t2i run itself."""
+    overrides = [f"train.device={args.device}"] if args.device else []
+    workers = min(args.jobs, 2 + (cfg.recipe == "layout"))
+    if workers > 1:  # their bars would overwrite each other: one line per finished stage instead
+        overrides.append("train.progress=false")
+    threads = max(1, torch.get_num_threads() // workers)
 
     def stage_config(preset: str):  # the demo's --device applies to every stage
-        return apply_overrides(
-            get_preset(preset).build(), [f"train.device={args.device}"] if args.device else []
-        )
+        return apply_overrides(get_preset(preset).build(), overrides)
 
-    def train_stage(name: str, preset: str, stage_cfg, stage_dir: Path) -> None:
-        t0 = time.perf_counter()
-        get_family(get_preset(preset).family).train(stage_cfg, stage_dir)
-        timings[f"{name}_seconds"] = time.perf_counter() - t0
+    def done(name: str, seconds: float) -> None:
+        timings[f"{name}_seconds"] = seconds
+        print(f"      {name.replace('_', ' ')}: trained in {seconds:.0f} s", flush=True)
 
     t0 = time.perf_counter()
-    vae_dir = None
+    jobs, what, vae_dir = [], [], None
     if args.vae_preset != "none":
-        vae_cfg = stage_config(args.vae_preset)
         vae_dir = out / "vae"
-        print(f"[2/5] training the autoencoder '{args.vae_preset}' ({vae_cfg.train.steps} steps) into {vae_dir} ...",
-              flush=True)  # fmt: skip
-        train_stage("vae", args.vae_preset, vae_cfg, vae_dir)
+        vae_cfg = stage_config(args.vae_preset)
+        jobs.append(Job("vae", _train_autoencoder, (args.vae_preset, vae_cfg, vae_dir, cfg), done))
+        what.append(f"the autoencoder '{args.vae_preset}' ({vae_cfg.train.steps} steps) into {vae_dir}, then "
+                    f"its latents of the {cfg.data.n:,} training scenes")  # fmt: skip
     clip_cfg = stage_config(args.text_preset)
-    print(f"[2/5] training the text encoder: CLIP '{args.text_preset}' ({clip_cfg.train.steps} steps) into "
-          f"{out / 'clip'} ...", flush=True)  # fmt: skip
-    train_stage("text_encoder", args.text_preset, clip_cfg, out / "clip")
-    encoder_dir = export_text_encoder(out / "clip", out / "text_encoder")
-    cfg = dataclasses.replace(
-        cfg, text_encoder=str(encoder_dir), vae=None if vae_dir is None else str(vae_dir)
+    jobs.append(Job("text_encoder", _train_text_encoder, (args.text_preset, clip_cfg, out), done))
+    what.append(
+        f"the text encoder: CLIP '{args.text_preset}' ({clip_cfg.train.steps} steps) into {out / 'clip'}"
     )
     if cfg.recipe == "layout":
         planner_cfg = stage_config(args.planner_preset)
         planner_cfg = dataclasses.replace(planner_cfg, data=dataclasses.replace(  # the painter's world and pairs
             planner_cfg.data, world=cfg.data.world, heldout_pairs=cfg.data.heldout_pairs))  # fmt: skip
-        print(f"[2/5] training the layout planner '{args.planner_preset}' ({planner_cfg.train.steps} steps) into "
-              f"{out / 'planner'} ...", flush=True)  # fmt: skip
-        train_stage("planner", args.planner_preset, planner_cfg, out / "planner")
-        cfg = dataclasses.replace(cfg, planner=str(out / "planner"))
+        jobs.insert(
+            0, Job("planner", _train_stage, (args.planner_preset, planner_cfg, out / "planner"), done)
+        )
+        what.insert(0, f"the layout planner '{args.planner_preset}' ({planner_cfg.train.steps} steps) into "
+                       f"{out / 'planner'}")  # fmt: skip
+    at_once = (
+        f", {workers} at a time, {threads} thread{'s' * (threads > 1)} each (--jobs)" if workers > 1 else ""
+    )
+    print(
+        f"[2/5] training what the painter needs{at_once}:",
+        *(f"      - {w}" for w in what),
+        sep="\n",
+        flush=True,
+    )
+    results = run_side_by_side(jobs, workers=workers, threads=threads)
+    cfg = dataclasses.replace(cfg, text_encoder=str(results["text_encoder"][0]),
+                              vae=None if vae_dir is None else str(vae_dir),
+                              planner=str(out / "planner") if cfg.recipe == "layout" else cfg.planner)  # fmt: skip
+    timings["parents_seconds"] = time.perf_counter() - t0
     print(f"[3/5] training text-to-image '{args.preset}' for {cfg.train.steps} steps into {out / 'run'} ...",
           flush=True)  # fmt: skip
-    train_stage("t2i", args.preset, cfg, out / "run")
+    t1 = time.perf_counter()
+    _train_stage(args.preset, cfg, out / "run")
+    timings["t2i_seconds"] = time.perf_counter() - t1
     timings["train_seconds"] = time.perf_counter() - t0
     return out / "run"
+
+
+def _train_stage(preset: str, cfg, run_dir: Path) -> None:
+    """One training of the demo (module level: it may run in a process of its own)."""
+    get_family(get_preset(preset).family).train(cfg, run_dir)
+
+
+def _train_autoencoder(preset: str, cfg, run_dir: Path, painter_cfg) -> None:
+    """The autoencoder, then its latents of the painter's training scenes into its run's cache, where the
+    painter's training finds them."""
+    _train_stage(preset, cfg, run_dir)
+    painter_cfg = dataclasses.replace(painter_cfg, vae=str(run_dir))
+    d = painter_cfg.data
+    t2i.training_latents(attach_autoencoder(painter_cfg, "toy", d.world, d.image_size))
+
+
+def _train_text_encoder(preset: str, cfg, out: Path) -> Path:
+    """CLIP, then its text tower exported: the painter's frozen text encoder."""
+    _train_stage(preset, cfg, out / "clip")
+    return export_text_encoder(out / "clip", out / "text_encoder")
 
 
 def _prompt_grid(model, cfg, out: Path, seed: int, per_category: int = 6) -> None:

@@ -137,6 +137,12 @@ def training_set(cfg: TextToImageConfig, encoder: FrozenTextEncoder, autoencoder
     """The captioned training scenes: pixels, or (with a vae) the autoencoder's cached latents of them."""
     if cfg.vae is None:
         return captioned_scenes(cfg.data, encoder.tokenizer)
+    return captioned_scenes(cfg.data, encoder.tokenizer, training_latents(cfg, autoencoder))
+
+
+def training_latents(cfg: TextToImageConfig, autoencoder=None) -> dict:
+    """The autoencoder's latents of every training scene, from its run's cache (encoded once, on first
+    use: the demo does it beside the other trainings, before the painter starts)."""
     images = captioned_scenes(cfg.data)  # no tokenizer, no latents: items are {"image"}, what is encoded
     # the images are a function of the scenes alone (not of the captions): world, n, seed, held-out pairs
     d = cfg.data
@@ -144,8 +150,7 @@ def training_set(cfg: TextToImageConfig, encoder: FrozenTextEncoder, autoencoder
     if d.min_objects is not None:  # only when set, so the latents cached before the option still match
         scenes["min_objects"] = d.min_objects
     key = {"data": scenes, "renderer": RENDERER_VERSION, "dataset": "t2i-captioned-scenes"}
-    latents = cached_latents(cfg, images, key, autoencoder)
-    return captioned_scenes(cfg.data, encoder.tokenizer, latents)
+    return cached_latents(cfg, images, key, autoencoder)
 
 
 def training_items(cfg: TextToImageConfig, encoder: FrozenTextEncoder, autoencoder=None):

@@ -123,11 +123,27 @@ class GroundingMap(nn.Module):
     gated self-attention layers sit only at the UNet's coarse levels (8x8 of a 16x16 latent in the demo),
     and the full-resolution level, where an object's outline is drawn, learns what lies where only through
     them. Painted in, colour and shape reach every pixel of the box from the first layer. Zero at
-    initialisation, so a grounded UNet with a closed gate is still exactly the base model."""
+    initialisation, so a grounded UNet with a closed gate is still exactly the base model.
 
-    def __init__(self, grounding_dim: int, channels: int):
+    With ``coords`` (an addition of ours, not GLIGEN's) a pixel also learns *where in the box* it sits:
+    what it gets from object m is a small field
+
+        f(token_m, u, v) = W_o SiLU(A token_m + B phi(u, v)),   (u, v) the pixel's centre in the box's own
+                                                                 frame, -1..1 edge to edge
+
+    (``phi``: :func:`box_coordinates`), so "a red cross in this box" can become "red here, background
+    there" from the first layer on, the same way for any box's place and size. W_o starts at zero."""
+
+    def __init__(self, grounding_dim: int, channels: int, coords: bool = False, hidden: int | None = None):
         super().__init__()
-        self.proj = nn.Linear(grounding_dim, channels)
+        self.coords = coords
+        if coords:  # a small field over (token, the pixel's place in the box): SiLU, then a zero map
+            hidden = hidden or channels
+            self.token = nn.Linear(grounding_dim, hidden)
+            self.place = nn.Linear(BOX_COORD_FEATURES, hidden, bias=False)
+            self.proj = nn.Linear(hidden, channels)
+        else:
+            self.proj = nn.Linear(grounding_dim, channels)
         nn.init.zeros_(self.proj.weight)
         nn.init.zeros_(self.proj.bias)
 
@@ -138,11 +154,34 @@ class GroundingMap(nn.Module):
         if boxes is None:
             raise DifflabError("a grounding map needs the objects' boxes; expected boxes (B, M, 4)")
         b, c, side, _ = h.shape
-        cover = coverage(pixel_boxes(side, h.device).to(h.dtype), boxes.to(h.dtype))  # (B, N, M)
+        pixels = pixel_boxes(side, h.device).to(h.dtype)
+        cover = coverage(pixels, boxes.to(h.dtype))  # (B, N, M)
         if mask is not None:
             cover = cover * mask[:, None, :].to(h.dtype)  # padded objects paint nothing
-        painted = cover @ self.proj(grounding)  # (B, N, C)
+        if self.coords:
+            place = self.place(box_coordinates(pixels, boxes.to(h.dtype)))  # (B, N, M, hidden)
+            field = self.proj(nn.functional.silu(self.token(grounding)[:, None] + place))  # (B, N, M, C)
+            painted = (cover[..., None] * field).sum(2)  # (B, N, C)
+        else:
+            painted = cover @ self.proj(grounding)  # (B, N, C)
         return h + painted.transpose(1, 2).reshape(b, c, side, side)
+
+
+BOX_COORD_FREQS = 4
+"""Frequencies of a pixel's in-box coordinates: 2^0 pi/2 .. 2^3 pi/2, down to 1/8 of a box."""
+BOX_COORD_FEATURES = 2 + 4 * BOX_COORD_FREQS
+
+
+def box_coordinates(pixels: torch.Tensor, boxes: torch.Tensor, freqs: int = BOX_COORD_FREQS) -> torch.Tensor:
+    """(N, 4) pixel squares and (B, M, 4) boxes -> (B, N, M, 2 + 4 * freqs): each pixel centre's place in
+    each box's own frame, (u, v) = -1 .. 1 from the box's left (top) edge to its right (bottom) one, with
+    sin and cos of 2^k pi/2 u and v (k < freqs)."""
+    centre = (pixels[:, :2] + pixels[:, 2:]) / 2  # (N, 2)
+    size = (boxes[..., 2:] - boxes[..., :2]).clamp(min=1e-6)  # (B, M, 2); a padded box may be empty
+    uv = 2 * (centre[None, :, None, :] - boxes[:, None, :, :2]) / size[:, None] - 1  # (B, N, M, 2)
+    scales = math.pi / 2 * 2.0 ** torch.arange(freqs, device=uv.device, dtype=uv.dtype)  # (F,)
+    angles = (uv[..., None] * scales).flatten(-2)  # (B, N, M, 2F)
+    return torch.cat([uv, angles.sin(), angles.cos()], -1)
 
 
 def coverage(pixels: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:

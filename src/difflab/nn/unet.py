@@ -87,6 +87,9 @@ class UNetConfig:
     grounding_map: bool = False
     """Also paint the grounding tokens into their boxes at the input resolution, added after the first
     convolution (:class:`~difflab.nn.gligen.GroundingMap`, zero at initialisation). Needs ``grounding_dim``."""
+    grounding_map_coords: bool = False
+    """What the map paints also depends on where in the box a pixel sits (a small field over the token and
+    the pixel's in-box coordinates, :class:`~difflab.nn.gligen.GroundingMap`). Needs ``grounding_map``."""
     attention_positions: bool = False
     """A learned position embedding in every attention layer (:class:`difflab.nn.attention.SpatialAttention`),
     so that attention knows where each pixel is: what 'to the left of' needs. Off: Stable Diffusion's UNet.
@@ -107,6 +110,10 @@ class UNetConfig:
         if self.grounding_map and self.grounding_dim is None:
             raise DifflabError(
                 "grounding_map is set but grounding_dim is None; expected grounding tokens to paint"
+            )
+        if self.grounding_map_coords and not self.grounding_map:
+            raise DifflabError(
+                "grounding_map_coords is set but grounding_map is off; expected a map to shape"
             )
         if self.context_pool and self.context_dim is None:
             raise DifflabError("context_pool is set but context_dim is None; expected a context to pool")
@@ -185,7 +192,11 @@ class UNet(nn.Module):
             nn.Linear(cfg.context_dim, emb_dim) if cfg.context_pool and cfg.context_dim else None
         )
         self.conv_in = nn.Conv2d(cfg.in_channels, ch, 3, padding=1)
-        self.grounding_map = GroundingMap(cfg.grounding_dim, ch) if cfg.grounding_map else None
+        self.grounding_map = (
+            GroundingMap(cfg.grounding_dim, ch, coords=cfg.grounding_map_coords)
+            if cfg.grounding_map
+            else None
+        )
 
         def positions(res: int) -> int | None:  # rows of an attention layer's position embedding at side res
             return res * res if cfg.attention_positions else None

@@ -1,0 +1,64 @@
+"""Trainings side by side (difflab.train.side_by_side): results, threads, and errors come back whole."""
+
+import operator
+import os
+import time
+
+import pytest
+import torch
+
+from difflab.train.side_by_side import Job, JobFailed, run_side_by_side
+
+
+def test_jobs_run_in_their_own_processes_with_their_share_of_threads():
+    finished = []
+    results = run_side_by_side(
+        [Job("pid", os.getpid), Job("threads", torch.get_num_threads, on_done=lambda n, s: finished.append(n)),
+         Job("sum", operator.add, (2, 3))],
+        workers=2, threads=1,
+    )  # fmt: skip
+    assert results["pid"][0] != os.getpid()  # spawned, not run here
+    assert results["threads"][0] == 1
+    assert results["sum"][0] == 5 and results["sum"][1] >= 0
+    assert finished == ["threads"]
+
+
+def test_one_worker_runs_the_jobs_here_in_order():
+    order = []
+    results = run_side_by_side(
+        [Job("a", os.getpid, on_done=lambda n, s: order.append(n)), Job("b", os.getpid,
+                                                                        on_done=lambda n, s: order.append(n))],
+        workers=1,
+    )  # fmt: skip
+    assert results["a"][0] == os.getpid() and order == ["a", "b"]
+
+
+def test_the_first_failure_is_raised_with_its_message_and_stops_the_others():
+    t0 = time.perf_counter()
+    with pytest.raises(JobFailed, match="ZeroDivisionError: division by zero") as info:
+        run_side_by_side([Job("slow", time.sleep, (60,)), Job("broken", operator.truediv, (1, 0))], workers=2)
+    assert info.value.exit_code == 1
+    assert time.perf_counter() - t0 < 45  # the sleeping job was terminated, not waited for
+
+
+def test_a_difflab_error_keeps_its_one_line_and_names_the_job():
+    from difflab.config import apply_overrides
+    from difflab.models.registry import get_preset
+
+    cfg = get_preset("clip_tiny").build()
+    with pytest.raises(JobFailed, match=r"^bad: .*train.stepz") as info:
+        run_side_by_side(
+            [Job("bad", apply_overrides, (cfg, ["train.stepz=3"])), Job("ok", os.getpid)], workers=2
+        )
+    assert info.value.exit_code == 2
+
+
+@pytest.mark.parametrize(("workers", "threads"), [(0, 1), (2, 0)])
+def test_bad_worker_or_thread_counts_are_named(workers, threads):
+    with pytest.raises(ValueError, match=f"workers={workers} and threads={threads}"):
+        run_side_by_side([Job("a", os.getpid)], workers=workers, threads=threads)
+
+
+def test_repeated_job_names_are_refused():
+    with pytest.raises(ValueError, match="repeat"):
+        run_side_by_side([Job("a", os.getpid), Job("a", os.getpid)])
