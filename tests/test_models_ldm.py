@@ -380,3 +380,15 @@ def test_cli_info_of_latent_presets(preset, capsys):
     report = json.loads(capsys.readouterr().out)
     assert report["preset"] == preset and report["batch_size"] == 2
     assert report["parameters"] > 0 and report["flops_per_training_step"] > 0
+
+
+def test_pixel_patches_fold_and_unfold_exactly_and_normalise():
+    """Space-to-depth with p = 2: pixel (y, x) of channel c lands in channel c * 4 + (y % 2) * 2 + x % 2 at
+    (y // 2, x // 2) (torch's pixel_unshuffle order); decoding is the exact inverse."""
+    images = torch.rand(2, 3, 8, 8) * 2 - 1
+    codec = Pixels(patch=2, shift=-0.5, scale=4.0)
+    z = codec.encode(images)
+    assert z.shape == (2, 12, 4, 4)
+    assert torch.allclose(z[:, 1 * 4 + 1 * 2 + 0, 2, 3], (images[:, 1, 5, 6] + 0.5) * 4.0)
+    assert torch.allclose(codec.decode(z), images, atol=1e-6)
+    assert torch.equal(Pixels().decode(Pixels().encode(images)), images)

@@ -71,8 +71,9 @@ def register(subparsers) -> None:
     p.set_defaults(preset="t2i_layout_demo")
     p.add_argument(
         "--vae-preset",
-        default="vae_t2i",
-        help="text-to-image: the autoencoder's preset, or 'none' for pixels (default: vae_t2i)",
+        default="auto",
+        help="text-to-image: the autoencoder's preset, or 'none' for pixels (default: auto, no autoencoder for "
+        "a preset on pixel patches (pixel_patch > 1), else vae_t2i)",
     )
     p.add_argument(
         "--text-preset",
@@ -231,8 +232,11 @@ def _text_to_image(args, cfg, out: Path, report: dict, timings: dict, start: flo
 def _train_text_to_image(args, cfg, out: Path, timings: dict) -> Path:
     """Steps 2-3: the painter's parents side by side (autoencoder, then its latents of the training
     scenes; CLIP, then its exported text tower; the planner), then the t2i run itself."""
+    vae_preset = args.vae_preset
+    if vae_preset == "auto":
+        vae_preset = "none" if cfg.pixel_patch > 1 else "vae_t2i"
     overrides = [f"train.device={args.device}"] if args.device else []
-    workers = min(args.jobs, 2 + (cfg.recipe == "layout"))
+    workers = min(args.jobs, (vae_preset != "none") + 1 + (cfg.recipe == "layout"))
     if workers > 1:  # their bars would overwrite each other: one line per finished stage instead
         overrides.append("train.progress=false")
     threads = max(1, torch.get_num_threads() // workers)
@@ -246,11 +250,11 @@ def _train_text_to_image(args, cfg, out: Path, timings: dict) -> Path:
 
     t0 = time.perf_counter()
     jobs, what, vae_dir = [], [], None
-    if args.vae_preset != "none":
+    if vae_preset != "none":
         vae_dir = out / "vae"
-        vae_cfg = stage_config(args.vae_preset)
-        jobs.append(Job("vae", _train_autoencoder, (args.vae_preset, vae_cfg, vae_dir, cfg), done))
-        what.append(f"the autoencoder '{args.vae_preset}' ({vae_cfg.train.steps} steps) into {vae_dir}, then "
+        vae_cfg = stage_config(vae_preset)
+        jobs.append(Job("vae", _train_autoencoder, (vae_preset, vae_cfg, vae_dir, cfg), done))
+        what.append(f"the autoencoder '{vae_preset}' ({vae_cfg.train.steps} steps) into {vae_dir}, then "
                     f"its latents of the {cfg.data.n:,} training scenes")  # fmt: skip
     clip_cfg = stage_config(args.text_preset)
     jobs.append(Job("text_encoder", _train_text_encoder, (args.text_preset, clip_cfg, out), done))
@@ -283,6 +287,8 @@ def _train_text_to_image(args, cfg, out: Path, timings: dict) -> Path:
     print(f"[3/5] training text-to-image '{args.preset}' for {cfg.train.steps} steps into {out / 'run'} ...",
           flush=True)  # fmt: skip
     t1 = time.perf_counter()
+    # one sample grid, at the end: step 4 draws the demo's own, and each grid on the way costs seconds
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, sample_every=None))
     _train_stage(args.preset, cfg, out / "run")
     timings["t2i_seconds"] = time.perf_counter() - t1
     timings["train_seconds"] = time.perf_counter() - t0

@@ -41,16 +41,38 @@ POSTERIOR = ("sample", "mode")
 
 
 class Pixels(nn.Module):
-    """The identity codec: diffusion runs on the images themselves."""
+    """Diffusion on the images themselves: the identity codec, or with ``patch`` p > 1 the pixels folded
+    into p x p patches (space-to-depth, ``pixel_unshuffle``: a 32x32x3 image is a 16x16x12 map), as DiT
+    (Peebles & Xie 2023) patchifies its input with p = 2 and simple diffusion (Hoogeboom et al. 2023,
+    Sec. 3) lowers the UNet's resolution with a fixed invertible transform. The network then runs at the
+    side of an f = p autoencoder's latents, at their cost, with nothing to train and nothing lost in
+    decoding. ``shift`` and ``scale`` map the pixels to zero mean and unit variance ((x - shift) * scale,
+    the role of the latent scale in :class:`Latents`): the noise schedule assumes unit-variance data."""
+
+    def __init__(self, patch: int = 1, shift: float = 0.0, scale: float = 1.0):
+        super().__init__()
+        self.patch, self.shift, self.scale = patch, shift, scale
+
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """Images (N, C, H, W) in [-1, 1] -> (N, C p^2, H / p, W / p), normalised."""
+        x = nn.functional.pixel_unshuffle(images, self.patch) if self.patch > 1 else images
+        return (x - self.shift) * self.scale
 
     def training_input(self, batch: dict, generator: torch.Generator) -> torch.Tensor:
-        return batch["image"]
+        return self.encode(batch["image"])
 
     def decode(self, x: torch.Tensor) -> torch.Tensor:
-        return x.clamp(-1, 1)
+        x = x / self.scale + self.shift
+        return (nn.functional.pixel_shuffle(x, self.patch) if self.patch > 1 else x).clamp(-1, 1)
 
     def preview(self, callback):
-        return callback
+        if callback is None or (self.patch == 1 and self.scale == 1 and self.shift == 0):
+            return callback
+
+        def decoded(i, x, t, x0):
+            callback(i, self.decode(x[:8]), t, self.decode(x0[:8]))
+
+        return decoded
 
 
 class Latents(nn.Module):
