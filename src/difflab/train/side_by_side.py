@@ -1,8 +1,9 @@
 """Independent trainings side by side: one process each, the CPU's cores split between them.
 
-A small network uses two cores poorly. Its steps are many short operations, and splitting each one
-over two threads costs about as much as it saves: the demo's planner (158 k parameters) steps as fast on
-one thread as on two, and the text encoder's CLIP nearly so (docs/t2i.md, "The demo in ten minutes").
+A small network uses two cores poorly. Its steps are many short operations (and, for the demo's
+planner, Python that draws its batch), and splitting each one over two threads saves little: on one
+thread, beside another training, the planner took 171-181 s against 151 s on two threads alone, CLIP
+90 s against 81 (docs/t2i.md, "The demo in less time").
 Trainings that do not need each other can instead run at once, one thread each, which is how the demo
 trains the painter's three parents (autoencoder, CLIP, planner) before the painter, which needs them all.
 
