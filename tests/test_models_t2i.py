@@ -443,10 +443,15 @@ def test_eval_cli_json(t2i_run, capsys):
 
 def test_demo_text_to_image_tiny(tmp_path, capsys):
     """The main job's text-to-image path end to end on tiny presets: text encoder, model, grid, attention
-    maps, and a report with faithfulness per category."""
-    argv = ["demo", "--out", str(tmp_path), "--preset", "t2i_tiny", "--vae-preset", "none", "--text-preset",
-            "clip_tiny", "--n", "3", "--set", "train.steps=30"]  # fmt: skip
+    maps, and a report with faithfulness per category. On pixel patches the default --vae-preset (auto)
+    trains no autoencoder."""
+    argv = ["demo", "--out", str(tmp_path), "--preset", "t2i_tiny", "--text-preset", "clip_tiny", "--n", "3",
+            "--set", "train.steps=30", "--set", "pixel_patch=2"]  # fmt: skip
     assert main(argv) == 0
+    assert (
+        not (tmp_path / "vae").exists()
+        and "vae_seconds" not in json.loads((tmp_path / "report.json").read_text())["timings"]
+    )
     report = json.loads((tmp_path / "report.json").read_text())
     for name in ("world.png", "samples.png", "attention.png", "text_encoder/text_encoder.safetensors",
                  "run/config.json"):  # fmt: skip

@@ -72,8 +72,8 @@ def register(subparsers) -> None:
     p.add_argument(
         "--vae-preset",
         default="auto",
-        help="text-to-image: the autoencoder's preset, or 'none' for pixels (default: auto, no autoencoder for "
-        "a preset on pixel patches (pixel_patch > 1), else vae_t2i)",
+        help="text-to-image: the autoencoder's preset, or 'none' for pixels (default: auto, no autoencoder when "
+        "the preset's pixel options are set (pixel_patch > 1 or pixel_norm), else vae_t2i)",
     )
     p.add_argument(
         "--text-preset",
@@ -234,7 +234,7 @@ def _train_text_to_image(args, cfg, out: Path, timings: dict) -> Path:
     scenes; CLIP, then its exported text tower; the planner), then the t2i run itself."""
     vae_preset = args.vae_preset
     if vae_preset == "auto":
-        vae_preset = "none" if cfg.pixel_patch > 1 else "vae_t2i"
+        vae_preset = "none" if cfg.pixel_patch > 1 or cfg.pixel_norm else "vae_t2i"
     overrides = [f"train.device={args.device}"] if args.device else []
     workers = min(args.jobs, (vae_preset != "none") + 1 + (cfg.recipe == "layout"))
     if workers > 1:  # their bars would overwrite each other: one line per finished stage instead
