@@ -154,12 +154,12 @@ class GroundingMap(nn.Module):
         if boxes is None:
             raise DifflabError("a grounding map needs the objects' boxes; expected boxes (B, M, 4)")
         b, c, side, _ = h.shape
-        pixels = pixel_boxes(side, h.device).to(h.dtype)
-        cover = coverage(pixels, boxes.to(h.dtype))  # (B, N, M)
+        pixels, boxes = pixel_boxes(side, h.device).to(h.dtype), boxes.to(h.dtype)
+        cover = coverage(pixels, boxes)  # (B, N, M)
         if mask is not None:
             cover = cover * mask[:, None, :].to(h.dtype)  # padded objects paint nothing
         if self.coords:
-            place = self.place(box_coordinates(pixels, boxes.to(h.dtype)))  # (B, N, M, hidden)
+            place = self.place(box_coordinates(pixels, boxes))  # (B, N, M, hidden)
             field = self.proj(nn.functional.silu(self.token(grounding)[:, None] + place))  # (B, N, M, C)
             painted = (cover[..., None] * field).sum(2)  # (B, N, C)
         else:
