@@ -20,7 +20,8 @@ from difflab.data.images import to_uint8
 from difflab.diffusion.samplers import SAMPLERS
 from difflab.errors import MAX_SIZE, MAX_TIMESTEPS, DifflabError
 from difflab.models.attention_maps import CrossAttentionMaps, save_attention_overlays
-from difflab.models.conditioners import GroundedPrompts
+from difflab.models.conditioners import ControlledPrompts, GroundedPrompts
+from difflab.models.control import control_request
 from difflab.models.layout import outlines
 from difflab.models.planner import TEMPERATURE_RANGE
 from difflab.models.recipe import GUIDANCE_RANGE
@@ -60,6 +61,7 @@ SAMPLER = cli_types.choice("sampler", SAMPLERS)
 STEPS = cli_types.integer(1, MAX_TIMESTEPS)  # and at most the run's diffusion.timesteps, checked on loading
 GUIDANCE = cli_types.number(*GUIDANCE_RANGE)
 TEMPERATURE = cli_types.number(*TEMPERATURE_RANGE)
+CONTROL_SCALE = cli_types.number(0.0, 10.0)
 CLASS = cli_types.integer(0, MAX_SIZE)  # and below the run's class count, checked on loading
 
 
@@ -144,6 +146,11 @@ def register(subparsers) -> None:
     p.add_argument(
         "--attention", default=None, metavar="FILE", help="also save cross-attention maps per word"
     )
+    p.add_argument("--control", default=None, metavar="FILE",
+                   help="ControlNet runs: the condition image every prompt is drawn under (a greyscale PNG of the "
+                   "world's side; 'difflab world condition' draws one with the scene's description)")  # fmt: skip
+    p.add_argument("--control-scale", type=CONTROL_SCALE, default=None,
+                   help="ControlNet runs: the residuals' multiplier (default: the run's, 1; 0: the base)")  # fmt: skip
     p.add_argument("--device", default=None, help="auto (default: CUDA, then MPS, then CPU), cpu, cuda, mps")
     p.set_defaults(func=_generate)
 
@@ -180,6 +187,8 @@ def register(subparsers) -> None:
     p.add_argument("--temperature", type=TEMPERATURE, default=None,
                    help="planner and layout text-to-image runs: the planner's sampling temperature (default: "
                    "the planner's, 0.5 unless trained otherwise)")  # fmt: skip
+    p.add_argument("--control-scale", type=CONTROL_SCALE, default=None,
+                   help="ControlNet runs: the residuals' multiplier (default: the run's)")  # fmt: skip
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--plot", default=None, metavar="FILE",
                    help="CLIP runs: also draw text -> image search among 100 held-out scenes into FILE")  # fmt: skip
@@ -365,7 +374,12 @@ def _generate(args) -> int:
         check_disk(out, total, png_bytes(3, side, side, block_size(out)) + line)
     texts = [p for p in args.prompts for _ in range(args.n)]  # (prompt 0) x n, (prompt 1) x n, ...
     request, boxes, layouts = texts, None, ""
-    if isinstance(model.conditioner, GroundedPrompts):  # plan here, to draw the layouts over the images
+    if isinstance(model.conditioner, ControlledPrompts):
+        request = control_request(model, cfg, texts, args.control, args.control_scale)
+    elif args.control is not None or args.control_scale is not None:
+        raise DifflabError(f"--control and --control-scale apply to ControlNet runs; '{args.run_dir}' is a "
+                           f"{family.name} run")  # fmt: skip
+    elif isinstance(model.conditioner, GroundedPrompts):  # plan here, to draw the layouts over the images
         request = model.conditioner.plan(texts, args.seed)
         boxes = [outlines(scene, world_preset(cfg.data.world)) for scene in request.scenes]
         layouts = " (dashed: the planned layout each was painted on)"
@@ -408,7 +422,8 @@ def _generate(args) -> int:
 
 
 _EVAL_FLAGS = {"sampler": "--sampler", "steps": "--steps", "cfg_scale": "--cfg", "plot": "--plot",
-               "prompt_seed": "--prompt-seed", "temperature": "--temperature"}  # fmt: skip
+               "prompt_seed": "--prompt-seed", "temperature": "--temperature",
+               "control_scale": "--control-scale"}  # fmt: skip
 
 
 def _eval(args) -> int:
@@ -417,7 +432,8 @@ def _eval(args) -> int:
         args.n = family.eval_n
     check_n(args.n)
     given = {"sampler": args.sampler, "steps": args.steps, "cfg_scale": args.cfg, "plot": args.plot,
-             "prompt_seed": args.prompt_seed, "temperature": args.temperature}  # fmt: skip
+             "prompt_seed": args.prompt_seed, "temperature": args.temperature,
+             "control_scale": args.control_scale}  # fmt: skip
     refused = [k for k, v in given.items() if v is not None and k not in family.eval_options]
     if refused:
         takers = [f.name for f in FAMILIES.values() if all(k in f.eval_options for k in refused)]

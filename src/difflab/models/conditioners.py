@@ -166,3 +166,50 @@ class GroundedPrompts(TextPrompts):
         empty = layout_fields(Scene(()), self.world)
         null = self.encode([""]) | self.grounding({k: v[None] for k, v in empty.items()}, device)
         return cond, null
+
+
+class Controls:
+    """A controlled request: prompts (or :class:`Layouts`) and one condition image per prompt, ``hints``
+    (N, C, S, S) in [0, 1]. Slices like a list, so it is sampled in batches as prompts are."""
+
+    def __init__(self, request: list[str] | Layouts, hints: torch.Tensor):
+        n = len(request.prompts) if isinstance(request, Layouts) else len(request)
+        if hints.ndim != 4 or hints.shape[0] != n:
+            raise DifflabError(f"condition images of shape {tuple(hints.shape)} for {n} prompts; expected "
+                               f"({n}, channels, side, side)")  # fmt: skip
+        self.request, self.hints = request, hints
+
+    def __len__(self) -> int:
+        return self.hints.shape[0]
+
+    def __getitem__(self, part: slice) -> Controls:
+        r = self.request
+        r = Layouts(r.prompts[part], r.scenes[part]) if isinstance(r, Layouts) else r[part]
+        return Controls(r, self.hints[part])
+
+
+class ControlledPrompts(nn.Module):
+    """A base conditioner's condition plus a ControlNet's condition image, ``control_hint`` (Zhang et al.
+    2023). Training drops the caption with the inner conditioner's ``cond_drop`` (the paper's 50 %, Sec.
+    3.3, so the copy learns to read the image alone), never the image; guidance's null condition keeps the
+    image too, since the image steers both halves and only the prompt is guided."""
+
+    def __init__(self, inner: TextPrompts, hint_channels: int, hint_side: int):
+        super().__init__()
+        self.inner, self.hint_shape = inner, (hint_channels, hint_side, hint_side)
+
+    def for_training(self, batch: dict, generator: torch.Generator, b: int, device) -> dict:
+        return self.inner.for_training(batch, generator, b, device) | {
+            "control_hint": batch["hint"].to(device)
+        }
+
+    def condition(self, request, n: int, device, seed: int = 0) -> tuple[dict, dict]:
+        if not isinstance(request, Controls):
+            raise DifflabError("a ControlNet run needs a condition image with each prompt; got "
+                               f"{type(request).__name__}")  # fmt: skip
+        if tuple(request.hints.shape[1:]) != self.hint_shape:
+            raise DifflabError(f"condition images of shape {tuple(request.hints.shape[1:])}; expected "
+                               f"{self.hint_shape} (channels, side, side)")  # fmt: skip
+        cond, null = self.inner.condition(request.request, n, device, seed)
+        hints = request.hints.to(device)
+        return cond | {"control_hint": hints}, null | {"control_hint": hints}

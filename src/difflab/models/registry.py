@@ -6,12 +6,13 @@ from __future__ import annotations
 from pathlib import Path
 
 from difflab.errors import check_choice
-from difflab.models import clip, ldm, pixel, planner, t2i, vae
+from difflab.models import clip, control, ldm, pixel, planner, t2i, vae
 from difflab.models.family import Family, Preset
 from difflab.models.runs import read_run_config
 
 FAMILIES: dict[str, Family] = {
-    f.name: f for f in (pixel.FAMILY, vae.FAMILY, ldm.FAMILY, clip.FAMILY, planner.FAMILY, t2i.FAMILY)
+    f.name: f
+    for f in (pixel.FAMILY, vae.FAMILY, ldm.FAMILY, clip.FAMILY, planner.FAMILY, t2i.FAMILY, control.FAMILY)
 }
 
 PRESETS: dict[str, Preset] = {}

@@ -183,6 +183,12 @@ class TrainingParts:
     loss_fn: Callable | None = None
     """``loss_fn(cfg, schedule, conditioner, codec)`` -> the training loss, when a system adds terms to the
     recipe's (attention supervision); None: :func:`~difflab.models.recipe.make_loss_fn`."""
+    sampling_network: Callable[[nn.Module], nn.Module] | None = None
+    """The denoiser the grids sample, given the trained network's EMA, when the trained network is not one
+    (a ControlNet is sampled through its frozen base); None: the trained network itself."""
+    on_grid: Callable[[torch.Tensor, int, Path], None] | None = None
+    """Called with each sample grid's images, the step and the run directory after the grid is saved
+    (main process only): a system's own account of its grids (a ControlNet's fidelity curve)."""
 
 
 def train_system(
@@ -212,12 +218,23 @@ def train_system(
 
         def draw(ema_network: nn.Module, n: int, callback) -> torch.Tensor:
             device = next(ema_network.parameters()).device
-            system = DiffusionSystem(ema_network, p.conditioner.to(device), p.codec.to(device))
+            denoiser = ema_network if p.sampling_network is None else p.sampling_network(ema_network)
+            system = DiffusionSystem(denoiser, p.conditioner.to(device), p.codec.to(device))
             request = p.grid_request[:n] if p.grid_request is not None else None
-            return generate(system, cfg, n, request, seed=0, callback=callback)
+            drawn["images"] = generate(system, cfg, n, request, seed=0, callback=callback)
+            return drawn["images"]
+
+        drawn: dict[str, torch.Tensor] = {}
+        sample_fn = grid_sample_fn(cfg, draw)
+        if p.on_grid is not None:
+            grid_only = sample_fn
+
+            def sample_fn(ema_network: nn.Module, step: int, out_dir: Path) -> None:
+                grid_only(ema_network, step, out_dir)
+                p.on_grid(drawn.pop("images"), step, Path(out_dir))
 
         loss = (p.loss_fn or make_loss_fn)(cfg, schedule, p.conditioner, p.codec)
-        trainer = Trainer(net, loss, loader, cfg.train, run_dir,
-                          sample_fn=grid_sample_fn(cfg, draw), model_config=model_config)  # fmt: skip
+        trainer = Trainer(net, loss, loader, cfg.train, run_dir, sample_fn=sample_fn,
+                          model_config=model_config)  # fmt: skip
         trainer.fit(resume=resume)
     return run_dir

@@ -39,14 +39,19 @@ class TextConditionedUNet(nn.Module):
             heads = next(h for h in (4, 2, 1) if cfg.unet.context_dim % h == 0)
             self.refiner = Transformer(cfg.unet.context_dim, cfg.text_refiner_layers, heads)
 
-    def forward(self, x, t, context=None, context_mask=None, pooled=None, grounding_phrases=None,
-                grounding_boxes=None, grounding_mask=None, **kwargs):  # fmt: skip
+    def forward(self, x, t, **cond):
+        return self.unet(x, t, **self.prepare(**cond))
+
+    def prepare(self, context=None, context_mask=None, pooled=None, grounding_phrases=None,
+                grounding_boxes=None, grounding_mask=None, **kwargs) -> dict:  # fmt: skip
+        """The UNet's keyword arguments for a condition: the refined tokens, the grounding tokens. A
+        ControlNet's copy reads the same (:mod:`difflab.nn.controlnet`)."""
         if self.refiner is not None and context is not None:
             context = self.refiner(context, context_mask)  # (B, L, context_dim); padding masked as keys
         if self.grounding is not None and grounding_phrases is not None:
             kwargs["grounding"] = self.grounding(grounding_phrases, grounding_boxes)  # (B, M, grounding_dim)
             kwargs["grounding_mask"], kwargs["grounding_boxes"] = grounding_mask, grounding_boxes
-        return self.unet(x, t, context=context, context_mask=context_mask, pooled=pooled, **kwargs)
+        return dict(context=context, context_mask=context_mask, pooled=pooled, **kwargs)
 
 
 def _wrapped(cfg) -> bool:

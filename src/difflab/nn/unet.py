@@ -179,7 +179,9 @@ class UNet(nn.Module):
     grounding=None, grounding_mask=None, grounding_boxes=None)``:
     (B, C_in, H, W), (B,) -> (B, C_out, H, W)."""
 
-    def __init__(self, cfg: UNetConfig):
+    def __init__(self, cfg: UNetConfig, *, encoder_only: bool = False):
+        """``encoder_only``: build the embeddings, the down path and the middle block alone (a ControlNet's
+        trainable copy, :mod:`difflab.nn.controlnet`); :meth:`forward` then has no decoder to run."""
         super().__init__()
         self.cfg = cfg
         ch, groups, emb_dim = cfg.channels, cfg.norm_groups, 4 * cfg.channels
@@ -232,6 +234,9 @@ class UNet(nn.Module):
                                          gated(width))  # fmt: skip
         self.mid2 = ResBlock(width, width, emb_dim, groups, cfg.dropout)
         self.skip_widths = tuple(skip_widths)
+        self.mid_width = width
+        if encoder_only:
+            return
 
         self.up = nn.ModuleList()
         for level, mult in reversed(list(enumerate(cfg.channel_mult))):
@@ -266,6 +271,13 @@ class UNet(nn.Module):
         grounding_mask: torch.Tensor | None = None,
         grounding_boxes: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        emb = self.embed(x, t, class_labels, context, context_mask, pooled)
+        text = (context, context_mask, grounding, grounding_mask, grounding_boxes)  # every attention layer's
+        h, skips = self.encode(x, emb, text)
+        return self.decode(h, skips, emb, text, control)
+
+    def embed(self, x, t, class_labels=None, context=None, context_mask=None, pooled=None) -> torch.Tensor:
+        """The embedding every residual block reads: time, plus class, pooled text and mean context. (B, 4C)"""
         if t.ndim == 0:
             t = t.expand(x.shape[0])
         emb = self.time_embed(t)  # (B, 4C)
@@ -287,23 +299,32 @@ class UNet(nn.Module):
                 min=1
             )  # (B, context_dim)
             emb = emb + self.context_pool(mean)
+        return emb
 
-        text = (context, context_mask, grounding, grounding_mask, grounding_boxes)  # every attention layer's
+    def encode(self, x, emb, text: tuple, hint: torch.Tensor | None = None):
+        """The down path and the middle block: (h (B, C_mid, h, w), skips, one per down block and one for
+        conv_in). ``hint`` (B, C, H, W) is added after the first convolution: ControlNet's copy reads its
+        condition there (Zhang et al. 2023, Eq. 2)."""
         h = self.conv_in(x)
         if self.grounding_map is not None:
-            h = self.grounding_map(h, grounding, grounding_mask, grounding_boxes)  # (B, C, H, W)
+            h = self.grounding_map(h, *text[2:])  # (grounding, mask, boxes) -> (B, C, H, W)
+        if hint is not None:
+            h = h + hint
         skips = [h]
         for layer in self.down:
             h = layer(h) if isinstance(layer, Downsample) else self._apply_pair(layer, h, emb, text)
             skips.append(h)
-
         h = self.mid2(self.mid_attn(self.mid1(h, emb), *text), emb)
+        return h, skips
+
+    def decode(self, h, skips: list, emb, text: tuple, control: list[torch.Tensor] | None = None):
+        """The up path from the middle block's output, each block taking one skip, then the output layer.
+        ``control``: a ControlNet's residuals, one per skip and one for the middle (Eq. 3's y_c terms)."""
         if control is not None:  # ControlNet: one residual per skip, then one for the middle
             if len(control) != len(skips) + 1:
                 raise ValueError(f"control has {len(control)} residuals; this UNet takes {len(skips) + 1}")
             skips = [s + c for s, c in zip(skips, control[:-1], strict=True)]
             h = h + control[-1]
-
         for layer in self.up:
             if isinstance(layer, Upsample):
                 h = layer(h)

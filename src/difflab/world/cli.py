@@ -1,4 +1,5 @@
-"""``difflab world preview | check``: look at the toy world, and measure its reader."""
+"""``difflab world preview | condition | check``: look at the toy world, draw a ControlNet's condition from it,
+and measure its reader."""
 
 from __future__ import annotations
 
@@ -6,12 +7,17 @@ import argparse
 import json
 import sys
 
+import numpy as np
+from PIL import Image
+
 from difflab import cli_types
 from difflab.errors import DifflabError
-from difflab.outputs import image_file, shown
+from difflab.outputs import image_file, save_image, shown
 from difflab.world.check import check_reader
+from difflab.world.language import describe
 from difflab.world.preview import check_preview, save_preview
-from difflab.world.scene import BACKGROUNDS, WORLD_PRESETS, world_preset
+from difflab.world.render import CONDITION_FIELDS, condition
+from difflab.world.scene import BACKGROUNDS, WORLD_PRESETS, scene_at, world_preset
 
 MAX_NOISE = 10.0
 """Largest --noise of 'world check' (a standard deviation on [0, 1] pixels)."""
@@ -50,6 +56,23 @@ def register(subparsers) -> None:
                          help="which rendered field to show (default: image)")  # fmt: skip
     preview.set_defaults(func=_preview)
 
+    cond = sub.add_parser(
+        "condition", help="save one scene's edges, depth or mask as a ControlNet's condition image",
+        description="Render scene --index of --seed as a condition image (a greyscale PNG at the world's side: "
+        "the objects' edges, their nearness 1 - depth, or their mask) and print the scene's description, the "
+        "prompt that goes with it: difflab generate CONTROL_RUN \"DESCRIPTION\" --control FILE.",
+    )  # fmt: skip
+    cond.add_argument("--preset", default="scene32", help="world preset (default: scene32)")
+    cond.add_argument("--seed", type=cli_types.seed, default=0, help="dataset seed (default: 0)")
+    cond.add_argument(
+        "--index", type=cli_types.integer(0, 2**31 - 1), default=0, help="scene index (default: 0)"
+    )
+    cond.add_argument(
+        "--field", choices=CONDITION_FIELDS, default="edges", help="what to draw (default: edges)"
+    )
+    cond.add_argument("--out", default="condition.png", help="output PNG (default: condition.png)")
+    cond.set_defaults(func=_condition)
+
     check = sub.add_parser(
         "check", help="measure the reader's accuracy (pixels -> scene)",
         description="Render N scenes, optionally add Gaussian pixel noise, read them back with the reader "
@@ -77,6 +100,17 @@ def _preview(args) -> int:
     out = image_file(args.out, "--out", writer="figure")
     out = save_preview(cfg, args.n, args.seed, out, field=args.field, progress=sys.stderr.isatty())
     print(f"wrote {args.n} {args.preset} scenes to {shown(out, args.out)}")
+    return 0
+
+
+def _condition(args) -> int:
+    cfg = world_preset(args.preset)
+    out = image_file(args.out, "--out")
+    scene = scene_at(cfg, args.seed, args.index)
+    pixels = np.round(condition(scene, cfg, args.field) * 255).astype(np.uint8)  # (H, W)
+    out = save_image(Image.fromarray(pixels, mode="L"), out)
+    print(f"wrote the {args.field} of {args.preset} scene {args.index} (seed {args.seed}) to {shown(out, args.out)}: "
+          f'"{describe(scene)}"')  # fmt: skip
     return 0
 
 

@@ -153,6 +153,20 @@ def _edges(scene: Scene, cfg: WorldConfig) -> np.ndarray:
     return np.clip(per_pixel, 0.0, 1.0)
 
 
+CONDITION_FIELDS = ("edges", "depth", "mask")
+"""The fields a ControlNet can be conditioned on (:func:`condition`)."""
+
+
+def condition(scene: Scene, cfg: WorldConfig, field: str) -> np.ndarray:
+    """A condition image of ``scene``: (H, W) float32 in [0, 1]. 'edges': the outlines; 'depth': nearness,
+    1 - depth (the background, at depth 1, is 0; as MiDaS maps show disparity); 'mask': 1 where an object
+    covers most of the pixel."""
+    check_choice("condition field", field, CONDITION_FIELDS)
+    r = render(scene, cfg)
+    img = {"edges": lambda: r.edges, "depth": lambda: 1.0 - r.depth, "mask": lambda: r.mask > 0}[field]()
+    return np.ascontiguousarray(img, dtype=np.float32)
+
+
 def render_batch(scenes: list[Scene], cfg: WorldConfig) -> Rendering:
     """Render several scenes and stack each field along a new leading batch axis."""
     parts = [render(sc, cfg) for sc in scenes]

@@ -1,0 +1,218 @@
+"""ControlNet (difflab.nn.controlnet, difflab.models.control): zero convolutions leave the base exactly as it
+was, the base is never changed by training, and a tiny ControlNet learns to follow edges."""
+
+import dataclasses
+import hashlib
+
+import pytest
+import torch
+
+from difflab.config import apply_overrides
+from difflab.errors import DifflabError
+from difflab.models import clip, control, control_eval, t2i
+from difflab.models.conditioners import Controls
+from difflab.models.registry import get_preset
+from difflab.models.t2i_network import build_network
+from difflab.models.text_encoder import export_text_encoder
+from difflab.nn.controlnet import ControlledUNet, ControlNet, HintEncoder
+from difflab.nn.unet import UNet, UNetConfig
+from difflab.world.scene import Obj, Scene, world_preset
+
+pytestmark = pytest.mark.usefixtures("single_thread_module")
+
+CFG = UNetConfig(in_channels=4, out_channels=4, image_size=16, channels=16, channel_mult=(1, 2), num_res_blocks=1,
+                 attention_resolutions=(8,), heads=2, norm_groups=4, context_dim=32)  # fmt: skip
+
+
+def _base(cfg: UNetConfig = CFG) -> UNet:
+    """A UNet whose output is not the zero of a fresh one (its zero-initialised output layer randomised)."""
+    torch.manual_seed(0)
+    unet = UNet(cfg)
+    for p in unet.conv_out.parameters():
+        torch.nn.init.normal_(p)
+    return unet
+
+
+def _inputs(b: int = 2) -> dict:
+    g = torch.Generator().manual_seed(1)
+    return {"x": torch.randn(b, 4, 16, 16, generator=g), "t": torch.tensor([3, 700])[:b],
+            "context": torch.randn(b, 5, 32, generator=g)}  # fmt: skip
+
+
+# ------------------------------------------------------------------------------------------ the network
+
+
+def test_a_fresh_controlnet_leaves_the_base_output_bitwise_unchanged():
+    """Eq. 2 with Z = 0: y_c = F(x; Theta) exactly, whatever the condition image holds."""
+    base, inputs = _base(), _inputs()
+    net = ControlNet(CFG, 1, 32).copy_base(base)
+    want = base(**inputs)
+    for hint in (torch.zeros(2, 1, 32, 32), torch.rand(2, 1, 32, 32)):
+        assert torch.equal(ControlledUNet(base, [net], [1.0])(**inputs, control_hint=hint), want)
+
+
+def test_the_zero_convolutions_get_a_gradient_at_the_first_step():
+    """Sec. 3.1: the output is the base's, but dL/dW of a zero convolution is the feature it multiplies, so
+    the first step moves the zeros; behind them the copy and the hint encoder get no gradient until then,
+    and do at the next step."""
+    base, inputs = _base(), _inputs()
+    net = ControlNet(CFG, 1, 32).copy_base(base)
+    model, hint = ControlledUNet(base, [net], [1.0]), torch.rand(2, 1, 32, 32)
+    model(**inputs, control_hint=hint).square().mean().backward()
+    zeros = [*net.zero, net.zero_mid]
+    assert all(z.weight.grad.abs().sum() > 0 for z in zeros)
+    behind = [*net.copy.parameters(), *net.hint.parameters()]
+    assert all(p.grad is None or p.grad.abs().sum() == 0 for p in behind)
+    torch.optim.SGD([z.weight for z in zeros], lr=0.1).step()
+    net.zero_grad()
+    model(**inputs, control_hint=hint).square().mean().backward()
+    assert net.copy.conv_in.weight.grad.abs().sum() > 0 and net.hint.out.weight.grad.abs().sum() > 0
+
+
+def test_the_copy_starts_as_the_base_encoder_and_holds_no_decoder():
+    base = _base()
+    net = ControlNet(CFG, 1, 32).copy_base(base)
+    theirs = base.state_dict()
+    ours = net.copy.state_dict()
+    assert ours and all(torch.equal(v, theirs[k]) for k, v in ours.items())
+    assert not any(k.startswith(("up.", "conv_out", "norm_out")) for k in ours)
+    assert len(net.zero) == len(base.skip_widths)  # one zero convolution per skip, one more for the middle
+
+
+def test_residuals_of_several_controlnets_add_with_their_scales():
+    """Sec. 3.5: several conditions are the sum of their ControlNets' residuals, each times its scale."""
+    base, inputs = _base(), _inputs()
+    nets = [ControlNet(CFG, 1, 32).copy_base(base) for _ in range(2)]
+    for k, net in enumerate(nets):  # move the zeros so the residuals are not 0
+        for z in [*net.zero, net.zero_mid]:
+            torch.nn.init.normal_(z.weight, std=0.1 * (k + 1))
+    hints = torch.rand(2, 2, 32, 32)
+    unet_in = {k: v for k, v in inputs.items() if k in ("context",)}
+    r = [n(inputs["x"], inputs["t"], hints[:, i : i + 1], **unet_in) for i, n in enumerate(nets)]
+    summed = [0.5 * a + 2.0 * b for a, b in zip(*r, strict=True)]
+    want = base(**inputs, control=summed)
+    got = ControlledUNet(base, nets, [0.5, 2.0])(**inputs, control_hint=hints)
+    assert torch.allclose(got, want, atol=1e-6)
+    assert torch.equal(ControlledUNet(base, nets, [0.0, 0.0])(**inputs, control_hint=hints), base(**inputs))
+
+
+def test_the_hint_encoder_brings_the_condition_to_the_unet_side():
+    assert HintEncoder(1, 16, 2)(torch.rand(3, 1, 32, 32)).shape == (3, 16, 16, 16)
+    assert HintEncoder(1, 16, 1)(torch.rand(3, 1, 16, 16)).shape == (3, 16, 16, 16)
+    with pytest.raises(DifflabError, match="hint factor 3"):
+        HintEncoder(1, 16, 3)
+
+
+def test_a_text_conditioned_base_gives_the_copy_its_refined_tokens():
+    """With a text refiner in front of the base UNet, the copy reads the refined tokens, and a fresh
+    ControlNet still leaves the output bitwise unchanged."""
+    cfg = t2i.resolve(dataclasses.replace(get_preset("t2i_tiny").build(), text_refiner_layers=1), attach=False)
+    torch.manual_seed(0)
+    base = build_network(cfg)
+    for p in base.unet.conv_out.parameters():
+        torch.nn.init.normal_(p)
+    x, t = torch.randn(2, 3, 16, 16), torch.tensor([5, 900])
+    cond = {"context": torch.randn(2, 4, 32), "context_mask": torch.ones(2, 4, dtype=torch.bool),
+            "pooled": torch.randn(2, 32)}  # fmt: skip
+    net = ControlNet(cfg.unet, 1, 16).copy_base(base.unet)
+    assert torch.equal(ControlledUNet(base, [net], [1.0])(x, t, control_hint=torch.rand(2, 1, 16, 16), **cond),
+                       base(x, t, **cond))  # fmt: skip
+
+
+# -------------------------------------------------------------------------------------- the condition
+
+
+def test_condition_images_show_the_scene():
+    world = world_preset("scene32")
+    scene = Scene((Obj("square", "red", "large", 0.2, 0.2, depth=0.3),))
+    edges, depth, mask = (control_eval.condition_image(scene, world, c) for c in control_eval.CONDITIONS)
+    assert edges.shape == depth.shape == mask.shape == (1, 32, 32)
+    assert mask[0, 6, 6] == 1 and mask[0, 28, 28] == 0
+    assert depth[0, 6, 6] == pytest.approx(0.7) and depth[0, 28, 28] == 0  # nearness 1 - depth
+    assert edges.max() > 0.9 and edges[0, 6, 6] == 0 and edges[0, 28, 28] == 0  # the outline, not the inside
+
+
+def test_controls_refuse_a_hint_count_that_is_not_the_prompt_count():
+    with pytest.raises(DifflabError, match=r"for 2 prompts"):
+        Controls(["a", "b"], torch.zeros(3, 1, 8, 8))
+
+
+def test_a_condition_name_outside_the_choices_is_refused():
+    with pytest.raises(DifflabError, match="'sketch'"):
+        apply_overrides(get_preset("controlnet_tiny").build(), ["condition=sketch"])
+
+
+def test_a_controlnet_needs_a_base():
+    with pytest.raises(DifflabError, match="base=RUN"):
+        control.resolve(get_preset("controlnet_tiny").build())
+
+
+# ------------------------------------------------------------------------------------------ training
+
+
+@pytest.fixture(scope="module")
+def base_run(tmp_path_factory):
+    """t2i_tiny in pixels on the tiny world, its text encoder from a tiny CLIP."""
+    root = tmp_path_factory.mktemp("control")
+    clip.train(get_preset("clip_tiny").build(), root / "clip")
+    export_text_encoder(root / "clip", root / "te")
+    return t2i.train(apply_overrides(get_preset("t2i_tiny").build(), [f"text_encoder={root / 'te'}"]), root / "t2i")
+
+
+def _digests(run_dir) -> dict:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(run_dir.rglob("*.safetensors"))}
+
+
+@pytest.fixture(scope="module")
+def control_run(base_run, tmp_path_factory):
+    before = _digests(base_run)
+    system, _ = t2i.load_model(base_run, ema=True)
+    weights = {k: v.clone() for k, v in system.network.state_dict().items()}
+    cfg = apply_overrides(get_preset("controlnet_tiny").build(), [f"base={base_run}"])
+    run = control.train(cfg, tmp_path_factory.mktemp("control") / "edges")
+    return run, before, weights
+
+
+def test_training_leaves_the_base_unchanged_byte_for_byte(base_run, control_run):
+    run, before, weights = control_run
+    assert _digests(base_run) == before
+    system, _ = t2i.load_model(base_run, ema=True)
+    assert all(torch.equal(v, weights[k]) for k, v in system.network.state_dict().items())
+
+
+def test_the_checkpoint_holds_the_controlnet_alone(control_run):
+    from safetensors import safe_open
+
+    run, _, _ = control_run
+    ckpt = sorted((run / "checkpoints").glob("*/state.safetensors"))[-1]
+    with safe_open(str(ckpt), "pt") as f:
+        names = [k.rsplit("/", 1)[-1] for k in f.keys() if k.startswith(("model/", "ema/"))]
+    assert names and all(k.startswith(("copy.", "hint.", "zero.", "zero_mid.")) for k in names)
+    assert not any(k.startswith(("copy.up.", "copy.conv_out")) for k in names)
+
+
+def test_a_tiny_controlnet_follows_edges_far_above_the_base(control_run):
+    """The reader re-reads the samples of 64 held-out scenes' edges: the objects' shapes and cells agree
+    far more often than the base model's on the same prompts (which places its object where it likes)."""
+    run, _, _ = control_run
+    report = control.evaluate(run, 64)
+    ours, base = report["controlnet"], report["base"]
+    assert ours["fidelity"] >= 0.75 and ours["fidelity"] >= base["fidelity"] + 0.2, report
+    assert ours["mask_iou"] > base["mask_iou"] + 0.15, report
+    lines = (run / "fidelity.jsonl").read_text().splitlines()
+    assert lines and (run / "pairs.png").exists()
+
+
+def test_a_changed_base_is_refused(base_run, control_run, tmp_path):
+    run, _, _ = control_run
+    cfg = control.load_config(run)
+    moved = dataclasses.replace(cfg, base_checkpoint="step_0000001:0000")
+    with pytest.raises(DifflabError, match="has changed since"):
+        control._base(moved)
+
+
+def test_sampling_without_a_condition_image_is_refused(control_run):
+    run, _, _ = control_run
+    model, cfg = control.load_model(run)
+    with pytest.raises(DifflabError, match="condition image"):
+        control.generate(model, cfg, ["a red circle"])
