@@ -4,6 +4,7 @@ was, the base is never changed by training, and a tiny ControlNet learns to foll
 import dataclasses
 import hashlib
 
+import numpy as np
 import pytest
 import torch
 
@@ -106,7 +107,9 @@ def test_the_hint_encoder_brings_the_condition_to_the_unet_side():
 def test_a_text_conditioned_base_gives_the_copy_its_refined_tokens():
     """With a text refiner in front of the base UNet, the copy reads the refined tokens, and a fresh
     ControlNet still leaves the output bitwise unchanged."""
-    cfg = t2i.resolve(dataclasses.replace(get_preset("t2i_tiny").build(), text_refiner_layers=1), attach=False)
+    cfg = t2i.resolve(
+        dataclasses.replace(get_preset("t2i_tiny").build(), text_refiner_layers=1), attach=False
+    )
     torch.manual_seed(0)
     base = build_network(cfg)
     for p in base.unet.conv_out.parameters():
@@ -156,11 +159,15 @@ def base_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("control")
     clip.train(get_preset("clip_tiny").build(), root / "clip")
     export_text_encoder(root / "clip", root / "te")
-    return t2i.train(apply_overrides(get_preset("t2i_tiny").build(), [f"text_encoder={root / 'te'}"]), root / "t2i")
+    return t2i.train(
+        apply_overrides(get_preset("t2i_tiny").build(), [f"text_encoder={root / 'te'}"]), root / "t2i"
+    )
 
 
 def _digests(run_dir) -> dict:
-    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(run_dir.rglob("*.safetensors"))}
+    return {
+        p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(run_dir.rglob("*.safetensors"))
+    }
 
 
 @pytest.fixture(scope="module")
@@ -216,3 +223,80 @@ def test_sampling_without_a_condition_image_is_refused(control_run):
     model, cfg = control.load_model(run)
     with pytest.raises(DifflabError, match="condition image"):
         control.generate(model, cfg, ["a red circle"])
+
+
+# ------------------------------------------------------------------------------------------------ CLI
+
+
+def test_world_condition_draws_a_condition_image_and_its_prompt(tmp_path, capsys):
+    from PIL import Image
+
+    from difflab.cli import main
+
+    out = tmp_path / "c.png"
+    assert (
+        main(["world", "condition", "--preset", "tiny", "--field", "mask", "--index", "2", "--out", str(out)])
+        == 0
+    )
+    printed = capsys.readouterr().out
+    with Image.open(out) as img:
+        assert img.mode == "L" and img.size == (16, 16)
+        pixels = torch.from_numpy(np.array(img))
+    assert set(pixels.unique().tolist()) <= {0, 255} and (pixels == 255).any()
+    from difflab.world.language import describe
+    from difflab.world.scene import scene_at
+
+    assert f'"{describe(scene_at(world_preset("tiny"), 0, 2))}"' in printed  # the prompt of the scene drawn
+
+
+def test_generate_draws_under_a_condition_file_and_names_bad_ones(control_run, tmp_path, capsys):
+    from PIL import Image
+
+    from difflab.cli import main
+
+    run, _, _ = control_run
+    cond = tmp_path / "edges.png"
+    assert main(["world", "condition", "--preset", "tiny", "--out", str(cond)]) == 0
+    out = tmp_path / "g.png"
+    assert main(["generate", str(run), "a red circle", "--n", "2", "--control", str(cond), "--control-scale", "1.5",
+                 "--out", str(out)]) == 0  # fmt: skip
+    assert out.stat().st_size > 0
+    capsys.readouterr()
+    assert main(["generate", str(run), "a red circle", "--out", str(out)]) == 2
+    assert "--control FILE" in capsys.readouterr().err
+    Image.new("L", (20, 20)).save(tmp_path / "big.png")
+    assert (
+        main(
+            ["generate", str(run), "a red circle", "--control", str(tmp_path / "big.png"), "--out", str(out)]
+        )
+        == 2
+    )
+    assert "is 20x20; expected 16x16" in capsys.readouterr().err
+    (tmp_path / "bad.png").write_text("not a picture")
+    assert (
+        main(
+            ["generate", str(run), "a red circle", "--control", str(tmp_path / "bad.png"), "--out", str(out)]
+        )
+        == 2
+    )
+    assert "cannot be read" in capsys.readouterr().err
+
+
+def test_control_flags_are_refused_on_a_text_to_image_run(base_run, tmp_path, capsys):
+    from difflab.cli import main
+
+    assert (
+        main(
+            [
+                "generate",
+                str(base_run),
+                "a red circle",
+                "--control-scale",
+                "2",
+                "--out",
+                str(tmp_path / "g.png"),
+            ]
+        )
+        == 2
+    )
+    assert "apply to ControlNet runs" in capsys.readouterr().err

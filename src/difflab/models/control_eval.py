@@ -1,16 +1,21 @@
 """``difflab eval CONTROL_RUN``: how well a ControlNet's samples keep their condition, judged the paper's way.
 
 Zhang et al. (2023, Table 2) score a ControlNet by detecting the condition again in its samples and
-comparing it with the one it was given. Here the reader (:mod:`difflab.world.reader`) reads every sample
-back into a scene, and that scene is compared with the scene the condition image was drawn from:
+comparing it with the one it was given. The conditions here show no colour, so the detector is colour-blind
+as theirs are: :func:`~difflab.world.reader.read_silhouettes` fits each foreground component of a sample as
+one (shape, size) template, whatever colours it is painted in. That scene is compared with the scene the
+condition image was drawn from:
 
 - ``fidelity``: the objects are where the condition put them with the shapes it gave (the sorted
   (shape, cell) pairs agree, nothing missing and nothing extra): what the condition alone decides;
 - ``size``: the same, sizes included;
-- ``exact``: shape, size, cell *and colour* agree. The colours come from the prompt alone (no condition
-  shows them), so this is whether the prompt is still followed under control;
 - ``mask_iou``: intersection over union of the condition scene's object mask and the re-detected scene's
-  (the re-detected condition, rendered), the mean over images.
+  (the re-detected condition, rendered), the mean over images;
+- ``exact``: the reader (:func:`~difflab.world.reader.read`) finds shape, size, cell *and colour* as the
+  scene has them. The colours come from the prompt alone, so this is whether the prompt is still followed
+  under control;
+- ``read_fidelity``: ``fidelity`` by the reader, which splits an object painted in two colours into two
+  (a prompt's colours not bound to one object): the condition kept *and* each object one colour.
 
 Depth order is not scored: the world never overlaps objects, so a flat image does not show it.
 
@@ -30,7 +35,7 @@ from difflab.models.conditioners import Controls, Layouts
 from difflab.models.system import DiffusionSystem, generate
 from difflab.viz import save_grid
 from difflab.world.language import describe
-from difflab.world.reader import read
+from difflab.world.reader import read, read_silhouettes
 from difflab.world.render import CONDITION_FIELDS, render
 from difflab.world.render import condition as render_condition
 from difflab.world.scene import Scene, WorldConfig, scene_at, world_preset
@@ -68,17 +73,19 @@ def _mask(scene: Scene, world: WorldConfig) -> np.ndarray:
 def score(images: torch.Tensor, scenes: list[Scene], world: WorldConfig) -> tuple[dict, list[Scene]]:
     """The scores of images (N, 3, H, W) in [-1, 1] against the scenes they were conditioned on, and the
     scenes the reader found in them (the re-detected conditions)."""
-    found = [read(img, world) for img in images.cpu()]
-    hits = {"fidelity": 0, "size": 0, "exact": 0}
+    found = [read_silhouettes(img, world) for img in images.cpu()]
+    read_back = [read(img, world) for img in images.cpu()]
+    hits = {"fidelity": 0, "size": 0, "exact": 0, "read_fidelity": 0}
     ious = []
-    for want, got in zip(scenes, found, strict=True):
-        hits["fidelity"] += sorted((o.shape, o.cell) for o in want.objects) == sorted(
-            (o.shape, o.cell) for o in got.objects
-        )
-        hits["size"] += sorted((o.shape, o.size, o.cell) for o in want.objects) == sorted(
-            (o.shape, o.size, o.cell) for o in got.objects
-        )
-        hits["exact"] += want.keys() == got.keys()
+
+    def placed(scene: Scene, size: bool = False) -> list:
+        return sorted((o.shape, o.size, o.cell) if size else (o.shape, o.cell) for o in scene.objects)
+
+    for want, got, got_read in zip(scenes, found, read_back, strict=True):
+        hits["fidelity"] += placed(want) == placed(got)
+        hits["size"] += placed(want, size=True) == placed(got, size=True)
+        hits["exact"] += want.keys() == got_read.keys()
+        hits["read_fidelity"] += placed(want) == placed(got_read)
         a, b = _mask(want, world), _mask(got, world)
         ious.append((a & b).sum() / max((a | b).sum(), 1))
     n = len(scenes)

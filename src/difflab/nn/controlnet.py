@@ -74,14 +74,17 @@ class ControlNet(nn.Module):
     ``forward(x, t, hint, **unet_kwargs)`` -> residuals, one per skip connection of the base and one for
     its middle block (each (B, C_i, H_i, W_i)), all zero at initialisation."""
 
-    def __init__(self, unet_cfg: UNetConfig, hint_channels: int, hint_size: int):
+    def __init__(self, unet_cfg: UNetConfig, hint_channels: int, hint_size: int,
+                 hint_hidden: tuple[int, ...] = (16, 32)):  # fmt: skip
         super().__init__()
         if hint_size % unet_cfg.image_size:
             raise DifflabError(f"condition side {hint_size} is not a multiple of the UNet's side "
                                f"{unet_cfg.image_size}")  # fmt: skip
         self.hint_channels = hint_channels
         self.copy = UNet(unet_cfg, encoder_only=True)
-        self.hint = HintEncoder(hint_channels, unet_cfg.channels, hint_size // unet_cfg.image_size)
+        self.hint = HintEncoder(
+            hint_channels, unet_cfg.channels, hint_size // unet_cfg.image_size, hint_hidden
+        )
         self.zero = nn.ModuleList(zero_conv(w) for w in self.copy.skip_widths)
         self.zero_mid = zero_conv(self.copy.mid_width)
 

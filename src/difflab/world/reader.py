@@ -142,6 +142,37 @@ def read_with_blends(image, cfg: WorldConfig) -> tuple[Scene, int]:
     return Scene(tuple(objects)), blends
 
 
+def read_silhouettes(image, cfg: WorldConfig) -> Scene:
+    """The objects as a colour-blind detector sees them: each foreground component fitted as *one* (shape,
+    size) template, whatever colours it is painted in (its coverage is the most of the reader's per-colour
+    soft masks over the colours it holds). An object drawn in two colours is one object here, where
+    :func:`read` splits it. Each object's colour is that of its component's core. What re-detects a
+    condition that shows no colour (a ControlNet's edges, depth or mask)."""
+    img = _as_image(image)
+    h, w, _ = img.shape
+    bg = estimate_background(img)
+    faintest = np.linalg.norm(_PALETTE_RGB - bg, axis=1).min()
+    dist = np.linalg.norm(img - bg, axis=-1)  # (H, W)
+    objects = []
+    for pix in _components(dist > _WEAK * faintest):
+        rows, cols = pix[:, 0], pix[:, 1]
+        d = dist[rows, cols]
+        if not (d >= _STRONG * faintest).any():
+            continue
+        labels = _colour_labels(img[rows, cols], bg)
+        soft = np.max([_soft_mask(img, bg, pix, COLORS[k]) for k in np.unique(labels)], axis=0)  # (H, W)
+        fit = _fit(soft, cfg)
+        if fit is not None:
+            core = d >= 0.8 * d.max()
+            colour = COLORS[
+                int(np.argmin(np.linalg.norm(_PALETTE_RGB - img[rows[core], cols[core]].mean(0), axis=1)))
+            ]
+            shape, size, cx, cy, _ = fit
+            objects.append(Obj(shape, colour, size, float(cx / w), float(cy / h), 0.5))
+    objects.sort(key=lambda o: (o.cell, o.x, o.y))
+    return Scene(tuple(objects))
+
+
 def _colour_labels(rgb: np.ndarray, bg: np.ndarray, candidates=None) -> np.ndarray:
     """For (n, 3) pixel colours, the palette index whose segment background -> colour passes closest:
     an anti-aliased pixel is a mix ``bg + c (C - bg)`` and lies on its colour's segment at any coverage."""
