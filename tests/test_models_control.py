@@ -145,6 +145,19 @@ def test_a_condition_name_outside_the_choices_is_refused():
         apply_overrides(get_preset("controlnet_tiny").build(), ["condition=sketch"])
 
 
+def test_a_loss_weighting_outside_the_choices_is_refused():
+    with pytest.raises(DifflabError, match="'snr'"):
+        apply_overrides(get_preset("controlnet_tiny").build(), ["loss_weighting=snr"])
+
+
+def test_the_record_takes_the_base_s_diffusion_with_its_own_loss_weighting(base_run):
+    cfg = apply_overrides(get_preset("controlnet_tiny").build(), [f"base={base_run}"])
+    base = t2i.load_config(base_run)
+    assert control.resolve(cfg).diffusion == base.diffusion and control.resolve(cfg).unet == base.unet
+    uniform = control.resolve(dataclasses.replace(cfg, loss_weighting="uniform")).diffusion
+    assert uniform == dataclasses.replace(base.diffusion, loss_weighting="uniform")
+
+
 def test_a_controlnet_needs_a_base():
     with pytest.raises(DifflabError, match="base=RUN"):
         control.resolve(get_preset("controlnet_tiny").build())

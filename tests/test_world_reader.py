@@ -14,7 +14,7 @@ from hypothesis.extra import numpy as hnp
 
 from difflab.errors import DifflabError
 from difflab.world.check import check_reader
-from difflab.world.reader import _components, estimate_background, read, read_with_blends
+from difflab.world.reader import _components, estimate_background, read, read_silhouettes, read_with_blends
 from difflab.world.render import render
 from difflab.world.scene import COLORS, SHAPES, Obj, Scene, scene_at, world_preset
 
@@ -47,6 +47,23 @@ def test_touching_objects_of_different_colours_are_split():
     scene = Scene((Obj("square", "red", "large", 0.30, 0.5), Obj("circle", "blue", "large", 0.68, 0.5)))
     img = render(scene, cfg).image
     assert read(img, cfg).keys() == scene.keys()
+
+
+def test_a_two_coloured_object_is_two_to_the_reader_and_one_silhouette():
+    """An object painted half red, half blue (what a generator that binds colours badly draws): read()
+    splits it by colour, read_silhouettes() fits the whole blob as the one large square it is."""
+    cfg = world_preset("scene32")
+    scene = Scene((Obj("square", "red", "large", 0.5, 0.5),))
+    img = render(scene, cfg).image.copy()
+    red = np.all(np.isclose(img, img[16, 12]), axis=-1)  # the fully covered red pixels
+    img[:, 16:][red[:, 16:]] = (0.15, 0.30, 0.95)  # the right half blue
+    assert len(read(img, cfg).objects) == 2
+    (obj,) = read_silhouettes(img, cfg).objects
+    assert (obj.shape, obj.size, obj.cell) == ("square", "large", (1, 1))
+    clean = scene_at(cfg, 3, 0)  # on a clean render the two readings agree
+    assert (
+        read_silhouettes(render(clean, cfg).image, cfg).keys() == read(render(clean, cfg).image, cfg).keys()
+    )
 
 
 def test_empty_image_reads_as_empty_scene():

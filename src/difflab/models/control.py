@@ -27,6 +27,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from difflab.data.text_scenes import TextDataConfig
+from difflab.diffusion.objectives import LOSS_WEIGHTINGS
 from difflab.errors import MAX_SIZE, DifflabError, check_choice, check_float, check_ints
 from difflab.models import control_eval, t2i
 from difflab.models.conditioners import ControlledPrompts, Controls
@@ -54,6 +55,9 @@ class ControlConfig:
     or 'mask' (1 on every object) (:func:`difflab.models.control_eval.condition_image`)."""
     hint_hidden: tuple[int, ...] = (16, 32)
     """Widths of the hint encoder's convolutions, one per stage (the paper's 16, 32, 96, 256 for 8x)."""
+    loss_weighting: str | None = None
+    """The loss weighting over noise levels ('uniform' or 'min_snr', :mod:`difflab.diffusion.objectives`);
+    None: the base's. Placement is decided at high noise, where min-SNR's weight on a v-loss is small."""
     cond_drop: float = 0.5
     """Probability of training on the empty prompt (the paper's 50 %, Sec. 3.3)."""
     control_scale: float = 1.0
@@ -70,6 +74,8 @@ class ControlConfig:
 
     def __post_init__(self) -> None:
         check_choice("condition", self.condition, CONDITIONS)
+        if self.loss_weighting is not None:
+            check_choice("loss weighting", self.loss_weighting, LOSS_WEIGHTINGS)
         check_cond_drop(self.cond_drop)
         check_float("control_scale", self.control_scale, 0.0, 10.0)
         check_ints("hint_hidden", self.hint_hidden, 1, MAX_SIZE, nonempty=True)
@@ -85,7 +91,10 @@ def resolve(cfg: ControlConfig, *, attach: bool = True) -> ControlConfig:
         base = t2i.load_config(path)
         if base.recipe == "mmdit":
             raise DifflabError(f"base '{path}' is an MMDiT; a ControlNet copies a UNet's encoder")
-        cfg = dataclasses.replace(cfg, base=str(path), unet=base.unet, diffusion=base.diffusion,
+        diffusion = base.diffusion
+        if cfg.loss_weighting is not None:
+            diffusion = dataclasses.replace(diffusion, loss_weighting=cfg.loss_weighting)
+        cfg = dataclasses.replace(cfg, base=str(path), unet=base.unet, diffusion=diffusion,
                                   data=base.data,
                                   base_checkpoint=checkpoint_id(path, "text-to-image run"))  # fmt: skip
     check_sampling(cfg)
