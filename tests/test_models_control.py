@@ -135,6 +135,15 @@ def test_condition_images_show_the_scene():
     assert edges.max() > 0.9 and edges[0, 6, 6] == 0 and edges[0, 28, 28] == 0  # the outline, not the inside
 
 
+def test_the_fidelity_curve_never_holds_a_step_twice(tmp_path):
+    """A resumed run redraws the grids after its checkpoint: their old lines are dropped, not repeated."""
+    for step in (250, 500, 750):
+        control.write_fidelity(tmp_path, step, {"fidelity": step / 1000})
+    control.write_fidelity(tmp_path, 500, {"fidelity": 0.9})  # resumed from step 250
+    lines = (tmp_path / "fidelity.jsonl").read_text().splitlines()
+    assert lines == ['{"step": 250, "fidelity": 0.25}', '{"step": 500, "fidelity": 0.9}']
+
+
 def test_controls_refuse_a_hint_count_that_is_not_the_prompt_count():
     with pytest.raises(DifflabError, match=r"for 2 prompts"):
         Controls(["a", "b"], torch.zeros(3, 1, 8, 8))

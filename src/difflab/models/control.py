@@ -16,7 +16,6 @@ on which the paper's "sudden convergence" (Sec. 4.2, Fig. 4) is looked for (docs
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -38,8 +37,8 @@ from difflab.models.system import DiffusionSystem, TrainingParts, train_system
 from difflab.models.system import generate as generate_system
 from difflab.nn.controlnet import ControlledUNet, ControlNet, controlled_forward
 from difflab.nn.unet import UNet, UNetConfig, example_inputs
-from difflab.outputs import atomic_path
 from difflab.train.config import TrainConfig
+from difflab.train.metrics import MetricsLogger
 from difflab.world.scene import world_preset
 
 CONDITIONS = control_eval.CONDITIONS
@@ -287,11 +286,11 @@ def info_network(cfg: ControlConfig):
 
 
 def write_fidelity(run_dir: Path, step: int, report: dict) -> None:
-    """Append one line of the learning curve to ``fidelity.jsonl`` (atomically rewritten)."""
-    path = Path(run_dir) / "fidelity.jsonl"
-    old = path.read_text() if path.exists() else ""
-    with atomic_path(path) as tmp:
-        tmp.write_text(old + json.dumps({"step": step} | report) + "\n")
+    """Append one line of the learning curve to ``fidelity.jsonl``, first dropping any line at or after
+    ``step`` (a resumed run redraws those grids), so the file never holds a step twice."""
+    log = MetricsLogger(Path(run_dir) / "fidelity.jsonl")
+    log.truncate_after(step - 1)
+    log.log({"step": step} | report)
 
 
 # -------------------------------------------------------------------------------------------- presets
