@@ -35,8 +35,8 @@ from difflab.models.recipe import DiffusionConfig, SampleConfig, check_cond_drop
 from difflab.models.runs import checkpoint_id, load_latest_weights, load_run_config
 from difflab.models.system import DiffusionSystem, TrainingParts, train_system
 from difflab.models.system import generate as generate_system
-from difflab.nn.controlnet import ControlledUNet, ControlNet, controlled_forward
-from difflab.nn.unet import UNet, UNetConfig, example_inputs
+from difflab.nn.controlnet import ControlledUNet, ControlNet, controlled_forward, unet_of
+from difflab.nn.unet import UNetConfig, example_inputs
 from difflab.train.config import TrainConfig
 from difflab.train.metrics import MetricsLogger
 from difflab.world.scene import world_preset
@@ -104,12 +104,6 @@ def load_config(run_dir: str | Path) -> ControlConfig:
     return load_run_config(run_dir, ControlConfig, "control", "a ControlNet (control) run")
 
 
-def _frozen(network: nn.Module) -> nn.Module:
-    for p in network.parameters():
-        p.requires_grad_(False)
-    return network.eval()
-
-
 def _base(cfg: ControlConfig) -> tuple[DiffusionSystem, t2i.TextToImageConfig]:
     """The base system (EMA weights, frozen), after checking it is the checkpoint this run was made on."""
     now = checkpoint_id(cfg.base, "text-to-image run")
@@ -117,16 +111,12 @@ def _base(cfg: ControlConfig) -> tuple[DiffusionSystem, t2i.TextToImageConfig]:
         raise DifflabError(f"base '{cfg.base}' has changed since this ControlNet was trained on it "
                            f"({cfg.base_checkpoint}, now {now}); retrain the ControlNet")  # fmt: skip
     system, base_cfg = t2i.load_model(cfg.base)
-    _frozen(system.network)
+    system.network.requires_grad_(False)  # load_model has put it in eval mode
     return system, base_cfg
 
 
 def build_controlnet(cfg: ControlConfig) -> ControlNet:
     return ControlNet(cfg.unet, control_eval.CONDITION_CHANNELS, cfg.data.image_size, cfg.hint_hidden)
-
-
-def _unet(network: nn.Module) -> UNet:
-    return getattr(network, "unet", network)
 
 
 class WithConditions(Dataset):
@@ -185,7 +175,7 @@ def train(cfg: ControlConfig, run_dir: str | Path, *, resume: bool = False) -> P
                              loss_fn=_loss_fn(base_net), sampling_network=with_base, on_grid=on_grid)  # fmt: skip
 
     def network() -> ControlNet:
-        return build_controlnet(cfg).copy_base(_unet(base_net))
+        return build_controlnet(cfg).copy_base(unet_of(base_net))
 
     run_dir = train_system(cfg, run_dir, resume=resume, load_config=load_config, inputs=("base_checkpoint",),
                            parts=parts, network=network, model_config=_network_record(cfg))  # fmt: skip
@@ -220,13 +210,19 @@ def load_model(run_dir: str | Path, *, ema: bool = True, device: str = "cpu",
                control_scale: float | None = None) -> tuple[DiffusionSystem, ControlConfig]:  # fmt: skip
     """The frozen base with the trained ControlNet (EMA weights by default) at ``control_scale`` (default:
     the run's), its conditioner taking :class:`~difflab.models.conditioners.Controls`, and the config."""
+    model, cfg, _ = _load(run_dir, ema=ema, device=device, control_scale=control_scale)
+    return model, cfg
+
+
+def _load(run_dir, *, ema: bool = True, device: str = "cpu", control_scale: float | None = None):
+    """:func:`load_model`, and the base's config."""
     cfg = load_config(run_dir)
     base_system, base_cfg = _base(cfg)
     controlnet = load_latest_weights(run_dir, build_controlnet(cfg), ema=ema)
     scale = cfg.control_scale if control_scale is None else control_scale
     network = ControlledUNet(base_system.network, [controlnet], [scale])
     system = DiffusionSystem(network, conditioner(cfg, base_system, base_cfg), base_system.codec)
-    return system.to(device).eval(), cfg
+    return system.to(device).eval(), cfg, base_cfg
 
 
 def generate(model: DiffusionSystem, cfg: ControlConfig, request: Controls, **kwargs) -> torch.Tensor:
@@ -266,8 +262,7 @@ def evaluate(run_dir: str | Path, n: int, *, seed: int = 0, sampler=None, steps=
              control_scale: float | None = None, progress: bool = False) -> dict:  # fmt: skip
     """Condition fidelity of ``n`` held-out scenes, re-read from the samples, beside the base model's
     own on the same prompts (:func:`difflab.models.control_eval.evaluate`)."""
-    model, cfg = load_model(run_dir, control_scale=control_scale)
-    base_cfg = t2i.load_config(cfg.base)
+    model, cfg, base_cfg = _load(run_dir, control_scale=control_scale)
     return control_eval.evaluate(model, cfg, base_cfg, run_dir, n, seed=seed, sampler=sampler, steps=steps,
                                  cfg_scale=cfg_scale, progress=progress)  # fmt: skip
 

@@ -110,9 +110,8 @@ def save_pairs(hints: torch.Tensor, images: torch.Tensor, found: list[Scene], wo
 def evaluate(model: DiffusionSystem, cfg, base_cfg, run_dir, n: int, *, seed: int = 0, sampler=None,
              steps=None, cfg_scale=None, progress: bool = False) -> dict:  # fmt: skip
     """Sample ``n`` held-out scenes' conditions with their descriptions, score them, and score the base
-    model on the same prompts without the condition."""
-    from difflab.models import t2i  # here: t2i does not need this module, and this one runs after it
-
+    model on the same prompts without the condition (the base the controlled ``model`` holds, with its own
+    conditioner and codec)."""
     world = world_preset(base_cfg.data.world)
     scenes = eval_scenes(world, n, seed)
     request = controls(scenes, world, cfg.condition, base_cfg)
@@ -121,7 +120,7 @@ def evaluate(model: DiffusionSystem, cfg, base_cfg, run_dir, n: int, *, seed: in
     images = generate(model, cfg, n, request, progress=progress, **options)
     seconds = time.perf_counter() - t0
     report, _ = score(images, scenes, world)
-    base, _ = t2i.load_model(cfg.base)
+    base = DiffusionSystem(model.network.base, model.conditioner.inner, model.codec)
     base_images = generate(base, base_cfg, n, request.request, progress=progress, **options)
     base_report, _ = score(base_images, scenes, world)
     s = cfg.sample.resolve(sampler, steps, cfg_scale)

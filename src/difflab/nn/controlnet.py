@@ -105,12 +105,17 @@ class ControlNet(nn.Module):
         return [z(s) for z, s in zip(self.zero, skips, strict=True)] + [self.zero_mid(h)]
 
 
+def unet_of(network: nn.Module) -> nn.Module:
+    """The UNet of a network: itself, or the ``.unet`` a text-conditioned network holds."""
+    return getattr(network, "unet", network)
+
+
 def controlled_forward(base: nn.Module, controlnets, scales, x, t, control_hint=None, **cond) -> torch.Tensor:
     """The base network's output with the ControlNets' residuals, each times its scale, summed (Eq. 3).
     ``base`` is a UNet or a network with a UNet inside (``.unet``) that turns a condition into its
     keyword arguments (``.prepare``: a text refiner, grounding tokens), which the copies read too.
     ``control_hint`` (B, sum of the nets' hint channels, S, S): each net takes its own channels."""
-    unet = getattr(base, "unet", base)
+    unet = unet_of(base)
     if not isinstance(unet, UNet):
         raise DifflabError(f"a ControlNet steers a UNet; this base is a {type(unet).__name__}")
     kwargs = base.prepare(**cond) if hasattr(base, "prepare") else cond
