@@ -82,6 +82,27 @@ def _as_image(image) -> np.ndarray:
     return image.astype(np.float64)
 
 
+def _object_components(img: np.ndarray, bg: np.ndarray):
+    """The foreground components of ``img`` that can be objects: each as (pixels (n, 2), their distance
+    from the background (n,), which of them are clearly foreground (n,) bool). A pixel is foreground above
+    WEAK; a component with no pixel above STRONG is noise or a faint smudge, and is left out."""
+    faintest = np.linalg.norm(_PALETTE_RGB - bg, axis=1).min()
+    dist = np.linalg.norm(img - bg, axis=-1)  # (H, W)
+    for pix in _components(dist > _WEAK * faintest):
+        d = dist[pix[:, 0], pix[:, 1]]
+        strong = d >= _STRONG * faintest
+        if strong.any():
+            yield pix, d, strong
+
+
+def _core_colour(img: np.ndarray, pix: np.ndarray, d: np.ndarray) -> int:
+    """The palette index nearest the mean colour of a component's core (its pixels within 80 % of its
+    largest distance from the background)."""
+    core = d >= 0.8 * d.max()
+    mean_rgb = img[pix[core, 0], pix[core, 1]].mean(axis=0)
+    return int(np.argmin(np.linalg.norm(_PALETTE_RGB - mean_rgb, axis=1)))
+
+
 def read(image, cfg: WorldConfig) -> Scene:
     """Read the scene in ``image`` ((H, W, 3) in [0, 1] or uint8, or a (3, H, W) tensor in [-1, 1]).
 
@@ -108,25 +129,16 @@ def read_with_blends(image, cfg: WorldConfig) -> tuple[Scene, int]:
     img = _as_image(image)
     h, w, _ = img.shape
     bg = estimate_background(img)
-    faintest = np.linalg.norm(_PALETTE_RGB - bg, axis=1).min()
-    dist = np.linalg.norm(img - bg, axis=-1)  # (H, W)
-    fg = dist > _WEAK * faintest
     objects, blends = [], 0
     min_pixels = 0.25 * (3 * np.sqrt(3) / 4) * (min(cfg.radius.values()) * h) ** 2
-    for pix in _components(fg):
+    for pix, d, strong in _object_components(img, bg):
         rows, cols = pix[:, 0], pix[:, 1]
-        d = dist[rows, cols]
-        strong = d >= _STRONG * faintest
-        if not strong.any():
-            continue  # noise, or a faint smudge: no object is that faint anywhere
         # Two touching objects of different colours form one component: split it by colour when more
         # than one palette colour owns a sizeable share of the clearly-foreground pixels.
         labels = _majority_3x3(_colour_labels(img[rows, cols], bg), pix, (h, w))
         present = [k for k in np.unique(labels[strong]) if (labels[strong] == k).sum() >= min_pixels]
         if len(present) <= 1:
-            core = d >= 0.8 * d.max()
-            mean_rgb = img[rows[core], cols[core]].mean(axis=0)
-            parts = [(int(np.argmin(np.linalg.norm(_PALETTE_RGB - mean_rgb, axis=1))), pix)]
+            parts = [(_core_colour(img, pix, d), pix)]
         else:
             labels = _majority_3x3(_colour_labels(img[rows, cols], bg, candidates=present), pix, (h, w))
             parts = [(k, pix[labels == k]) for k in present]
@@ -151,24 +163,16 @@ def read_silhouettes(image, cfg: WorldConfig) -> Scene:
     img = _as_image(image)
     h, w, _ = img.shape
     bg = estimate_background(img)
-    faintest = np.linalg.norm(_PALETTE_RGB - bg, axis=1).min()
-    dist = np.linalg.norm(img - bg, axis=-1)  # (H, W)
     objects = []
-    for pix in _components(dist > _WEAK * faintest):
-        rows, cols = pix[:, 0], pix[:, 1]
-        d = dist[rows, cols]
-        if not (d >= _STRONG * faintest).any():
-            continue
-        labels = _colour_labels(img[rows, cols], bg)
+    for pix, d, _ in _object_components(img, bg):
+        labels = _colour_labels(img[pix[:, 0], pix[:, 1]], bg)
         soft = np.max([_soft_mask(img, bg, pix, COLORS[k]) for k in np.unique(labels)], axis=0)  # (H, W)
         fit = _fit(soft, cfg)
         if fit is not None:
-            core = d >= 0.8 * d.max()
-            colour = COLORS[
-                int(np.argmin(np.linalg.norm(_PALETTE_RGB - img[rows[core], cols[core]].mean(0), axis=1)))
-            ]
             shape, size, cx, cy, _ = fit
-            objects.append(Obj(shape, colour, size, float(cx / w), float(cy / h), 0.5))
+            objects.append(
+                Obj(shape, COLORS[_core_colour(img, pix, d)], size, float(cx / w), float(cy / h), 0.5)
+            )
     objects.sort(key=lambda o: (o.cell, o.x, o.y))
     return Scene(tuple(objects))
 
