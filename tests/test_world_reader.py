@@ -5,6 +5,8 @@ full measurement (2,000 scenes per preset) is `difflab world check`; here a smal
 suite fast while still failing if the reader regresses.
 """
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -19,7 +21,9 @@ from difflab.world.render import render
 from difflab.world.scene import COLORS, SHAPES, Obj, Scene, scene_at, world_preset
 
 
-@pytest.mark.parametrize("preset,n", [("tiny", 150), ("single32", 150), ("scene32", 150), ("scene64", 60)])
+@pytest.mark.parametrize(
+    "preset,n", [("tiny", 150), ("single32", 150), ("scene32", 150), ("star32", 100), ("scene64", 60)]
+)
 @pytest.mark.parametrize("noise,floor", [(0.0, 0.99), (0.05, 0.95)])
 def test_reader_accuracy_floor(preset, n, noise, floor):
     report = check_reader(world_preset(preset), n, seed=123, noise=noise)
@@ -134,3 +138,14 @@ def test_one_shape_in_two_colours_is_a_blend_and_two_touching_shapes_are_not(sha
     assert sorted(o.color for o in scene.objects) == ["blue", "red"] and blends == 0
     # One-coloured objects, far apart as the world draws them: nothing to blend.
     assert read_with_blends(render(scene_at(cfg, 0, 3), cfg).image, cfg)[1] == 0
+
+
+def test_the_base_shapes_are_never_read_as_an_extension_s_star():
+    """A world that draws stars reads them over every shape, and its base scenes read as before."""
+    star_aware = dataclasses.replace(world_preset("scene32"), shapes=(*SHAPES, "star"))
+    report = check_reader(star_aware, 150, seed=5, noise=0.05)  # draws the base shapes and stars
+    assert report["exact_scene_accuracy"] >= 0.95, report["first_failures"]
+    for i in range(60):
+        scene = scene_at(world_preset("scene32"), 9, i)
+        image = render(scene, world_preset("scene32")).image
+        assert read(image, star_aware).keys() == read(image, world_preset("scene32")).keys() == scene.keys()

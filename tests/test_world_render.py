@@ -9,7 +9,7 @@ import pytest
 
 from difflab.errors import DifflabError
 from difflab.world.render import RENDERER_VERSION, add_noise, render, render_batch, shape_coverage
-from difflab.world.scene import SHAPES, Obj, Scene, scene_at, world_preset
+from difflab.world.scene import ALL_SHAPES, Obj, Scene, scene_at, world_preset
 
 # sha256 of the uint8 images of scenes 0..7 of seed 0 in scene32 (renderer version 1). Pixel changes
 # must come with a RENDERER_VERSION bump, which invalidates rendered-scene caches.
@@ -45,10 +45,11 @@ AREAS = {
     "diamond": 2.0,  # the same square turned by 45 degrees
     "triangle": 3 * np.sqrt(3) / 4,  # equilateral, inscribed
     "cross": 8 * _A * _W - 4 * _W**2,  # two 2a x 2w bars minus their shared 2w x 2w centre
+    "star": 5 * 0.5 * np.sin(np.pi / 5),  # ten triangles (tip, inner corner, centre): (1/2) r (0.5 r) sin 36
 }
 
 
-@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("shape", ALL_SHAPES)
 def test_shape_area_and_centroid_match_closed_form(shape):
     r, n = 20.0, 64
     cov, (top, left) = shape_coverage(shape, 31.3, 32.6, r, n, n, supersample=8)
@@ -63,7 +64,7 @@ def test_shape_area_and_centroid_match_closed_form(shape):
 
 def test_shapes_stay_inside_their_bounding_circle():
     r, n = 10.0, 32
-    for shape in SHAPES:
+    for shape in ALL_SHAPES:
         cov, (top, left) = shape_coverage(shape, 16.0, 16.0, r, n, n, supersample=8)
         ys, xs = np.mgrid[top : top + cov.shape[0], left : left + cov.shape[1]] + 0.5
         far = np.hypot(xs - 16, ys - 16) > r + 1.0  # pixel centres beyond the circle plus half a diagonal

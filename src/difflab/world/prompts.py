@@ -29,9 +29,9 @@ import numpy as np
 
 from difflab.errors import DifflabError, check_choice
 from difflab.world.scene import (
+    ALL_SHAPES,
     COLORS,
     POSITIONS,
-    SHAPES,
     SIZES,
     Obj,
     Scene,
@@ -71,7 +71,7 @@ def join_and(phrases: list[str]) -> str:
 # ------------------------------------------------------------------------------------ object references
 
 ATTRIBUTES = ("shape", "color", "size", "position")
-_VOCABULARY = {"shape": ("shape", SHAPES), "color": ("colour", COLORS), "size": ("size", SIZES),
+_VOCABULARY = {"shape": ("shape", ALL_SHAPES), "color": ("colour", COLORS), "size": ("size", SIZES),
                "position": ("position", POSITIONS)}  # fmt: skip
 
 

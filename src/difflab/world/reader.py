@@ -230,7 +230,7 @@ def _fit(soft: np.ndarray, cfg: WorldConfig) -> tuple[str, str, float, float, fl
     best, best_err = None, np.inf
     for size in SIZES:
         r = cfg.radius[size] * h
-        for shape in SHAPES:
+        for shape in dict.fromkeys((*SHAPES, *cfg.shapes)):  # the base shapes, and any extension the world draws
             cov, (top, left) = shape_coverage(shape, cx, cy, r, h, w, cfg.supersample)
             template = np.zeros((h, w))
             template[top : top + cov.shape[0], left : left + cov.shape[1]] = cov

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from difflab.errors import check_choice
-from difflab.world.scene import PALETTE, SHAPES, Scene, WorldConfig
+from difflab.world.scene import ALL_SHAPES, PALETTE, Scene, WorldConfig
 
 # Bump when a change alters rendered pixels: disk caches of rendered scenes are keyed by it, and the
 # pinned hash in tests/test_world_render.py must be updated with it.
@@ -25,6 +25,10 @@ RENDERER_VERSION = 1
 # Cross (plus sign) proportions, relative to the bounding-circle radius r: arms of half-length 0.92 r and
 # half-width 0.36 r, so the arm corners (0.92, 0.36) stay inside the bounding circle (0.92^2 + 0.36^2 < 1).
 _CROSS_ARM, _CROSS_HALF_WIDTH = 0.92, 0.36
+
+# Five-pointed star: tips on the bounding circle, the five inner corners at 0.5 r. A regular pentagram's
+# 0.38 r leaves arms a pixel wide at the small size (4 px at 32x32); 0.5 keeps them readable there.
+_STAR_POINTS, _STAR_INNER = 5, 0.5
 
 
 def shape_inside(shape: str, dx: np.ndarray, dy: np.ndarray, r: float) -> np.ndarray:
@@ -46,8 +50,26 @@ def shape_inside(shape: str, dx: np.ndarray, dy: np.ndarray, r: float) -> np.nda
         a, w = _CROSS_ARM * r, _CROSS_HALF_WIDTH * r
         ax, ay = np.abs(dx), np.abs(dy)
         return ((ax <= a) & (ay <= w)) | ((ax <= w) & (ay <= a))
-    check_choice("shape", shape, SHAPES)
+    if shape == "star":
+        return _inside_star(dx, dy, r)
+    check_choice("shape", shape, ALL_SHAPES)
     raise AssertionError("unreachable")
+
+
+def _inside_star(dx: np.ndarray, dy: np.ndarray, r: float) -> np.ndarray:
+    """A five-pointed star pointing up. It is symmetric under turns of 72 degrees and reflection about each
+    tip's axis, so a point is folded into the sector between a tip (angle 0) and the next inner corner
+    (36 degrees), where the outline is one straight edge: inside is the centre's side of that edge."""
+    sector = 2 * np.pi / _STAR_POINTS
+    theta = np.mod(np.arctan2(dx, -dy), sector)  # angle from the upward tip, clockwise (y is down)
+    phi = np.minimum(theta, sector - theta)  # folded into [0, sector / 2]
+    rho = np.hypot(dx, dy)
+    px, py = rho * np.cos(phi), rho * np.sin(phi)  # the point, the tip's axis along x
+    tip = np.array([r, 0.0])
+    corner = _STAR_INNER * r * np.array([np.cos(sector / 2), np.sin(sector / 2)])
+    ex, ey = corner - tip
+    # the cross product (corner - tip) x (p - tip) has the centre's sign (ey * r > 0) on the inside
+    return ex * (py - tip[1]) - ey * (px - tip[0]) >= 0
 
 
 def shape_coverage(

@@ -33,6 +33,10 @@ PALETTE: dict[str, tuple[float, float, float]] = {
 }
 COLORS: tuple[str, ...] = tuple(PALETTE)
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "diamond", "cross")
+EXTENSION_SHAPES: tuple[str, ...] = ("star",)
+"""Shapes the world can draw but no base preset does: new concepts to teach a trained model (LoRA,
+docs/lora.md). A world that draws them names them in ``WorldConfig.shapes`` (the 'star32' preset)."""
+ALL_SHAPES: tuple[str, ...] = SHAPES + EXTENSION_SHAPES
 SIZES: tuple[str, ...] = ("small", "large")
 
 # The 3x3 grid, row-major: index = 3 * row + col.
@@ -148,7 +152,7 @@ class WorldConfig:
                 "expected 1 <= min_objects <= max_objects <= 9 (one per grid cell)"
             )
         for s in self.shapes:
-            check_choice("shape", s, SHAPES)
+            check_choice("shape", s, ALL_SHAPES)
         for c in self.colors:
             check_choice("colour", c, COLORS)
         for z in self.sizes:
@@ -187,6 +191,10 @@ WORLD_PRESETS: dict[str, tuple[str, WorldConfig]] = {
     "scene32": (
         "32x32, one or two objects: the default world",
         WorldConfig(resolution=32, min_objects=1, max_objects=2),
+    ),
+    "star32": (
+        "32x32, one star: a shape no other preset draws, the new concept a LoRA teaches (docs/lora.md)",
+        WorldConfig(resolution=32, min_objects=1, max_objects=1, shapes=("star",)),
     ),
     "scene64": (
         "64x64, one to four objects: captions with relations and counts",
