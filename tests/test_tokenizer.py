@@ -15,7 +15,15 @@ from difflab.text import BPETokenizer, WordTokenizer, load_tokenizer, normalize
 from difflab.world.edits import EDIT_KINDS, sample_edit
 from difflab.world.geneval import prompt_set_path
 from difflab.world.language import CAPTION_STYLES, caption, describe, questions
-from difflab.world.scene import COLORS, POSITIONS, SHAPES, WORLD_PRESETS, scene_at, world_preset
+from difflab.world.scene import (
+    COLORS,
+    EXTENSION_SHAPES,
+    POSITIONS,
+    SHAPES,
+    WORLD_PRESETS,
+    scene_at,
+    world_preset,
+)
 
 SCENES_PER_WORLD = 150
 
@@ -26,6 +34,8 @@ def world_texts() -> dict[str, set[str]]:
     texts: dict[str, set[str]] = {k: set() for k in ("caption", "describe", "question", "answer", "edit")}
     for name in WORLD_PRESETS:
         cfg = world_preset(name)
+        if set(cfg.shapes) & set(EXTENSION_SHAPES):  # a new concept's world: its word is added by an adapter
+            continue
         for i in range(SCENES_PER_WORLD):
             scene, rng = scene_at(cfg, 0, i), np.random.default_rng(i)
             for style in CAPTION_STYLES:
@@ -307,3 +317,21 @@ def test_bpe_encode_never_fails_otherwise(bpe, text):
     else:
         _check_layout(bpe, ids, mask)
         bpe.decode(ids[0])
+
+
+def test_added_words_take_new_ids_after_every_old_one():
+    """As HF's ``add_tokens``: the ids a text encoder was trained on do not move; a saved tokenizer keeps them."""
+    tok = WordTokenizer.for_world()
+    more = tok.with_words(["star", "stars", "star"])
+    assert more.added == ("star", "stars") and more.vocab_size == tok.vocab_size + 2
+    old = "a red circle to the left of a blue square"
+    assert torch.equal(more.encode(old)[0], tok.encode(old)[0])
+    assert more.encode("two stars")[0][0][2].item() == tok.vocab_size + 1
+    assert more.with_words(["star"]).words == more.words  # adding twice is adding once
+    again = load_tokenizer(more.to_dict())
+    assert again.words == more.words and torch.equal(again.encode("a star")[0], more.encode("a star")[0])
+    assert "added" not in tok.to_dict()  # a tokenizer saved before added words existed reads the same
+    with pytest.raises(DifflabError, match="already in the vocabulary"):
+        WordTokenizer(["a", "star"], added=["star"])
+    with pytest.raises(DifflabError, match="unknown word 'star'"):
+        tok.encode("a star")

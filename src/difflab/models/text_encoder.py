@@ -28,6 +28,7 @@ same prompt to other ids), so both are pinned:
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import reprlib
@@ -79,6 +80,28 @@ class FrozenTextEncoder(nn.Module):
     def width(self) -> int:
         """Feature size of ``tokens``: the ``context_dim`` of a UNet's cross-attention."""
         return self.cfg.width * len(self.layers)
+
+    def add_words(self, words: list[str], rows: torch.Tensor) -> list[int]:
+        """Teach the tokenizer ``words`` and give each a new row of the token-embedding table, ``rows``
+        (len(words), width): the ids of the words it was trained on do not move, and the rows stay frozen
+        (a LoRA adapts the network that reads them; training them would be Textual Inversion, Gal et al.
+        2022). Returns the new words' ids. Only a word-level tokenizer can add words."""
+        if not hasattr(self.tokenizer, "with_words"):
+            raise DifflabError(
+                f"a {type(self.tokenizer).__name__} cannot add words; expected a word tokenizer"
+            )
+        new = [w for w in dict.fromkeys(words) if w not in self.tokenizer.words]
+        if rows.shape != (len(new), self.cfg.width):
+            raise DifflabError(f"rows of shape {tuple(rows.shape)} for the new words {new}; expected "
+                               f"({len(new)}, {self.cfg.width})")  # fmt: skip
+        self.tokenizer = self.tokenizer.with_words(new)
+        old = self.text.token_embed
+        table = nn.Embedding(self.tokenizer.vocab_size, self.cfg.width, device=old.weight.device,
+                             dtype=old.weight.dtype)  # fmt: skip
+        table.weight.data = torch.cat([old.weight.data, rows.to(old.weight)])  # (vocab + new, width)
+        self.text.token_embed = table.requires_grad_(False)
+        self.cfg = dataclasses.replace(self.cfg, vocab_size=self.tokenizer.vocab_size)
+        return [self.tokenizer.vocab_size - len(new) + i for i in range(len(new))]
 
     def train(self, mode: bool = True) -> FrozenTextEncoder:
         return super().train(False)  # frozen: a parent's .train() must not switch on dropout here

@@ -37,12 +37,24 @@ class WordTokenizer(_Tokenizer):
     PAD, BOS, EOS, UNK = "<pad>", "<bos>", "<eos>", "<unk>"
     SPECIALS = (PAD, BOS, EOS, UNK)
 
-    def __init__(self, words: Iterable[str], *, context_length: int = 32, unknown: str = "strict") -> None:
+    def __init__(self, words: Iterable[str], *, context_length: int = 32, unknown: str = "strict",
+                 added: Sequence[str] = ()) -> None:  # fmt: skip
         super().__init__(context_length)
         self._unknown = check_choice("unknown-word mode", unknown, UNKNOWN_MODES)
+        self._words = tuple(sorted(set(self._checked(words))))
+        self._added = tuple(self._checked(added))
+        clash = sorted(set(self._added) & set(self._words)) or [
+            w for w in self._added if self._added.count(w) > 1
+        ]
+        if clash:
+            raise DifflabError(f"added word {clash[0]!r} is already in the vocabulary; expected new words")
+        self._itos = (*self.SPECIALS, *self._words, *self._added)
+        self._stoi = {w: i for i, w in enumerate(self._itos) if w not in self.SPECIALS}
+
+    def _checked(self, words: Iterable[str]) -> list[str]:
         if isinstance(words, str):
             raise DifflabError(f"words {_short_repr(words)} is one string; expected a list of words")
-        vocab = set()
+        out = []
         for w in words:
             if not isinstance(w, str) or normalize(w) != [w]:
                 raise DifflabError(
@@ -53,10 +65,18 @@ class WordTokenizer(_Tokenizer):
                 raise DifflabError(
                     f"vocabulary word {w!r} is a special token; the tokenizer adds those itself"
                 )
-            vocab.add(w)
-        self._words = tuple(sorted(vocab))
-        self._itos = (*self.SPECIALS, *self._words)
-        self._stoi = {w: i for i, w in enumerate(self._itos) if w not in self.SPECIALS}
+            out.append(w)
+        return out
+
+    def with_words(self, words: Sequence[str]) -> WordTokenizer:
+        """This tokenizer with ``words`` added after every existing id, as HF tokenizers' ``add_tokens``
+        does: the ids of the words a text encoder was trained on stay what they were, and the new ids
+        index new rows at the end of its embedding table (:meth:`FrozenTextEncoder.add_words
+        <difflab.models.text_encoder.FrozenTextEncoder.add_words>`). Words it already has are kept as
+        they are, so adding twice is adding once."""
+        new = [w for w in dict.fromkeys(self._checked(words)) if w not in self._stoi]
+        return WordTokenizer(self._words, context_length=self.context_length, unknown=self._unknown,
+                             added=(*self._added, *new))  # fmt: skip
 
     @classmethod
     def for_world(cls, cfg: WorldConfig | None = None, **kw) -> WordTokenizer:
@@ -83,8 +103,14 @@ class WordTokenizer(_Tokenizer):
 
     @property
     def words(self) -> tuple[str, ...]:
-        """The vocabulary's words (without the special tokens), in id order."""
-        return self._words
+        """The vocabulary's words (without the special tokens), in id order: the sorted words, then any
+        added ones (:meth:`with_words`) in the order they were added."""
+        return (*self._words, *self._added)
+
+    @property
+    def added(self) -> tuple[str, ...]:
+        """The words added after the sorted vocabulary (:meth:`with_words`)."""
+        return self._added
 
     @property
     def unknown(self) -> str:
@@ -123,14 +149,14 @@ class WordTokenizer(_Tokenizer):
             unknown = list(dict.fromkeys(w for w in words if w not in self._stoi))
             raise DifflabError(
                 f"unknown word{'s' * (len(unknown) > 1)} {', '.join(map(self._hint, unknown))} in "
-                f"{_short_repr(text)}; the vocabulary has {len(self._words)} words "
+                f"{_short_repr(text)}; the vocabulary has {len(self.words)} words "
                 "(strict tokenizer; use unknown='lenient' to map them to <unk>)"
             )
         return ids
 
     def _hint(self, word: str) -> str:
         """``'color' (did you mean 'colour'?)``: the unknown word, and the closest known one if any."""
-        close = difflib.get_close_matches(word, self._words, n=1)
+        close = difflib.get_close_matches(word, self.words, n=1)
         return repr(word) + (f" (did you mean {close[0]!r}?)" if close else "")
 
     def decode(self, ids: Sequence[int] | torch.Tensor) -> str:
@@ -150,7 +176,7 @@ class WordTokenizer(_Tokenizer):
             "context_length": self.context_length,
             "unknown": self._unknown,
             "words": list(self._words),
-        }
+        } | ({"added": list(self._added)} if self._added else {})
 
     @classmethod
     def from_dict(cls, d: dict) -> WordTokenizer:
@@ -159,10 +185,11 @@ class WordTokenizer(_Tokenizer):
             _field(d, "words", cls.kind),
             context_length=_field(d, "context_length", cls.kind),
             unknown=d.get("unknown", "strict"),
+            added=d.get("added", ()),
         )
 
     def __repr__(self) -> str:
         return (
-            f"WordTokenizer({len(self._words)} words, vocab_size={self.vocab_size}, "
+            f"WordTokenizer({len(self.words)} words, vocab_size={self.vocab_size}, "
             f"context_length={self.context_length}, unknown={self._unknown!r})"
         )
