@@ -12,6 +12,9 @@ from difflab.errors import DifflabError
 from difflab.nn.attention import SpatialAttention
 from difflab.nn.lora import (
     ATTENTION_TARGETS,
+    CROSS_ATTENTION_KV,
+    RESBLOCK_CONVS,
+    LoRAConv2d,
     LoRALinear,
     add_lora,
     lora_layers,
@@ -164,3 +167,39 @@ def test_bad_ranks_and_targets_are_named():
     merge_lora(ours)
     with pytest.raises(DifflabError, match="merged"):
         set_lora_scale(ours, 0.5)
+
+
+def test_a_dotted_target_picks_cross_attention_alone():
+    """'cross_attn.to_k' matches the end of a layer's qualified name, as PEFT's target_modules do."""
+    unet = _unet()
+    names = add_lora(unet, 2, targets=CROSS_ATTENTION_KV)
+    assert names and all(n.endswith(("cross_attn.to_k", "cross_attn.to_v")) for n in names)
+    assert len(names) == 2 * sum(n.endswith("cross_attn") for n, _ in unet.named_modules())
+
+
+@pytest.mark.parametrize("rslora", [False, True])
+def test_convolution_lora_equals_peft(rslora):
+    """LoCon: A a 3x3 convolution into r channels, B a 1x1 one out of them, as PEFT's Conv2d LoRA; merged, one
+    kernel of the base's shape."""
+    base = _unet()
+    ours = copy.deepcopy(base)
+    names = add_lora(ours, 2, 4.0, targets=RESBLOCK_CONVS, rslora=rslora)
+    assert names and all(isinstance(m, LoRAConv2d) for m in lora_layers(ours).values())
+    assert torch.equal(ours(**_inputs()), base(**_inputs()))  # B = 0
+    _randomise(ours)
+    config = peft.LoraConfig(r=2, lora_alpha=4.0, target_modules=list(RESBLOCK_CONVS), use_rslora=rslora)
+    twin = peft.get_peft_model(copy.deepcopy(base), config)
+    for name, layer in lora_layers(ours).items():
+        theirs = twin.base_model.model.get_submodule(name)
+        assert theirs.lora_A["default"].weight.shape == layer.lora_A.shape
+        assert theirs.lora_B["default"].weight.shape == layer.lora_B.shape
+        with torch.no_grad():
+            theirs.lora_A["default"].weight.copy_(layer.lora_A)
+            theirs.lora_B["default"].weight.copy_(layer.lora_B)
+    want = twin(**_inputs())
+    assert torch.allclose(ours(**_inputs()), want, atol=1e-6)
+    merge_lora(ours)
+    theirs = twin.merge_and_unload().state_dict()
+    for key, value in ours.state_dict().items():
+        if "lora_" not in key:
+            assert torch.allclose(value, theirs[key.replace(".base.", ".")], atol=1e-6), key
