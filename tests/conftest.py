@@ -1,5 +1,9 @@
 """Fixtures shared by the test modules.
 
+``tiny_t2i_base``: a t2i_tiny run in pixels on the tiny world, its text encoder exported from a clip_tiny
+run; trained once per session (on one thread) for the systems built on a base (ControlNet, LoRA), which
+check that they leave it unchanged byte for byte.
+
 ``single_thread`` / ``single_thread_module``: torch on one intra-op thread, restored afterwards. The tests
 work on small tensors, where a second OpenMP thread adds only synchronisation; on a loaded 2-core machine
 those barriers made small float64 ops ~8 ms each and a tiny training run ~30x slower (8 s -> 300 s). One
@@ -35,3 +39,19 @@ def single_thread():
 def single_thread_module():
     with _one_thread():
         yield
+
+
+@pytest.fixture(scope="session")
+def tiny_t2i_base(tmp_path_factory):
+    from difflab.config import apply_overrides
+    from difflab.models import clip, t2i
+    from difflab.models.registry import get_preset
+    from difflab.models.text_encoder import export_text_encoder
+
+    root = tmp_path_factory.mktemp("tiny_t2i_base")
+    with _one_thread():
+        clip.train(get_preset("clip_tiny").build(), root / "clip")
+        export_text_encoder(root / "clip", root / "te")
+        return t2i.train(
+            apply_overrides(get_preset("t2i_tiny").build(), [f"text_encoder={root / 'te'}"]), root / "t2i"
+        )

@@ -10,11 +10,10 @@ import torch
 
 from difflab.config import apply_overrides
 from difflab.errors import DifflabError
-from difflab.models import clip, control, control_eval, t2i
+from difflab.models import control, control_eval, t2i
 from difflab.models.conditioners import Controls
 from difflab.models.registry import get_preset
 from difflab.models.t2i_network import build_network
-from difflab.models.text_encoder import export_text_encoder
 from difflab.nn.controlnet import ControlledUNet, ControlNet, HintEncoder
 from difflab.nn.unet import UNet, UNetConfig
 from difflab.world.scene import Obj, Scene, world_preset
@@ -176,14 +175,8 @@ def test_a_controlnet_needs_a_base():
 
 
 @pytest.fixture(scope="module")
-def base_run(tmp_path_factory):
-    """t2i_tiny in pixels on the tiny world, its text encoder from a tiny CLIP."""
-    root = tmp_path_factory.mktemp("control")
-    clip.train(get_preset("clip_tiny").build(), root / "clip")
-    export_text_encoder(root / "clip", root / "te")
-    return t2i.train(
-        apply_overrides(get_preset("t2i_tiny").build(), [f"text_encoder={root / 'te'}"]), root / "t2i"
-    )
+def base_run(tiny_t2i_base):
+    return tiny_t2i_base
 
 
 def _digests(run_dir) -> dict:
@@ -283,7 +276,10 @@ def test_generate_draws_under_a_condition_file_and_names_bad_ones(control_run, t
     assert main(["generate", str(run), "a red circle", "--n", "2", "--control", str(cond), "--control-scale", "1.5",
                  "--out", str(out)]) == 0  # fmt: skip
     assert out.stat().st_size > 0
+    assert main(["generate", str(run), "a red circle", "--control", f"edges={cond}", "--out", str(out)]) == 0
     capsys.readouterr()
+    assert main(["generate", str(run), "a red circle", "--control", f"depth={cond}", "--out", str(out)]) == 2
+    assert "expected edges=FILE" in capsys.readouterr().err
     assert main(["generate", str(run), "a red circle", "--out", str(out)]) == 2
     assert "--control FILE" in capsys.readouterr().err
     Image.new("L", (20, 20)).save(tmp_path / "big.png")

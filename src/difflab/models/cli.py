@@ -19,6 +19,7 @@ from difflab.data.config import data_channels
 from difflab.data.images import to_uint8
 from difflab.diffusion.samplers import SAMPLERS
 from difflab.errors import MAX_SIZE, MAX_TIMESTEPS, DifflabError
+from difflab.models.adapt import apply_adapter, parse_lora
 from difflab.models.attention_maps import CrossAttentionMaps, save_attention_overlays
 from difflab.models.conditioners import ControlledPrompts, GroundedPrompts
 from difflab.models.control import control_request
@@ -146,11 +147,15 @@ def register(subparsers) -> None:
     p.add_argument(
         "--attention", default=None, metavar="FILE", help="also save cross-attention maps per word"
     )
-    p.add_argument("--control", default=None, metavar="FILE",
+    p.add_argument("--control", default=None, metavar="[KIND=]FILE",
                    help="ControlNet runs: the condition image every prompt is drawn under (a greyscale PNG of the "
-                   "world's side; 'difflab world condition' draws one with the scene's description)")  # fmt: skip
+                   "world's side; 'difflab world condition' draws one with the scene's description), optionally "
+                   "named by its kind (edges=cond.png)")  # fmt: skip
     p.add_argument("--control-scale", type=CONTROL_SCALE, default=None,
                    help="ControlNet runs: the residuals' multiplier (default: the run's, 1; 0: the base)")  # fmt: skip
+    p.add_argument("--lora", default=None, metavar="RUN[:SCALE]",
+                   help="text-to-image runs: load the adapter of a 'difflab train --preset lora_*' run onto this base "
+                   "at SCALE (default: the adapter run's, 1; 0: the base), its new words included")  # fmt: skip
     p.add_argument("--device", default=None, help="auto (default: CUDA, then MPS, then CPU), cpu, cuda, mps")
     p.set_defaults(func=_generate)
 
@@ -367,7 +372,14 @@ def _generate(args) -> int:
         raise DifflabError(f"{asked} is too many for one captioned grid: {problem}; give --out a folder (a path "
                            "ending in '/') to write one PNG per image")  # fmt: skip
     attention = image_file(args.attention, "--attention", writer="figure") if args.attention else None
-    model, cfg = family.load(args.run_dir, device=str(resolve_device(args.device or "auto")))
+    device = str(resolve_device(args.device or "auto"))
+    model, cfg = family.load(args.run_dir, device=device)
+    if args.lora is not None:
+        if family.name != "t2i":
+            raise DifflabError(f"--lora loads an adapter onto a text-to-image base; '{args.run_dir}' is a "
+                               f"{family.name} run")  # fmt: skip
+        apply_adapter(model, *parse_lora(args.lora))
+        model.to(device)
     if to_folder:
         side = cfg.data.image_size
         line = max(len(p.encode()) + 1 for p in args.prompts)  # each image's line of prompts.txt

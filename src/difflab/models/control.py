@@ -38,7 +38,7 @@ from difflab.models.system import generate as generate_system
 from difflab.nn.controlnet import ControlledUNet, ControlNet, controlled_forward, unet_of
 from difflab.nn.unet import UNetConfig, example_inputs
 from difflab.train.config import TrainConfig
-from difflab.train.metrics import MetricsLogger
+from difflab.train.metrics import log_curve_point
 from difflab.world.scene import world_preset
 
 CONDITIONS = control_eval.CONDITIONS
@@ -106,11 +106,7 @@ def load_config(run_dir: str | Path) -> ControlConfig:
 
 def _base(cfg: ControlConfig) -> tuple[DiffusionSystem, t2i.TextToImageConfig]:
     """The base system (EMA weights, frozen), after checking it is the checkpoint this run was made on."""
-    now = checkpoint_id(cfg.base, "text-to-image run")
-    if now != cfg.base_checkpoint:
-        raise DifflabError(f"base '{cfg.base}' has changed since this ControlNet was trained on it "
-                           f"({cfg.base_checkpoint}, now {now}); retrain the ControlNet")  # fmt: skip
-    system, base_cfg = t2i.load_model(cfg.base)
+    system, base_cfg = t2i.load_base(cfg.base, cfg.base_checkpoint, "ControlNet")
     system.network.requires_grad_(False)  # load_model has put it in eval mode
     return system, base_cfg
 
@@ -252,6 +248,12 @@ def control_request(model: DiffusionSystem, cfg: ControlConfig, prompts: list[st
     if path is None:
         raise DifflabError(f"'{cfg.base}' is steered here by a ControlNet on {cfg.condition}; give its condition "
                            "image: --control FILE ('difflab world condition' draws one)")  # fmt: skip
+    name, sep, file = path.partition("=")
+    if sep and name in CONDITIONS:  # 'edges=cond.png', as the paper's pipelines name a control
+        if name != cfg.condition:
+            raise DifflabError(f"--control {name}=... is given to a ControlNet on {cfg.condition}; expected "
+                               f"{cfg.condition}=FILE")  # fmt: skip
+        path = file
     hint = read_condition(path, cfg.data.image_size)
     if scale is not None:
         model.network.scales = [scale]
@@ -283,9 +285,7 @@ def info_network(cfg: ControlConfig):
 def write_fidelity(run_dir: Path, step: int, report: dict) -> None:
     """Append one line of the learning curve to ``fidelity.jsonl``, first dropping any line at or after
     ``step`` (a resumed run redraws those grids), so the file never holds a step twice."""
-    log = MetricsLogger(Path(run_dir) / "fidelity.jsonl")
-    log.truncate_after(step - 1)
-    log.log({"step": step} | report)
+    log_curve_point(Path(run_dir) / "fidelity.jsonl", step, report)
 
 
 # -------------------------------------------------------------------------------------------- presets

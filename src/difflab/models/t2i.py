@@ -326,6 +326,16 @@ def load_model(
     return system.to(device).eval(), cfg
 
 
+def load_base(run_dir: str | Path, recorded: str | None, what: str) -> tuple[DiffusionSystem, TextToImageConfig]:
+    """:func:`load_model` of the base run another run is built on (a ControlNet's, an adapter's), after checking
+    it is still the checkpoint ``recorded`` when that run was trained (``what`` names the run in the error)."""
+    now = checkpoint_id(run_dir, "text-to-image run")
+    if now != recorded:
+        raise DifflabError(f"base '{run_dir}' has changed since this {what} was trained on it ({recorded}, now "
+                           f"{now}); retrain the {what}")  # fmt: skip
+    return load_model(run_dir)
+
+
 def generate(
     model: DiffusionSystem, cfg: TextToImageConfig, prompts: list[str] | Layouts, **kwargs
 ) -> torch.Tensor:
@@ -339,8 +349,13 @@ def generate(
 
 def grid_prompts(world: str, n: int) -> list[str]:
     """``n`` fixed prompts for sample grids: the evaluation prompt sets' categories in turn."""
+    return [p.text() for p in grid_prompt_set(world, n)]
+
+
+def grid_prompt_set(world: str, n: int) -> list:
+    """The :class:`~difflab.world.prompts.Prompt` of each of :func:`grid_prompts`' texts (to judge them)."""
     lists = list(prompt_sets(world).values())
-    return [lists[i % len(lists)][i // len(lists)].text() for i in range(n)]
+    return [lists[i % len(lists)][i // len(lists)] for i in range(n)]
 
 
 def train(cfg: TextToImageConfig, run_dir: str | Path, *, resume: bool = False) -> Path:

@@ -38,7 +38,7 @@ from difflab.world.geneval import (
 from difflab.world.language import describe, description
 from difflab.world.prompts import Prompt, holds
 from difflab.world.reader import read, read_with_blends
-from difflab.world.scene import Scene, scene_at, world_preset
+from difflab.world.scene import Scene, WorldConfig, scene_at, world_preset
 
 
 def generate_batched(model, cfg, texts: list[str], *, batch_size: int = 100, seed: int = 0, progress=False,
@@ -71,10 +71,11 @@ def two_coloured(prompts: list[Prompt], blends) -> dict[str, int]:
     return out
 
 
-def score(prompts: list[Prompt], images: torch.Tensor, world: str, heldout_pairs) -> dict:
+def score(prompts: list[Prompt], images: torch.Tensor, world: str | WorldConfig, heldout_pairs) -> dict:
     """Faithfulness of ``images`` (one per prompt) by the reader: all prompts, and split into prompts that
-    do and do not name a held-out pair; and the number of objects read per category (``objects_read``)."""
-    cfg = world_preset(world)
+    do and do not name a held-out pair; and the number of objects read per category (``objects_read``).
+    ``world`` is a preset's name or a config (one whose shapes add an extension's, read as well)."""
+    cfg = world_preset(world) if isinstance(world, str) else world
     scenes, blends = zip(*(read_with_blends(image, cfg) for image in images), strict=True)
     report = {"all": check_faithfulness(prompts, list(scenes)), "objects_read": object_counts(prompts, scenes),
               "two_coloured_objects": two_coloured(prompts, blends)}  # fmt: skip

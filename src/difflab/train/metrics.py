@@ -52,6 +52,15 @@ class MetricsLogger:
         os.replace(tmp, self.path)
 
 
+def log_curve_point(path: str | os.PathLike, step: int, record: dict) -> None:
+    """Append one point of a learning curve measured at sample grids (``{"step": step} | record``), first
+    dropping any point at or after ``step``: a resumed run redraws those grids, and a curve never holds a
+    step twice."""
+    log = MetricsLogger(path)
+    log.truncate_after(step - 1)
+    log.log({"step": step} | record)
+
+
 def read_metrics(path: str | os.PathLike) -> list[dict]:
     """All complete records of a ``metrics.jsonl`` (a line cut short by a crash is skipped)."""
     records = []
