@@ -46,6 +46,7 @@ from difflab.models.family import Family, Preset
 from difflab.models.recipe import DiffusionConfig, SampleConfig, check_sampling
 from difflab.models.runs import checkpoint_id, load_latest_weights, load_run_config
 from difflab.models.system import DiffusionSystem, TrainingParts, train_system
+from difflab.models.t2i_network import build_network
 from difflab.models.t2i_network import info_network as t2i_info_network
 from difflab.nn.controlnet import unet_of
 from difflab.nn.lora import (
@@ -224,19 +225,20 @@ def adapted_network(cfg: AdaptConfig, network: nn.Module) -> nn.Module:
     return network
 
 
+def _trained_state(cfg: AdaptConfig, network: nn.Module) -> dict[str, torch.Tensor]:
+    """The weights the adapter trains: the LoRA factors, or every weight of the network."""
+    return lora_state_dict(network) if cfg.method == "lora" else network.state_dict()
+
+
 def adapter_state(cfg: AdaptConfig, network: nn.Module, encoder) -> dict[str, torch.Tensor]:
-    """What the adapter file holds: the new words' rows, and the LoRA factors or every network weight."""
+    """What the adapter file holds: the new words' rows, and the trained weights."""
     rows = encoder.text.token_embed.weight.detach()[-len(cfg.words) :]
-    weights = lora_state_dict(network) if cfg.method == "lora" else network.state_dict()
-    return {WORD_ROWS: rows} | {k: v.detach() for k, v in weights.items()}
+    return {WORD_ROWS: rows} | {k: v.detach() for k, v in _trained_state(cfg, network).items()}
 
 
 def trained_parameters(cfg: AdaptConfig, network: nn.Module) -> int:
     """Parameters the adapter trains (the new words' rows are not trained)."""
-    return sum(
-        v.numel()
-        for v in (lora_state_dict(network) if cfg.method == "lora" else network.state_dict()).values()
-    )
+    return sum(v.numel() for v in _trained_state(cfg, network).values())
 
 
 def save_adapter(cfg: AdaptConfig, network: nn.Module, encoder, path: Path) -> Path:
@@ -276,7 +278,7 @@ def apply_adapter(system: DiffusionSystem, run_dir: str | Path, scale: float | N
     add_words(cfg, encoder, state.pop(WORD_ROWS))
     network = adapted_network(cfg, system.network)
     missing, unexpected = network.load_state_dict(state, strict=False)
-    wanted = set(lora_state_dict(network)) if cfg.method == "lora" else set(network.state_dict())
+    wanted = set(_trained_state(cfg, network))
     if unexpected or wanted & set(missing):
         bad = (unexpected or sorted(wanted & set(missing)))[0]
         raise DifflabError(f"adapter '{path}' does not fit this base network (first mismatch: '{bad}'); expected the "
@@ -333,7 +335,8 @@ def train(cfg: AdaptConfig, run_dir: str | Path, *, resume: bool = False) -> Pat
                            parts=parts, network=lambda: adapted_network(cfg, base_system.network),
                            model_config=_network_record(cfg))  # fmt: skip
     if is_main_process():
-        trained = load_latest_weights(run_dir, adapted_network(cfg, t2i.load_model(cfg.base)[0].network))
+        # the checkpoint holds the whole adapted network: a fresh one of its shape is all it needs to load into
+        trained = load_latest_weights(run_dir, adapted_network(cfg, build_network(base_cfg)))
         save_adapter(cfg, trained, encoder, Path(run_dir) / ADAPTER)
     return run_dir
 
