@@ -182,6 +182,7 @@ def run_sampler(
     progress: bool = False,
     sampler_options: dict | None = None,
     noise=None,
+    wrap=None,
 ) -> torch.Tensor:
     """Sample ``n`` draws of the network's input shape with conditioning ``cond`` (keyword arguments of
     the network), guided towards it from ``null_cond`` (batch 1, broadcast) when ``cfg_scale`` is not 1.
@@ -189,7 +190,9 @@ def run_sampler(
     device. ``None`` arguments fall back to ``cfg.sample``; ``sampler_options`` go to the sampler itself
     (e.g. ``{"eta": 2.0}`` for ``dpmpp_2m_sde``). ``noise`` replaces the seed's generator: ``noise.x_T(shape)``
     gives the starting noise and ``noise(i, x)`` each step's (per-image generators, for a request sampled in
-    batches: :class:`difflab.models.system.ImageNoise`). Returns the final sample, unclamped."""
+    batches: :class:`difflab.models.system.ImageNoise`). ``wrap(denoiser) -> denoiser`` wraps the final
+    (guided) denoiser, for a method that edits each step (Prompt-to-Prompt's LocalBlend). Returns the final
+    sample, unclamped."""
     s = cfg.sample.resolve(sampler, steps, cfg_scale, spacing)
     sample_fn = get_sampler(s.sampler)
     schedule = cfg.diffusion.make_schedule()
@@ -207,6 +210,8 @@ def run_sampler(
         denoiser = classifier_free_guidance(denoiser, s.cfg_scale, null_cond)
     if s.clip_x0:  # after guidance, on the guided x0 (as diffusers clips the guided prediction)
         denoiser = clip_denoised(denoiser, schedule)
+    if wrap is not None:
+        denoiser = wrap(denoiser)
     return sample_fn(denoiser, x_T, schedule, s.steps, spacing=s.spacing, cond=cond,
                      noise=gen if noise is None else noise, callback=callback, progress=progress,
                      **(sampler_options or {}))  # fmt: skip

@@ -1,0 +1,128 @@
+"""``difflab p2p``: Prompt-to-Prompt editing of a text-to-image run's images, and its exact evaluation."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+
+import torch
+
+from difflab import cli_types
+from difflab.errors import DifflabError
+from difflab.models import p2p_eval
+from difflab.models.cli import GUIDANCE, SAMPLER, SAMPLER_HELP, STEPS
+from difflab.models.p2p import P2PEdit, naive, prompt_to_prompt
+from difflab.models.registry import family_of_run
+from difflab.models.t2i import load_model
+from difflab.outputs import image_file, shown
+from difflab.train.device import resolve_device
+from difflab.viz import save_captioned_grid
+from difflab.world.scene import world_preset
+
+FRACTION = cli_types.number(0.0, 1.0)
+CASES = cli_types.integer(1, 10_000)
+SEEDS = cli_types.integer(1, 16)
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "p2p",
+        help="Prompt-to-Prompt: edit a generated image by editing its prompt",
+        description="Draw SOURCE and edit it into TARGET with Prompt-to-Prompt (Hertz et al. 2022): both passes "
+        "share their noise, and the target's cross-attention maps are the source's for the first --tau of the "
+        "steps (word swap; a refinement aligns the shared words), its self-attention for the first --tau-self; "
+        "--blend WORD keeps everything but where WORD is drawn from the source (LocalBlend); --reweight WORD=C "
+        "scales a word's attention. On a layout run the target is painted on the source's planned layout. "
+        "Writes one row per seed: source | edit | the naive baseline (TARGET regenerated from the same noise). "
+        "--eval N instead judges N word swaps exactly with the world's reader (docs/editing.md).",
+    )
+    p.add_argument("run_dir", help="a text-to-image run (recipe sd, tokencompose or layout; 'difflab demo' makes one)")
+    p.add_argument("prompts", nargs="*", metavar="PROMPT", help="SOURCE and TARGET (not with --eval)")
+    p.add_argument("--tau", type=FRACTION, default=0.8, help="share of steps with the source's cross-attention "
+                   "maps (default: 0.8)")  # fmt: skip
+    p.add_argument("--tau-self", type=FRACTION, default=0.4, help="share of steps with the source's "
+                   "self-attention (default: 0.4)")  # fmt: skip
+    p.add_argument("--blend", nargs="+", default=(), metavar="WORD",
+                   help="LocalBlend: only where these words are drawn may the edit differ from the source")  # fmt: skip
+    p.add_argument("--reweight", action="append", default=[], metavar="WORD=C",
+                   help="scale the target word's attention maps by C (repeatable)")  # fmt: skip
+    p.add_argument("--threshold", type=FRACTION, default=0.3, help="LocalBlend's mask threshold (default: 0.3)")
+    p.add_argument("--seeds", type=SEEDS, default=4, help="how many noise seeds, one row each (default: 4)")
+    p.add_argument("--seed", type=cli_types.seed, default=0, help="the first noise seed (default: 0)")
+    p.add_argument("--sampler", type=SAMPLER, default=None, help=SAMPLER_HELP)
+    p.add_argument("--steps", type=STEPS, default=None, help="sampling steps (default: the run's)")
+    p.add_argument("--cfg", type=GUIDANCE, default=None, help="classifier-free guidance weight (default: the run's)")
+    p.add_argument("--out", default="p2p.png", help="output image (default: p2p.png)")
+    p.add_argument("--eval", type=CASES, default=None, metavar="N",
+                   help="judge N word swaps (colour, shape, size): Prompt-to-Prompt, naive baseline")  # fmt: skip
+    p.add_argument("--local-blend", action="store_true", help="--eval: with LocalBlend on the swapped words")
+    p.add_argument("--case-seed", type=cli_types.seed, default=p2p_eval.EVAL_SEED,
+                   help=f"--eval: the seed of the cases (default: {p2p_eval.EVAL_SEED})")  # fmt: skip
+    p.add_argument("--json", action="store_true", help="--eval: print one JSON object")
+    p.add_argument("--device", default=None, help="auto (default), cpu, cuda, mps")
+    p.set_defaults(func=_p2p)
+
+
+def parse_reweight(specs: list[str]) -> tuple[tuple[str, float], ...]:
+    """``WORD=C`` flags -> ((word, c), ...)."""
+    out = []
+    for spec in specs:
+        word, sep, value = spec.partition("=")
+        try:
+            c = float(value)
+        except ValueError:
+            c = math.nan
+        if not sep or not word or not math.isfinite(c):
+            raise DifflabError(f"--reweight '{spec}' is invalid; expected WORD=C with C a number, e.g. red=2")
+        out.append((word, c))
+    return tuple(out)
+
+
+def _p2p(args) -> int:
+    family = family_of_run(args.run_dir).name
+    if family != "t2i":
+        raise DifflabError(f"'{args.run_dir}' is a {family} run; Prompt-to-Prompt edits a "
+                           "text-to-image run (difflab train --preset t2i_*, or difflab demo)")  # fmt: skip
+    sampling = {"sampler": args.sampler, "steps": args.steps, "cfg_scale": args.cfg}
+    if args.eval is not None:
+        if args.prompts:
+            raise DifflabError(f"--eval draws its own cases; got prompts {args.prompts}")
+        return _evaluate(args, sampling)
+    if len(args.prompts) != 2:
+        raise DifflabError(f"got {len(args.prompts)} prompt(s); expected SOURCE and TARGET, e.g. 'a red circle' "
+                           "'a blue circle'")  # fmt: skip
+    edit = P2PEdit(*args.prompts, tau=args.tau, tau_self=args.tau_self, blend=tuple(args.blend),
+                   reweight=parse_reweight(args.reweight), threshold=args.threshold)  # fmt: skip
+    out = image_file(args.out, writer="figure")
+    model, cfg = load_model(args.run_dir, device=str(resolve_device(args.device or "auto")))
+    edits = [edit] * args.seeds
+    source, edited = prompt_to_prompt(model, cfg, edits, seed=args.seed, **sampling)
+    _, regenerated = prompt_to_prompt(model, cfg, [naive(edit)] * args.seeds, seed=args.seed, replan=True,
+                                      **sampling)  # fmt: skip
+    tiles = torch.stack([im for k in range(args.seeds) for im in (source[k], edited[k], regenerated[k])]).cpu()
+    captions = [c for _ in range(args.seeds) for c in (edit.source, f"edit: {edit.target}", f"naive: {edit.target}")]
+    path = save_captioned_grid(tiles, captions, out, ncol=3)
+    print(f"wrote {args.seeds} edit(s) to {shown(path, args.out)} (each row: source | Prompt-to-Prompt | the naive "
+          "baseline)")  # fmt: skip
+    return 0
+
+
+def _evaluate(args, sampling: dict) -> int:
+    model, cfg = load_model(args.run_dir, device=str(resolve_device(args.device or "auto")))
+    world = world_preset(cfg.data.world)
+    report = p2p_eval.evaluate(model, cfg, world, args.eval, seed=args.seed, case_seed=args.case_seed,
+                               progress=sys.stderr.isatty(), blend=args.local_blend, tau=args.tau,
+                               tau_self=args.tau_self, **sampling)  # fmt: skip
+    report = {"run": str(args.run_dir)} | report
+    if args.json:
+        print(json.dumps(report))
+        return 0
+    print(f"{args.eval} word swaps on '{args.run_dir}': the source holds its prompt in {report['source_holds']:.2f}")
+    print(f"{'method':<8} {'swap':<6} {'judged':>6} {'changed':>8} {'kept':>6} {'exact':>6} {'PSNR out':>9}")
+    for method in ("p2p", "naive"):
+        for kind, r in report[method].items():
+            cells = [f"{r[k]:.2f}" if r[k] is not None else "-" for k in ("changed", "kept", "exact")]
+            psnr = f"{r['psnr_outside']:.1f}" if r["psnr_outside"] is not None else "-"
+            print(f"{method:<8} {kind:<6} {r['judged']:>6} {cells[0]:>8} {cells[1]:>6} {cells[2]:>6} {psnr:>9}")
+    return 0

@@ -1,0 +1,125 @@
+"""Prompt-to-Prompt (models/p2p.py) and its exact judge (models/p2p_eval.py), on the session's tiny
+text-to-image base: the properties of the paper's edit functions, checked where they can be exact."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from difflab.cli import main
+from difflab.models import p2p_eval, t2i
+from difflab.models.p2p import P2PEdit, alignment, edited_layout, naive, prompt_to_prompt, swapped_words
+from difflab.world.prompts import Conjunction, ObjectSpec
+from difflab.world.scene import Obj, Scene, world_preset
+
+pytestmark = pytest.mark.usefixtures("single_thread_module")
+
+
+@pytest.fixture(scope="module")
+def base(tiny_t2i_base):
+    return t2i.load_model(tiny_t2i_base)
+
+
+def test_identical_prompts_with_full_injection_reproduce_the_source_bitwise(base):
+    """Hertz et al.'s sanity check: with the same prompt and every map injected, the edit is the source."""
+    system, cfg = base
+    edits = [P2PEdit("a red circle", "a red circle", tau=1.0, tau_self=1.0),
+             P2PEdit("a blue square", "a blue square", tau=1.0, tau_self=1.0)]  # fmt: skip
+    source, edited = prompt_to_prompt(system, cfg, edits, seed=3)
+    assert torch.equal(source, edited)
+
+
+def test_the_naive_pass_is_the_target_prompt_drawn_as_a_source(base):
+    """With nothing injected, the target row is the target prompt regenerated from the edit's noise: the
+    same image the target gives as a source row of its own."""
+    system, cfg = base
+    _, regenerated = prompt_to_prompt(system, cfg, [naive(P2PEdit("a red circle", "a blue circle"))], seed=5)
+    alone, _ = prompt_to_prompt(system, cfg, [P2PEdit("a blue circle", "a red circle")], seed=5)
+    torch.testing.assert_close(regenerated, alone, atol=1e-5, rtol=0)
+
+
+def test_a_local_blend_mask_that_covers_nothing_gives_back_the_source(base):
+    """LocalBlend: outside the mask the target takes the source's predictions, so an empty mask (threshold
+    1: no normalised map exceeds it) from the first step on makes the edit the source exactly."""
+    system, cfg = base
+    edit = P2PEdit("a red circle", "a blue circle", tau=0.0, tau_self=0.0, blend=("red", "blue"), threshold=1.0,
+                   blend_start=0.0)  # fmt: skip
+    source, edited = prompt_to_prompt(system, cfg, [edit], seed=1)
+    assert torch.equal(source, edited)
+    _, free = prompt_to_prompt(system, cfg, [naive(edit)], seed=1)
+    assert not torch.equal(source, free)  # the prompt alone does change the image
+
+
+def test_word_swap_and_refinement_alignments(base):
+    system, _ = base
+    tok = system.conditioner.encoder.tokenizer
+    mapper, aligned = alignment(tok, "a red circle", "a blue circle")  # a swap: one to one, all injected
+    assert mapper[:5].tolist() == [0, 1, 2, 3, 4] and aligned[:5].all()
+    mapper, aligned = alignment(tok, "a circle", "a large circle")  # a refinement: 'large' keeps its own map
+    # <bos> a large circle <eos> -> <bos> a - circle <eos>
+    assert aligned[:5].tolist() == [True, True, False, True, True]
+    assert mapper[[0, 1, 3, 4]].tolist() == [0, 1, 2, 3]
+    assert swapped_words("a red circle and a blue square", "a red circle and a green square") == [("blue", "green")]
+
+
+def test_reweighting_needs_its_word_and_a_sane_factor(base):
+    system, cfg = base
+    with pytest.raises(Exception, match="re-weighting"):
+        P2PEdit("a red circle", "a red circle", reweight=(("red", -1.0),))
+    with pytest.raises(Exception, match="not in the target prompt 'a red circle'"):
+        prompt_to_prompt(system, cfg, [P2PEdit("a red circle", "a red circle", reweight=(("blue", 2.0),))])
+
+
+def test_edited_layout_swaps_the_attribute_of_the_planned_object():
+    scene = Scene((Obj("circle", "red", "small", 0.2, 0.2), Obj("square", "blue", "large", 0.8, 0.8)))
+    recoloured = edited_layout(scene, "a red circle and a blue square", "a red circle and a green square")
+    assert recoloured.keys() == sorted([("circle", "red", "small", "top left"),
+                                        ("square", "green", "large", "bottom right")])  # fmt: skip
+    grown = edited_layout(scene, "a small red circle", "a large red circle")
+    assert grown.objects[0].size == "large" and grown.objects[0].x == 0.2
+    # the mention's other words pick the objects: only the red square turns, not every red object
+    reds = Scene((Obj("circle", "red", "small", 0.2, 0.2), Obj("square", "red", "large", 0.8, 0.8)))
+    turned = edited_layout(reds, "a red circle and a red square", "a red circle and a blue square")
+    assert [o.color for o in turned.objects] == ["red", "blue"]
+    extra = Scene((Obj("circle", "red", "large", 0.5, 0.2), Obj("circle", "white", "small", 0.5, 0.8)))
+    squared = edited_layout(extra, "a white circle", "a white square")  # an unasked red circle stays
+    assert [o.shape for o in squared.objects] == ["circle", "square"]
+
+
+def test_judge_separates_the_change_from_what_stays():
+    case = p2p_eval.SwapCase(Conjunction((ObjectSpec("circle", "red"), ObjectSpec("square", "blue"))), 0,
+                             "color", "green")  # fmt: skip
+    assert case.target.text() == "a green circle and a blue square"
+    circle, square = Obj("circle", "red", "small", 0.2, 0.2), Obj("square", "blue", "large", 0.8, 0.8)
+    source = Scene((circle, square))
+    green = Obj("circle", "green", "small", 0.2, 0.2)
+    assert p2p_eval.judge(case, source, Scene((green, square))) == {"changed": True, "kept": True, "exact": True}
+    moved = Obj("square", "blue", "large", 0.8, 0.2)
+    assert p2p_eval.judge(case, source, Scene((green, moved))) == {"changed": True, "kept": False, "exact": False}
+    assert p2p_eval.judge(case, source, source) == {"changed": False, "kept": True, "exact": False}
+    assert p2p_eval.judge(case, Scene((square,)), source) is None  # the source failed its prompt: not judged
+
+
+def test_swap_cases_are_real_swaps_of_the_world_vocabulary():
+    world = world_preset("scene32")
+    cases = p2p_eval.swap_cases(world, 60, seed=4)
+    assert {c.attribute for c in cases} == {"color", "shape", "size"}
+    for c in cases:
+        # the attribute word, and at most the article before it ('an orange' -> 'a blue')
+        assert (c.old, c.new) in swapped_words(c.source.text(), c.target.text())
+        assert set(swapped_words(c.source.text(), c.target.text())) <= {(c.old, c.new), ("an", "a"), ("a", "an")}
+        assert c.new not in {getattr(p, c.attribute) for p in c.source.parts}
+
+
+def test_p2p_command_writes_the_edit_and_evaluates(tiny_t2i_base, tmp_path, capsys):
+    out = tmp_path / "edit.png"
+    assert main(["p2p", str(tiny_t2i_base), "a red circle", "a blue circle", "--seeds", "2", "--blend", "red",
+                 "blue", "--out", str(out)]) == 0  # fmt: skip
+    assert out.stat().st_size > 0 and "source | Prompt-to-Prompt | the naive" in capsys.readouterr().out
+    assert main(["p2p", str(tiny_t2i_base), "--eval", "6", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["n"] == 6 and {"p2p", "naive"} <= set(report)
+    assert main(["p2p", str(tiny_t2i_base), "a red circle", "a blue circle", "--reweight", "red"]) == 2
+    assert "--reweight 'red' is invalid" in capsys.readouterr().err
