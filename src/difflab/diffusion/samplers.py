@@ -87,6 +87,13 @@ def sample_ddpm(
     return run_steps("ddpm", denoiser, x_T, plan, update, cond=cond, callback=callback, progress=progress)
 
 
+def ddim_step(x0: torch.Tensor, eps: torch.Tensor, alpha_bar: float) -> torch.Tensor:
+    r"""The deterministic DDIM move (Eq. 12 with :math:`\sigma = 0`) of a pair (x̂0, ε̂) to the level
+    :math:`\bar\alpha`: :math:`\sqrt{\bar\alpha}\,\hat x_0 + \sqrt{1-\bar\alpha}\,\hat\epsilon`. Towards
+    the data it is a sampling step; towards the noise, a step of DDIM inversion."""
+    return math.sqrt(alpha_bar) * x0 + math.sqrt(1 - alpha_bar) * eps
+
+
 def sample_ddim(
     denoiser, x_T, schedule: Schedule, steps: int = 50, *, spacing: str = DEFAULT_SPACING, timesteps=None,
     cond=None, noise=None, callback=None, progress: bool = False, eta: float = 0.0, final_alpha: str = "one",

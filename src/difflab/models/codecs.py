@@ -92,6 +92,11 @@ class Latents(nn.Module):
             z = mean + batch["std"] * eps
         return z * self.scale
 
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """Images (N, C, H, W) in [-1, 1] -> scaled latents: the posterior mean, as an image to edit is encoded
+        (inversion, :mod:`difflab.models.inversion`)."""
+        return self.autoencoder.encode(images).mode() * self.scale
+
     def decode(self, z_scaled: torch.Tensor) -> torch.Tensor:
         """Scaled latents (N, c, h, w) -> images (N, C, H, W) in [-1, 1]."""
         return self.autoencoder.decode(z_scaled / self.scale).clamp(-1, 1)

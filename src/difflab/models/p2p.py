@@ -44,10 +44,13 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from difflab.diffusion.denoiser import Denoiser
 from difflab.diffusion.discretization import make_plan
+from difflab.diffusion.samplers import sample_ddim
 from difflab.diffusion.schedules import per_sample
 from difflab.errors import DifflabError, check_float
 from difflab.models.conditioners import GroundedPrompts, Layouts, TextPrompts, check_prompts
+from difflab.models.inversion import Inversion, per_step_guidance
 from difflab.models.recipe import run_sampler
 from difflab.models.system import DiffusionSystem, ImageNoise
 from difflab.nn.attention import MultiHeadAttention
@@ -302,13 +305,17 @@ def _edited_denoiser(denoiser, control: AttentionEdit, timesteps: list[int]):
 
 @torch.no_grad()
 def prompt_to_prompt(system: DiffusionSystem, cfg, edits: list[P2PEdit], *, seed: int = 0, sampler=None,
-                     steps=None, cfg_scale=None, spacing=None, progress: bool = False,
-                     replan: bool = False) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+                     steps=None, cfg_scale=None, spacing=None, progress: bool = False, replan: bool = False,
+                     inversion: Inversion | None = None) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """The source images and the edited images (each (n, C, H, W) in [-1, 1]) of ``edits`` on a text-to-image
-    run. ``replan`` (layout runs): plan the target's layout afresh instead of editing the source's, as a user who
-    only changes the prompt gets it (the naive baseline there). Edit k draws its noise from the generator of
-    image k of a request sampled in parts
-    (:class:`~difflab.models.system.ImageNoise` with ``seed``), shared by its two passes."""
+    run. Edit k draws its noise from the generator of image k of a request sampled in parts
+    (:class:`~difflab.models.system.ImageNoise` with ``seed``), shared by its two passes. ``replan`` (layout
+    runs): plan the target's layout afresh instead of editing the source's, as a user who only changes the
+    prompt gets it (the naive baseline there).
+
+    ``inversion`` (:class:`~difflab.models.inversion.Inversion`): edit a given image instead: every source is
+    the inverted image's prompt, both passes start from its z*_0 and are guided with its per-step null
+    conditions, by DDIM at its steps and guidance (the sampling arguments must then be left out)."""
     if not edits:
         raise DifflabError("no edits given; expected at least one (source, target) pair")
     conditioner = system.conditioner
@@ -320,15 +327,14 @@ def prompt_to_prompt(system: DiffusionSystem, cfg, edits: list[P2PEdit], *, seed
     check_prompts(targets)
     n = len(edits)
     device = next(system.network.parameters()).device
+    if inversion is not None:
+        return _edit_inverted(system, cfg, edits, inversion, (sampler, steps, cfg_scale, spacing), device)
     s = cfg.sample.resolve(sampler, steps, cfg_scale, spacing)
     plan = make_plan(cfg.diffusion.make_schedule(), s.steps, s.spacing)
     control = AttentionEdit(edits, conditioner.encoder.tokenizer, s.steps, cfg.unet.image_size)
-    request = sources + targets
-    if isinstance(conditioner, GroundedPrompts):  # one layout, planned from the source, edited for the target
-        scenes = conditioner.plan(sources, seed).scenes
-        edited = [edited_layout(sc, e.source, e.target) for sc, e in zip(scenes, edits, strict=True)]
-        request = Layouts(request, [*scenes, *(conditioner.plan(targets, seed).scenes if replan else edited)])
-    cond, null = conditioner.condition(request, 2 * n, device, seed=seed)
+    scenes = conditioner.plan(sources, seed).scenes if isinstance(conditioner, GroundedPrompts) else None
+    replanned = conditioner.plan(targets, seed).scenes if scenes is not None and replan else None
+    cond, null = conditioner.condition(_request(edits, scenes, replanned), 2 * n, device, seed=seed)
     noise = ImageNoise(seed, [*range(n), *range(n)])  # the same generator for an edit's two passes
 
     def wrap(denoiser):
@@ -338,5 +344,41 @@ def prompt_to_prompt(system: DiffusionSystem, cfg, edits: list[P2PEdit], *, seed
         x = run_sampler(system.network, cfg, 2 * n, cond, null, sampler=s.sampler, steps=s.steps,
                         cfg_scale=s.cfg_scale, spacing=s.spacing, noise=noise, progress=progress,
                         wrap=wrap)  # fmt: skip
+    images = system.codec.decode(x)
+    return images[:n], images[n:]
+
+
+def _request(edits: list[P2PEdit], scenes: list[Scene] | None, replanned: list[Scene] | None = None):
+    """[sources; targets], with their layouts on a layout run: the sources' plans, and for the targets the
+    same plans edited (or ``replanned``)."""
+    texts = [e.source for e in edits] + [e.target for e in edits]
+    if scenes is None:
+        return texts
+    edited = [edited_layout(sc, e.source, e.target) for sc, e in zip(scenes, edits, strict=True)]
+    return Layouts(texts, [*scenes, *(replanned or edited)])
+
+
+def _edit_inverted(system, cfg, edits, inversion, sampling, device):
+    """:func:`prompt_to_prompt` of an inverted image (its ``inversion``)."""
+    if any(v is not None for v in sampling):
+        raise DifflabError("an inverted image is redrawn by DDIM at the steps and guidance it was inverted with; "
+                           "expected no sampler, steps, guidance or spacing")  # fmt: skip
+    request = inversion.request
+    prompt = request.prompts[0] if isinstance(request, Layouts) else request[0]
+    if any(e.source != prompt for e in edits):
+        raise DifflabError(f"an edit's source must be the inverted image's prompt '{prompt}'; got "
+                           f"{sorted({e.source for e in edits})}")  # fmt: skip
+    n = len(edits)
+    schedule = cfg.diffusion.make_schedule()
+    plan = make_plan(schedule, inversion.steps, inversion.spacing)
+    control = AttentionEdit(edits, system.conditioner.encoder.tokenizer, inversion.steps, cfg.unet.image_size)
+    scenes = list(request.scenes) * n if isinstance(request, Layouts) else None
+    cond, _ = system.conditioner.condition(_request(edits, scenes), 2 * n, device)
+    guided = per_step_guidance(Denoiser(system.network, schedule, cfg.diffusion.prediction), inversion.cfg_scale,
+                               inversion.nulls, lambda: control.step)  # fmt: skip
+    x_T = inversion.latents[:1].expand(2 * n, *inversion.latents.shape[1:])
+    with control.installed(system.network):
+        x = sample_ddim(_edited_denoiser(guided, control, [int(t) for t in plan.timesteps]), x_T, schedule,
+                        inversion.steps, spacing=inversion.spacing, cond=cond)  # fmt: skip
     images = system.codec.decode(x)
     return images[:n], images[n:]

@@ -78,16 +78,21 @@ def swap_cases(world: WorldConfig, n: int, seed: int = EVAL_SEED) -> list[SwapCa
             if count == 1 and rng.random() < 0.5:
                 spec["size"] = str(rng.choice(world.sizes))
             parts.append(ObjectSpec(**spec))
-        part = int(rng.integers(count))
-        kinds = [k for k in KINDS if getattr(parts[part], k) is not None]
-        kind = str(rng.choice(kinds))
-        taken = {getattr(p, kind) for p in parts}
-        vocabulary = {"color": world.colors, "shape": world.shapes, "size": world.sizes}[kind]
-        values = [v for v in vocabulary if v not in taken]
-        if not values:
-            continue
-        cases.append(SwapCase(Conjunction(tuple(parts)), part, kind, str(rng.choice(values))))
+        case = swap_in(parts, world, rng)
+        if case is not None:
+            cases.append(case)
     return cases
+
+
+def swap_in(parts: list[ObjectSpec], world: WorldConfig, rng: np.random.Generator) -> SwapCase | None:
+    """One attribute the prompt names, of one of its objects, swapped for a value of the world's that none of
+    its objects has; None when there is none."""
+    part = int(rng.integers(len(parts)))
+    kind = str(rng.choice([k for k in KINDS if getattr(parts[part], k) is not None]))
+    taken = {getattr(p, kind) for p in parts}
+    vocabulary = {"color": world.colors, "shape": world.shapes, "size": world.sizes}[kind]
+    values = [v for v in vocabulary if v not in taken]
+    return SwapCase(Conjunction(tuple(parts)), part, kind, str(rng.choice(values))) if values else None
 
 
 def _at(scene: Scene, position: str) -> list[Obj]:

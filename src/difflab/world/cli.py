@@ -11,12 +11,13 @@ import numpy as np
 from PIL import Image
 
 from difflab import cli_types
+from difflab.data.images import quantize
 from difflab.errors import DifflabError
 from difflab.outputs import image_file, save_image, shown
 from difflab.world.check import check_reader
 from difflab.world.language import describe
 from difflab.world.preview import check_preview, save_preview
-from difflab.world.render import CONDITION_FIELDS, condition
+from difflab.world.render import CONDITION_FIELDS, condition, render
 from difflab.world.scene import BACKGROUNDS, WORLD_PRESETS, scene_at, world_preset
 
 MAX_NOISE = 10.0
@@ -68,7 +69,9 @@ def register(subparsers) -> None:
         "--index", type=cli_types.integer(0, 2**31 - 1), default=0, help="scene index (default: 0)"
     )
     cond.add_argument(
-        "--field", choices=CONDITION_FIELDS, default="edges", help="what to draw (default: edges)"
+        "--field", choices=(*CONDITION_FIELDS, "image"), default="edges",
+        help="what to draw (default: edges); 'image': the scene itself in colour, an image to edit (difflab p2p "
+        "--image, difflab invert)",
     )
     cond.add_argument("--out", default="condition.png", help="output PNG (default: condition.png)")
     cond.set_defaults(func=_condition)
@@ -107,8 +110,11 @@ def _condition(args) -> int:
     cfg = world_preset(args.preset)
     out = image_file(args.out, "--out")
     scene = scene_at(cfg, args.seed, args.index)
-    pixels = np.round(condition(scene, cfg, args.field) * 255).astype(np.uint8)  # (H, W)
-    out = save_image(Image.fromarray(pixels, mode="L"), out)
+    if args.field == "image":
+        out = save_image(Image.fromarray(quantize(render(scene, cfg).image), mode="RGB"), out)  # (H, W, 3)
+    else:
+        pixels = np.round(condition(scene, cfg, args.field) * 255).astype(np.uint8)  # (H, W)
+        out = save_image(Image.fromarray(pixels, mode="L"), out)
     print(f"wrote the {args.field} of {args.preset} scene {args.index} (seed {args.seed}) to {shown(out, args.out)}: "
           f'"{describe(scene)}"')  # fmt: skip
     return 0
