@@ -148,3 +148,60 @@ def test_full_fine_tuning_saves_every_weight(tiny_t2i_base, tmp_path):
     assert names == {adapt.WORD_ROWS, *base.network.state_dict()}
     with pytest.raises(DifflabError, match="full fine-tuning"):
         adapt.apply_adapter(base, run, scale=0.5)
+
+
+# ------------------------------------------------------------------------------------- a layout base
+
+
+def test_the_stand_in_planner_plans_the_concept_as_a_shape_the_prompt_does_not_name():
+    """The planner has no word for the star: it plans 'a red star and a blue circle' as the first shape the
+    prompt leaves free ('square' here), and that object becomes the star; other prompts pass unchanged."""
+    from difflab.models.adapt_layout import stand_in_planner
+    from difflab.world.scene import Obj, Scene
+
+    asked = []
+
+    def plan(prompts, seed):
+        asked.extend(prompts)
+        return [Scene((Obj("square", "red", "large", 0.2, 0.2), Obj("circle", "blue", "small", 0.8, 0.8)))
+                for _ in prompts]  # fmt: skip
+
+    planned = stand_in_planner(plan, "star", ("circle", "square", "triangle"))
+    scenes = planned(["a red star and a blue circle", "two stars", "a red square and a blue circle"], seed=0)
+    assert asked == ["a red square and a blue circle", "two circles", "a red square and a blue circle"]
+    assert [o.shape for o in scenes[0].objects] == ["star", "circle"]
+    assert [o.shape for o in scenes[2].objects] == ["square", "circle"]  # no star asked: the plan as it was
+
+
+def test_on_a_layout_system_the_concept_gets_its_phrases_and_plans():
+    """ground_concept: the phrase table covers the world's shapes and the star, old phrases keep their
+    embeddings, and prompts naming the star are planned with star objects."""
+    from difflab.models.adapt_layout import ground_concept
+    from difflab.models.conditioners import GroundedPrompts
+    from difflab.models.layout import phrases
+    from difflab.models.text_encoder import FrozenTextEncoder
+    from difflab.nn.text_transformer import TextTransformerConfig
+    from difflab.text.word import WordTokenizer
+    from difflab.world.scene import Obj, Scene
+
+    world = world_preset("scene32")
+    tokenizer = WordTokenizer.for_world(world)
+    text = TextTransformerConfig(vocab_size=tokenizer.vocab_size, width=16, depth=1, heads=2,
+                                 context_length=tokenizer.context_length)  # fmt: skip
+    encoder = FrozenTextEncoder(text, 8, tokenizer)
+    encoder.add_words(["star", "stars"], torch.randn(2, 16))
+
+    def plan(prompts, seed):
+        return [Scene((Obj("circle", "red", "large", 0.5, 0.5),)) for _ in prompts]
+
+    system = torch.nn.Module()
+    system.conditioner = GroundedPrompts(encoder, 0.1, True, world, plan)
+    old_table = system.conditioner.phrase_table.clone()
+    ground_concept(system, "star")
+    grounded = system.conditioner
+    assert grounded.world.shapes == (*world.shapes, "star")
+    assert grounded.phrase_table.shape[0] == len(phrases(grounded.world))
+    names = phrases(grounded.world)
+    for i, phrase in enumerate(phrases(world)):
+        torch.testing.assert_close(grounded.phrase_table[names.index(phrase)], old_table[i], rtol=0, atol=1e-6)
+    assert [o.shape for o in grounded.plan(["a red star"]).scenes[0].objects] == ["star"]

@@ -422,3 +422,22 @@ def test_a_grounding_map_option_without_its_parts_is_refused_by_name():
         _unet_cfg(None, grounding_map=True)
     with pytest.raises(DifflabError, match="grounding_map_coords is set but grounding_map is off"):
         _unet_cfg(6, grounding_map=False, coords=True)
+
+
+def test_an_adapter_teaches_a_layout_run_the_star(layout_run, tmp_path):
+    """A layout base learns the star too (models/adapt_layout.py): the planner plans it as a stand-in shape,
+    the phrase table gains its phrases, and the adapter loads back onto a fresh base that then plans and
+    paints stars; the base's files stay as they were."""
+    from difflab.models import adapt
+
+    before = {p.name: p.read_bytes() for p in sorted(layout_run.rglob("*.safetensors"))}
+    cfg = apply_overrides(get_preset("lora_tiny").build(), [f"base={layout_run}", "train.steps=20", "images=16"])
+    run = adapt.train(cfg, tmp_path / "star")
+    assert {p.name: p.read_bytes() for p in sorted(layout_run.rglob("*.safetensors"))} == before
+    system, _ = t2i.load_model(layout_run)
+    adapt.apply_adapter(system, run)
+    request = system.conditioner.plan(["a red star", "a blue circle"], seed=0)
+    assert [o.shape for o in request.scenes[0].objects] == ["star"]
+    assert "star" not in [o.shape for o in request.scenes[1].objects]
+    images = t2i.generate(system, t2i.load_config(layout_run), request, steps=4)
+    assert images.shape[0] == 2 and torch.isfinite(images).all()

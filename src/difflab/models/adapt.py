@@ -41,8 +41,10 @@ from difflab.data.captioned import T2I_CAPTIONS, CaptionedScenes
 from difflab.data.text_scenes import TextDataConfig, captioner
 from difflab.errors import MAX_COUNT, DifflabError, check_choice, check_float, check_int, check_seed
 from difflab.models import adapt_eval, t2i
+from difflab.models.adapt_layout import ground_concept
 from difflab.models.codecs import cached_latents
 from difflab.models.family import Family, Preset
+from difflab.models.layout import WithLayout
 from difflab.models.recipe import DiffusionConfig, SampleConfig, check_sampling
 from difflab.models.runs import checkpoint_id, load_latest_weights, load_run_config
 from difflab.models.system import DiffusionSystem, TrainingParts, train_system
@@ -144,9 +146,9 @@ def resolve(cfg: AdaptConfig, *, attach: bool = True) -> AdaptConfig:
                                "'difflab train --preset t2i_demo' or 'difflab demo')")  # fmt: skip
         path = Path(cfg.base).expanduser().resolve()
         base = t2i.load_config(path)
-        if base.recipe not in ("sd", "tokencompose"):
-            raise DifflabError(f"base '{path}' is a '{base.recipe}' run; an adapter is taught to a UNet that reads "
-                               "only its prompt (recipe 'sd' or 'tokencompose')")  # fmt: skip
+        if base.recipe not in ("sd", "tokencompose", "layout"):
+            raise DifflabError(f"base '{path}' is a '{base.recipe}' run; an adapter is taught to a UNet (recipe "
+                               "'sd', 'tokencompose' or 'layout')")  # fmt: skip
         if "refiner" in cfg.parts and not base.text_refiner_layers:
             raise DifflabError(f"parts {cfg.parts} name 'refiner' but base '{path}' has no text refiner")
         cfg = dataclasses.replace(cfg, base=str(path), unet=base.unet, diffusion=base.diffusion, data=base.data,
@@ -182,16 +184,21 @@ def concept_images(cfg: AdaptConfig, tokenizer=None, latents=None) -> CaptionedS
 
 
 def training_items(cfg: AdaptConfig, base_cfg, encoder, autoencoder=None):
-    """The concept's images (their cached latents with a vae), then ``prior_images`` of the base's own."""
+    """The concept's images (their cached latents with a vae), then ``prior_images`` of the base's own; on a
+    layout base, each with its layout, the phrases indexed in the concept's world."""
     latents = None
     if base_cfg.vae is not None:
         key = {"data": {"world": cfg.data.world, "concept": cfg.concept, "n": cfg.images, "seed": cfg.image_seed},
                "renderer": RENDERER_VERSION, "dataset": "concept-images"}  # fmt: skip
         latents = cached_latents(base_cfg, concept_images(cfg), key, autoencoder)
     items = concept_images(cfg, encoder.tokenizer, latents)
-    if not cfg.prior_images:
+    prior = t2i.training_set(base_cfg, encoder, autoencoder) if cfg.prior_images else None
+    if base_cfg.recipe == "layout":
+        world = adapt_eval.reading_world(world_preset(cfg.data.world), cfg.concept)
+        items = WithLayout(items, world)
+        prior = None if prior is None else WithLayout(prior, world)
+    if prior is None:
         return items
-    prior = t2i.training_set(base_cfg, encoder, autoencoder)
     return ConcatDataset([items, Subset(prior, range(min(cfg.prior_images, len(prior))))])
 
 
@@ -208,10 +215,13 @@ def word_rows(encoder, n: int, seed: int) -> torch.Tensor:
     return rows / rows.norm(dim=1, keepdim=True) * table.norm(dim=1).mean()
 
 
-def add_words(cfg: AdaptConfig, encoder, rows: torch.Tensor | None = None) -> None:
-    """Give the base's text encoder the concept's words (fresh random rows, or the saved ``rows``)."""
+def add_words(cfg: AdaptConfig, system: DiffusionSystem, rows: torch.Tensor | None = None) -> None:
+    """Give the base's text encoder the concept's words (fresh random rows, or the saved ``rows``), and a
+    layout base the concept's phrases and plans (:func:`difflab.models.adapt_layout.ground_concept`)."""
+    encoder = system.conditioner.encoder
     new = [w for w in cfg.words if w not in encoder.tokenizer.words]
     encoder.add_words(new, word_rows(encoder, len(new), cfg.word_seed) if rows is None else rows)
+    ground_concept(system, cfg.concept)
 
 
 def adapted_network(cfg: AdaptConfig, network: nn.Module) -> nn.Module:
@@ -275,7 +285,7 @@ def apply_adapter(system: DiffusionSystem, run_dir: str | Path, scale: float | N
     if encoder.cfg.width != state[WORD_ROWS].shape[1]:
         raise DifflabError(f"adapter '{path}' was made for a text encoder of width {state[WORD_ROWS].shape[1]}; "
                            f"this base's has width {encoder.cfg.width}")  # fmt: skip
-    add_words(cfg, encoder, state.pop(WORD_ROWS))
+    add_words(cfg, system, state.pop(WORD_ROWS))
     network = adapted_network(cfg, system.network)
     missing, unexpected = network.load_state_dict(state, strict=False)
     wanted = set(_trained_state(cfg, network))
@@ -311,8 +321,8 @@ def train(cfg: AdaptConfig, run_dir: str | Path, *, resume: bool = False) -> Pat
     with concept prompts then old ones, concept.jsonl: the grid's scores at every grid, adapter.safetensors)."""
     cfg = resolve(cfg)
     base_system, base_cfg = _base(cfg)
+    add_words(cfg, base_system)
     encoder = base_system.conditioner.encoder
-    add_words(cfg, encoder)
     world = world_preset(cfg.data.world)
     half = cfg.sample.grid // 2
     concept = adapt_eval.concept_prompts(cfg.concept, world, half, adapt_eval.GRID_SEED)
@@ -364,9 +374,7 @@ def evaluate(run_dir: str | Path, n: int, *, seed: int = 0, sampler=None, steps=
     base, base_cfg = _base(cfg)
     adapted, _ = _base(cfg)
     apply_adapter(adapted, run_dir)
-    add_words(
-        cfg, base.conditioner.encoder, adapted.conditioner.encoder.text.token_embed.weight[-len(cfg.words) :]
-    )
+    add_words(cfg, base, adapted.conditioner.encoder.text.token_embed.weight[-len(cfg.words) :])
     return adapt_eval.evaluate(adapted, base, cfg, base_cfg, run_dir, n, seed=seed, sampler=sampler, steps=steps,
                                cfg_scale=cfg_scale, progress=progress, prompt_seed=prompt_seed, old=old,
                                trained=trained_parameters(cfg, adapted.network),

@@ -65,13 +65,15 @@ def phrase_embeddings(encoder: FrozenTextEncoder, world: WorldConfig) -> torch.T
 
 
 class WithLayout(Dataset):
-    """A captioned-scenes dataset whose items also carry their scene's layout (:func:`layout_fields`)."""
+    """A captioned-scenes dataset whose items also carry their scene's layout (:func:`layout_fields`), its
+    phrases indexed in ``world`` (default: the scenes' own; a concept's world adds a shape,
+    :mod:`difflab.models.adapt_layout`)."""
 
-    def __init__(self, scenes: CaptionedScenes):
-        self.scenes = scenes
+    def __init__(self, scenes: CaptionedScenes, world: WorldConfig | None = None):
+        self.scenes, self.world = scenes, world or scenes.world
 
     def __len__(self) -> int:
         return len(self.scenes)
 
     def __getitem__(self, i: int) -> dict:
-        return self.scenes[i] | layout_fields(self.scenes.scene(i), self.scenes.world)
+        return self.scenes[i] | layout_fields(self.scenes.scene(i), self.world)
