@@ -118,8 +118,9 @@ def test_p2p_command_writes_the_edit_and_evaluates(tiny_t2i_base, tmp_path, caps
     assert main(["p2p", str(tiny_t2i_base), "a red circle", "a blue circle", "--seeds", "2", "--blend", "red",
                  "blue", "--out", str(out)]) == 0  # fmt: skip
     assert out.stat().st_size > 0 and "source | Prompt-to-Prompt | the naive" in capsys.readouterr().out
-    assert main(["p2p", str(tiny_t2i_base), "--eval", "6", "--json"]) == 0
+    assert main(["p2p", str(tiny_t2i_base), "--eval", "6", "--json", "--examples", str(tmp_path / "ex.png")]) == 0
     report = json.loads(capsys.readouterr().out)
+    assert (tmp_path / "ex.png").stat().st_size > 0
     assert report["n"] == 6 and {"p2p", "naive"} <= set(report)
     assert main(["p2p", str(tiny_t2i_base), "a red circle", "a blue circle", "--reweight", "red"]) == 2
     assert "--reweight 'red' is invalid" in capsys.readouterr().err

@@ -69,6 +69,9 @@ def register(subparsers) -> None:
     p.add_argument("--case-seed", type=cli_types.seed, default=p2p_eval.EVAL_SEED,
                    help=f"--eval: the seed of the cases (default: {p2p_eval.EVAL_SEED})")  # fmt: skip
     p.add_argument("--json", action="store_true", help="--eval: print one JSON object")
+    p.add_argument("--examples", default=None, metavar="FILE",
+                   help="--eval: also save the first 8 cases (source | P2P | naive; green where the reader finds "
+                   "the source true or the edit exact)")  # fmt: skip
     p.add_argument("--device", default=None, help="auto (default), cpu, cuda, mps")
     p.set_defaults(func=_p2p)
 
@@ -204,8 +207,14 @@ def _print_swaps(report: dict) -> None:
 
 
 def _evaluate(args, sampling: dict) -> int:
+    examples = image_file(args.examples, "--examples", writer="figure") if args.examples else None
     model, cfg = load_model(args.run_dir, device=str(resolve_device(args.device or "auto")))
     world = world_preset(cfg.data.world)
+    if examples is not None:
+        tiles, captions, marks = p2p_eval.examples(model, cfg, world, min(8, args.eval), seed=args.seed,
+                                                   case_seed=args.case_seed, blend=args.local_blend, tau=args.tau,
+                                                   tau_self=args.tau_self, sampling=sampling)  # fmt: skip
+        save_captioned_grid(tiles, captions, examples, ncol=3, marks=marks)
     report = p2p_eval.evaluate(model, cfg, world, args.eval, seed=args.seed, case_seed=args.case_seed,
                                progress=sys.stderr.isatty(), blend=args.local_blend, tau=args.tau,
                                tau_self=args.tau_self, **sampling)  # fmt: skip

@@ -183,11 +183,21 @@ def evaluate(system, cfg, world: WorldConfig, n: int, *, seed: int = 0, case_see
     }
 
 
-def examples(system, cfg, world: WorldConfig, n: int, *, seed: int = 0,
-             **settings) -> tuple[list[SwapCase], torch.Tensor]:  # fmt: skip
-    """The first ``n`` evaluation cases as images (3n, C, H, W): sources, Prompt-to-Prompt, naive."""
-    cases = swap_cases(world, n)
+def examples(system, cfg, world: WorldConfig, n: int, *, seed: int = 0, case_seed: int = EVAL_SEED,
+             sampling: dict | None = None, **settings) -> tuple[torch.Tensor, list[str], list[bool]]:  # fmt: skip
+    """The first ``n`` evaluation cases (drawn as the evaluation's first batch) as a picture's tiles: per case
+    the source, Prompt-to-Prompt's edit and the naive regeneration (3n, C, H, W), their captions, and the
+    reader's verdict on each (the source: does it hold its prompt; an edit: is it exact)."""
+    cases = swap_cases(world, n, case_seed)
     edits = [c.edit(**settings) for c in cases]
-    src, edited = prompt_to_prompt(system, cfg, edits, seed=seed)
-    _, regenerated = prompt_to_prompt(system, cfg, [naive(e) for e in edits], seed=seed, replan=True)
-    return cases, torch.cat([src, edited, regenerated])
+    src, edited = prompt_to_prompt(system, cfg, edits, seed=seed, **(sampling or {}))
+    _, regenerated = prompt_to_prompt(system, cfg, [naive(e) for e in edits], seed=seed, replan=True,
+                                      **(sampling or {}))  # fmt: skip
+    tiles, captions, marks = [], [], []
+    for case, s, e, r in zip(cases, src.cpu(), edited.cpu(), regenerated.cpu(), strict=True):
+        source = read(s, world)
+        verdicts = [judge(case, source, read(x, world)) for x in (e, r)]
+        tiles += [s, e, r]
+        captions += [case.source.text(), f"P2P: {case.target.text()}", f"naive: {case.target.text()}"]
+        marks += [case.source.holds(source), *(bool(v and v["exact"]) for v in verdicts)]
+    return torch.stack(tiles), captions, marks
