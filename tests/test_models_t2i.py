@@ -262,6 +262,7 @@ def test_tiny_text_to_image_follows_colour_words(t2i_run):
     assert colour_accuracy(model, cfg, 8) >= 0.85
 
 
+@pytest.mark.slow  # 45 s of training: in .ci/run's second, end-to-end pass, to keep the default run under 10 minutes
 def test_tiny_text_to_image_in_pixel_patches_follows_colour_words(encoder_dir, tmp_path):
     """Pixels folded into 2 x 2 patches (8x8x12 for the 16px tiny world) and normalised: the recorded
     shift and scale make the training pixels zero-mean, unit-variance, and the model learns colour words:

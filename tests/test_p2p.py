@@ -143,15 +143,15 @@ def scene_image_and_prompt(base):
 def test_ddim_inversion_redraws_the_image_closer_with_more_steps(base, scene_image_and_prompt):
     """Unguided DDIM inversion reuses each level's noise estimate for the next: its error is the ODE's
     discretisation error, which shrinks with the step count (measured on this base: 29, 37, 46 dB at 10, 50,
-    200 steps), down to a few 8-bit levels at 200 steps."""
+    200 steps; the largest pixel error 0.28, 0.11, 0.037), so at 160 steps under 0.08."""
     system, cfg = base
     image, prompt = scene_image_and_prompt
     errors = []
-    for steps in (10, 50, 200):
+    for steps in (10, 40, 160):
         redrawn = inversion.redraw(system, cfg, inversion.ddim_invert(system, cfg, image, prompt, steps=steps,
                                                                       cfg_scale=1.0))  # fmt: skip
         errors.append((redrawn - image).abs().max().item())
-    assert errors[0] > errors[1] > errors[2] and errors[2] < 0.06, errors
+    assert errors[0] > errors[1] > errors[2] and errors[2] < 0.08, errors
 
 
 def test_null_text_optimisation_retraces_the_inversion_under_guidance(base, scene_image_and_prompt):

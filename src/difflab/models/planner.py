@@ -146,8 +146,9 @@ class PlannerConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def __post_init__(self) -> None:
-        for name in ("context_length", "width", "depth", "heads"):
+        for name in ("width", "depth", "heads"):
             check_int(name, getattr(self, name), 1, MAX_SIZE)
+        check_int("context_length", self.context_length, 3, MAX_SIZE)  # <bos>, a token, <eos>
         check_float("temperature", self.temperature, *TEMPERATURE_RANGE)
         check_choice("slot_fields", self.slot_fields, ("sequential", "parallel"))
         if self.width % self.heads:

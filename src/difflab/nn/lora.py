@@ -32,6 +32,8 @@ from difflab.errors import DifflabError
 
 ATTENTION_TARGETS = ("to_q", "to_k", "to_v", "to_out")
 """The attention projections every UNet and transformer block names this way (:mod:`difflab.nn.attention`)."""
+CROSS_ATTENTION = ("cross_attn.to_q", "cross_attn.to_k", "cross_attn.to_v", "cross_attn.to_out")
+"""The projections of cross-attention alone: where a UNet reads its prompt's tokens."""
 CROSS_ATTENTION_KV = ("cross_attn.to_k", "cross_attn.to_v")
 """The projections of the prompt's tokens into keys and values: all that Custom Diffusion (Kumari et al. 2023)
 fine-tunes to teach a concept, the one path by which a word reaches a UNet's pixels."""

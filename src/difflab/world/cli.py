@@ -11,7 +11,6 @@ import numpy as np
 from PIL import Image
 
 from difflab import cli_types
-from difflab.data.images import quantize
 from difflab.errors import DifflabError
 from difflab.outputs import image_file, save_image, shown
 from difflab.world.check import check_reader
@@ -110,11 +109,10 @@ def _condition(args) -> int:
     cfg = world_preset(args.preset)
     out = image_file(args.out, "--out")
     scene = scene_at(cfg, args.seed, args.index)
-    if args.field == "image":
-        out = save_image(Image.fromarray(quantize(render(scene, cfg).image), mode="RGB"), out)  # (H, W, 3)
-    else:
-        pixels = np.round(condition(scene, cfg, args.field) * 255).astype(np.uint8)  # (H, W)
-        out = save_image(Image.fromarray(pixels, mode="L"), out)
+    # the 8-bit grid the datasets round to: (H, W, 3) for the image, (H, W) for a condition
+    pixels = render(scene, cfg).image if args.field == "image" else condition(scene, cfg, args.field)
+    pixels = np.round(np.clip(pixels, 0, 1) * 255).astype(np.uint8)
+    out = save_image(Image.fromarray(pixels, mode="RGB" if args.field == "image" else "L"), out)
     print(f"wrote the {args.field} of {args.preset} scene {args.index} (seed {args.seed}) to {shown(out, args.out)}: "
           f'"{describe(scene)}"')  # fmt: skip
     return 0
