@@ -15,16 +15,13 @@ time). For each:
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
-import torch
 from tqdm.auto import tqdm
 
 from difflab.data.toy import scene_image
 from difflab.models import inversion as inv
 from difflab.models.p2p import P2PEdit, naive, prompt_to_prompt
-from difflab.models.p2p_eval import SwapCase, judge, summarise, swap_in
+from difflab.models.p2p_eval import SwapCase, judge, psnr, summarise, swap_in
 from difflab.world.prompts import spec_of
 from difflab.world.reader import read
 from difflab.world.scene import Scene, WorldConfig, scene_at
@@ -48,12 +45,6 @@ def cases(world: WorldConfig, n: int, seed: int = EVAL_SEED) -> list[tuple[Scene
     return out
 
 
-def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
-    """PSNR (dB) of two images in [-1, 1], over pixels in [0, 1]."""
-    mse = ((a - b) / 2).pow(2).mean().item()
-    return 100.0 if mse == 0 else min(100.0, 10 * math.log10(1 / mse))
-
-
 def evaluate(system, cfg, world: WorldConfig, n: int, *, seed: int = EVAL_SEED, progress: bool = False,
              **options) -> dict:  # fmt: skip
     """The report of the module docstring over ``n`` images; ``options`` go to null-text inversion
@@ -70,7 +61,7 @@ def evaluate(system, cfg, world: WorldConfig, n: int, *, seed: int = EVAL_SEED, 
         inverted = inv.null_text_inversion(system, cfg, image, prompt, **options)
         redrawn = inv.redraw(system, cfg, inverted)
         for key, picture in (("codec", codec), ("ddim", ddim), ("null_text", redrawn)):
-            rows[key].append((psnr(picture, image), read(picture[0].cpu(), world).keys() == truth.keys()))
+            rows[key].append((psnr(picture[0], image[0]), read(picture[0].cpu(), world).keys() == truth.keys()))
         edit = P2PEdit(prompt, case.target.text())
         _, edited = prompt_to_prompt(system, cfg, [edit], inversion=inverted)
         _, regenerated = prompt_to_prompt(system, cfg, [naive(edit)], inversion=inverted)

@@ -14,8 +14,8 @@ from difflab.errors import DifflabError
 from difflab.models import inversion as inv
 from difflab.models import inversion_eval, p2p_eval
 from difflab.models.cli import GUIDANCE, SAMPLER, SAMPLER_HELP, STEPS
-from difflab.models.inversion_eval import psnr
 from difflab.models.p2p import P2PEdit, naive, prompt_to_prompt
+from difflab.models.p2p_eval import psnr
 from difflab.models.registry import family_of_run
 from difflab.models.t2i import load_model
 from difflab.outputs import image_file, shown
@@ -152,7 +152,7 @@ def _edit_image(args, model, cfg, edit: P2PEdit, out) -> int:
     _, edited = prompt_to_prompt(model, cfg, [edit], inversion=inverted)
     _, regenerated = prompt_to_prompt(model, cfg, [naive(edit)], inversion=inverted)
     tiles = torch.cat([image.to(device), redrawn, edited, regenerated]).cpu()
-    captions = [f"image: {edit.source}", f"redrawn ({psnr(redrawn, image.to(device)):.1f} dB)",
+    captions = [f"image: {edit.source}", f"redrawn ({psnr(redrawn[0], image[0].to(device)):.1f} dB)",
                 f"edit: {edit.target}", f"naive: {edit.target}"]  # fmt: skip
     path = save_captioned_grid(tiles, captions, out, ncol=4)
     print(f"wrote the edit of '{args.image}' to {shown(path, args.out)} (image | its redraw after null-text "
@@ -189,8 +189,9 @@ def _invert(args) -> int:
     redrawn = inv.redraw(model, cfg, inverted)
     codec = model.codec.decode(model.codec.encode(image))
     tiles = torch.cat([image, codec, ddim, redrawn]).cpu()
-    captions = [prompt, f"autoencoder ({psnr(codec, image):.1f} dB)", f"DDIM inversion ({psnr(ddim, image):.1f} dB)",
-                f"null-text inversion ({psnr(redrawn, image):.1f} dB)"]  # fmt: skip
+    captions = [prompt, f"autoencoder ({psnr(codec[0], image[0]):.1f} dB)",
+                f"DDIM inversion ({psnr(ddim[0], image[0]):.1f} dB)",
+                f"null-text inversion ({psnr(redrawn[0], image[0]):.1f} dB)"]  # fmt: skip
     path = save_captioned_grid(tiles, captions, out, ncol=4)
     print(f"inverted '{args.image}' under \"{prompt}\": {captions[1]}, {captions[2]}, {captions[3]}; wrote "
           f"{shown(path, args.out)}")  # fmt: skip

@@ -18,7 +18,6 @@ Then, with O' = O with the attribute swapped:
 
 from __future__ import annotations
 
-import math
 from collections import Counter
 from dataclasses import dataclass
 
@@ -28,6 +27,7 @@ from tqdm.auto import tqdm
 
 from difflab.errors import DifflabError
 from difflab.models.p2p import P2PEdit, naive, prompt_to_prompt
+from difflab.models.vae import psnr as vae_psnr
 from difflab.world.prompts import Conjunction, ObjectSpec, matches
 from difflab.world.reader import read
 from difflab.world.scene import Obj, Scene, WorldConfig
@@ -103,6 +103,12 @@ def _others(scene: Scene, position: str) -> Counter:
     return Counter(o.key() for o in scene.objects if o.position != position)
 
 
+def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
+    """PSNR (dB) of one image (or pixel set) against another, in [-1, 1]: the autoencoder's measure
+    (:func:`difflab.models.vae.psnr`), capped at 100 dB where they are equal."""
+    return min(100.0, vae_psnr(a[None], b[None]).item())
+
+
 def psnr_outside(source: torch.Tensor, edited: torch.Tensor, obj: Obj, world: WorldConfig) -> float:
     """PSNR (dB) of two (3, H, W) images in [-1, 1] over the pixels farther than 1.5 of the world's largest
     radius from the object's centre; 100 dB where they are equal."""
@@ -110,9 +116,7 @@ def psnr_outside(source: torch.Tensor, edited: torch.Tensor, obj: Obj, world: Wo
     ys, xs = torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij")
     r = 1.5 * max(world.radius.values())  # the largest size's: an edit may grow the object
     far = ((xs + 0.5) / side - obj.x) ** 2 + ((ys + 0.5) / side - obj.y) ** 2 > r**2  # (H, W)
-    diff = ((source - edited) / 2)[:, far]  # in [0, 1] units
-    mse = float(diff.pow(2).mean()) if diff.numel() else 0.0
-    return 100.0 if mse == 0 else min(100.0, 10 * math.log10(1 / mse))
+    return psnr(source[:, far], edited[:, far])  # (3, pixels far away) each
 
 
 def judge(case: SwapCase, source: Scene, edited: Scene, images=None, world: WorldConfig | None = None) -> dict | None:
