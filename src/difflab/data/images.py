@@ -14,8 +14,26 @@ inverse ``to_uint8`` (model output -> uint8 ``(H, W, C)``, for saving samples an
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import torch
+from PIL import Image
+
+from difflab.errors import DifflabError
+
+
+def read_square(path: str | Path, side: int, mode: str, what: str, hint: str) -> np.ndarray:
+    """An image file in PIL ``mode`` ('RGB', 'L') -> uint8 (side, side[, 3]), a writable copy; a named error when
+    it cannot be read or is not ``side`` pixels square (``what`` names the file's role, ``hint`` the side's)."""
+    try:
+        with Image.open(path) as img:
+            pixels = img.convert(mode)
+    except (OSError, ValueError) as e:
+        raise DifflabError(f"{what} '{path}' cannot be read ({e}); expected a PNG") from None
+    if pixels.size != (side, side):
+        raise DifflabError(f"{what} '{path}' is {pixels.size[0]}x{pixels.size[1]}; expected {side}x{side}, {hint}")
+    return np.array(pixels)
 
 
 def quantize(image: np.ndarray) -> np.ndarray:

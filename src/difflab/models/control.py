@@ -21,10 +21,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 from torch import nn
 from torch.utils.data import Dataset
 
+from difflab.data.images import read_square
 from difflab.data.text_scenes import TextDataConfig
 from difflab.diffusion.objectives import LOSS_WEIGHTINGS
 from difflab.errors import MAX_SIZE, DifflabError, check_choice, check_float, check_ints
@@ -230,15 +230,8 @@ def generate(model: DiffusionSystem, cfg: ControlConfig, request: Controls, **kw
 def read_condition(path: str | Path, side: int) -> torch.Tensor:
     """A condition image file -> (1, side, side) in [0, 1] (its luminance): an error naming the file when it
     cannot be read or is not ``side`` pixels square."""
-    try:
-        with Image.open(path) as img:
-            grey = img.convert("L")
-    except (OSError, ValueError) as e:
-        raise DifflabError(f"condition image '{path}' cannot be read ({e}); expected a PNG") from None
-    if grey.size != (side, side):
-        raise DifflabError(f"condition image '{path}' is {grey.size[0]}x{grey.size[1]}; expected {side}x{side}, the "
-                           "side of the images this ControlNet's base draws")  # fmt: skip
-    return torch.from_numpy(np.asarray(grey, dtype=np.float32) / 255.0)[None]
+    grey = read_square(path, side, "L", "condition image", "the side of the images this ControlNet's base draws")
+    return torch.from_numpy(grey.astype(np.float32) / 255.0)[None]
 
 
 def control_request(model: DiffusionSystem, cfg: ControlConfig, prompts: list[str], path: str | None,

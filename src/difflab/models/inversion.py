@@ -34,12 +34,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
-from PIL import Image
 from tqdm.auto import tqdm
 
-from difflab.data.images import to_signed
+from difflab.data.images import read_square, to_signed
 from difflab.diffusion.denoiser import Denoiser
 from difflab.diffusion.discretization import make_plan
 from difflab.diffusion.guidance import classifier_free_guidance
@@ -74,15 +72,8 @@ class Inversion:
 def read_image(path: str | Path, side: int) -> torch.Tensor:
     """An image file -> (1, 3, side, side) in [-1, 1], on the 8-bit grid as the world's images are; an error
     naming the file when it cannot be read or is not ``side`` pixels square."""
-    try:
-        with Image.open(path) as img:
-            rgb = img.convert("RGB")
-    except (OSError, ValueError) as e:
-        raise DifflabError(f"image '{path}' cannot be read ({e}); expected a PNG") from None
-    if rgb.size != (side, side):
-        raise DifflabError(f"image '{path}' is {rgb.size[0]}x{rgb.size[1]}; expected {side}x{side}, the side of the "
-                           "images this run draws ('difflab world condition --field image' writes one)")  # fmt: skip
-    return to_signed(np.array(rgb))[None]  # a writable copy
+    hint = "the side of the images this run draws ('difflab world condition --field image' writes one)"
+    return to_signed(read_square(path, side, "RGB", "image", hint))[None]
 
 
 def request_for(system, cfg, prompt: str, image: torch.Tensor) -> list[str] | Layouts:
