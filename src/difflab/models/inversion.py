@@ -31,6 +31,7 @@ reader (a detector, as LMD reads boxes from an LLM), not planned from the prompt
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -126,6 +127,13 @@ def null_text_inversion(system, cfg, image: torch.Tensor, prompt: str, *, steps:
     """Stages 1 and 2: DDIM inversion, then the per-step null conditions that make the guided DDIM pass (at
     ``cfg_scale``, default the run's) retrace it."""
     inv = ddim_invert(system, cfg, image, prompt, steps=steps, spacing=spacing, cfg_scale=cfg_scale)
+    return optimise_nulls(system, cfg, inv, iterations=iterations, lr=lr, tolerance=tolerance, progress=progress)
+
+
+def optimise_nulls(system, cfg, inv: Inversion, *, iterations: int = 10, lr: float = 1e-1, tolerance: float = 1e-5,
+                   progress: bool = False) -> Inversion:  # fmt: skip
+    """Stage 2 alone, on a DDIM inversion ``inv`` (left as it is): the inversion with each step's optimised null
+    condition, for a caller that also redraws the DDIM inversion itself (the evaluation, ``difflab invert``)."""
     device = inv.latents.device
     cond, null = _conditions(system, inv.request, device)
     plan = make_plan(cfg.diffusion.make_schedule(), inv.steps, inv.spacing)
@@ -160,8 +168,7 @@ def null_text_inversion(system, cfg, image: torch.Tensor, prompt: str, *, steps:
     finally:
         for p, g in zip(system.network.parameters(), was, strict=True):
             p.requires_grad_(g)
-    inv.nulls, inv.losses = nulls, losses
-    return inv
+    return dataclasses.replace(inv, nulls=nulls, losses=losses)
 
 
 def per_step_guidance(denoiser, scale: float, nulls: list[dict], step_of):

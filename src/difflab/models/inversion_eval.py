@@ -57,8 +57,9 @@ def evaluate(system, cfg, world: WorldConfig, n: int, *, seed: int = EVAL_SEED, 
         truth = read(image[0], world)
         prompt = case.source.text()
         codec = system.codec.decode(system.codec.encode(image))
-        ddim = inv.redraw(system, cfg, inv.ddim_invert(system, cfg, image, prompt))
-        inverted = inv.null_text_inversion(system, cfg, image, prompt, **options)
+        plain = inv.ddim_invert(system, cfg, image, prompt)
+        ddim = inv.redraw(system, cfg, plain)
+        inverted = inv.optimise_nulls(system, cfg, plain, **options)
         redrawn = inv.redraw(system, cfg, inverted)
         for key, picture in (("codec", codec), ("ddim", ddim), ("null_text", redrawn)):
             rows[key].append((psnr(picture[0], image[0]), read(picture[0].cpu(), world).keys() == truth.keys()))

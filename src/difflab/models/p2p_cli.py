@@ -183,9 +183,9 @@ def _invert(args) -> int:
     device = next(model.network.parameters()).device
     image = inv.read_image(args.image, cfg.data.image_size).to(device)
     prompt = args.prompt if args.prompt is not None else describe(read(image[0].cpu(), world))
-    ddim = inv.redraw(model, cfg, inv.ddim_invert(model, cfg, image, prompt, steps=args.steps, cfg_scale=args.cfg))
-    inverted = inv.null_text_inversion(model, cfg, image, prompt, steps=args.steps, cfg_scale=args.cfg,
-                                       progress=sys.stderr.isatty())  # fmt: skip
+    plain = inv.ddim_invert(model, cfg, image, prompt, steps=args.steps, cfg_scale=args.cfg)
+    ddim = inv.redraw(model, cfg, plain)
+    inverted = inv.optimise_nulls(model, cfg, plain, progress=sys.stderr.isatty())
     redrawn = inv.redraw(model, cfg, inverted)
     codec = model.codec.decode(model.codec.encode(image))
     tiles = torch.cat([image, codec, ddim, redrawn]).cpu()
