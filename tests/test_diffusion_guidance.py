@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from difflab.diffusion.denoiser import Denoiser
-from difflab.diffusion.guidance import classifier_free_guidance, rescale_guidance
+from difflab.diffusion.guidance import classifier_free_guidance, instruct_guidance, rescale_guidance
 from difflab.diffusion.samplers import get_sampler
 from difflab.diffusion.schedules import make_schedule
 from difflab.errors import DifflabError
@@ -96,3 +96,64 @@ def test_guidance_errors():
         classifier_free_guidance(den, 2.0, {}, guidance_rescale=1.5)
     with pytest.raises(DifflabError, match="needs a Denoiser"):
         classifier_free_guidance(lambda x, t: (x, x), 2.0, {}, guidance_rescale=0.5)
+
+
+# ------------------------------------------------------------------------- InstructPix2Pix's two scales
+
+
+class ImageTextNet:
+    """A toy network of two conditions: a text label and an image vector, each shifting the output."""
+
+    def __init__(self):
+        g = torch.Generator().manual_seed(1)
+        self.w = torch.randn(6, 6, generator=g, dtype=torch.float64) / 3
+        self.text = torch.randn(4, 6, generator=g, dtype=torch.float64)
+        self.batches = []
+
+    def __call__(self, x, t, class_labels, image):
+        self.batches.append(x.shape[0])
+        return x @ self.w + self.text[class_labels] + torch.tanh(image) * x
+
+
+def _two_scale(text_scale, image_scale):
+    net = ImageTextNet()
+    den = Denoiser(net, SCHEDULE, "v_prediction")
+    null_text = {"class_labels": torch.tensor([NULL])}
+    null_image = {"image": torch.zeros(1, 6, dtype=torch.float64)}
+    return net, den, instruct_guidance(den, text_scale, image_scale, null_text, null_image)
+
+
+def test_two_scale_guidance_is_eq_3_of_instructpix2pix_in_one_pass():
+    """eps~ = eps(0,0) + s_I [eps(c_I,0) - eps(0,0)] + s_T [eps(c_I,c_T) - eps(c_I,0)], from three separate
+    passes, equals the guided denoiser's one pass of 3B."""
+    net, den, guided = _two_scale(4.0, 1.7)
+    x, t = torch.randn(3, 6, dtype=torch.float64), torch.tensor([10, 500, 900])
+    labels, image = torch.tensor([0, 1, 2]), torch.randn(3, 6, dtype=torch.float64)
+    eps, x0 = guided(x, t, class_labels=labels, image=image)
+    assert net.batches == [9]
+    full = den(x, t, class_labels=labels, image=image)
+    image_only = den(x, t, class_labels=torch.full((3,), NULL), image=image)
+    neither = den(x, t, class_labels=torch.full((3,), NULL), image=torch.zeros(3, 6, dtype=torch.float64))
+    for k, got in enumerate((eps, x0)):
+        want = neither[k] + 1.7 * (image_only[k] - neither[k]) + 4.0 * (full[k] - image_only[k])
+        torch.testing.assert_close(got, want)
+
+
+def test_two_scale_guidance_with_image_scale_one_is_text_guidance():
+    """s_I = 1 cancels eps(0,0): ordinary classifier-free guidance of the text, the image in both halves."""
+    _, den, guided = _two_scale(3.0, 1.0)
+    x, t = torch.randn(2, 6, dtype=torch.float64), torch.tensor([100, 700])
+    labels, image = torch.tensor([0, 2]), torch.randn(2, 6, dtype=torch.float64)
+    plain = classifier_free_guidance(den, 3.0, {"class_labels": torch.tensor([NULL]), "image": image})
+    got = guided(x, t, class_labels=labels, image=image)
+    want = plain(x, t, class_labels=labels, image=image)
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b)
+
+
+def test_two_scale_guidance_names_missing_conditions():
+    _, den, guided = _two_scale(3.0, 1.5)
+    with pytest.raises(DifflabError, match=r"lack \['image'\]"):
+        guided(torch.zeros(1, 6, dtype=torch.float64), 0, class_labels=torch.tensor([0]))
+    with pytest.raises(DifflabError, match="null_image is empty"):
+        instruct_guidance(den, 3.0, 1.5, {"class_labels": torch.tensor([NULL])}, {})

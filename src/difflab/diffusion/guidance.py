@@ -35,16 +35,15 @@ def rescale_guidance(guided: torch.Tensor, conditional: torch.Tensor, phi: float
     return phi * rescaled + (1 - phi) * guided
 
 
-def _with_null(value, null, key: str):
-    """Stack a conditioning value over its null counterpart along the batch; a null of batch 1 is
-    broadcast to the conditional batch (one empty-prompt embedding serves every sample)."""
-    if value is None and null is None:
+def _stack(values: list, key: str):
+    """Stack one conditioning value of several branches along the batch; a value of batch 1 is broadcast
+    to the others' batch (one empty-prompt embedding serves every sample)."""
+    if all(v is None for v in values):
         return None
-    if not isinstance(value, torch.Tensor) or not isinstance(null, torch.Tensor):
-        raise DifflabError(f"conditioning '{key}' must be a tensor in both cond and null_cond")
-    if null.shape[0] == 1 and value.shape[0] != 1:
-        null = null.expand(value.shape[0], *null.shape[1:])
-    return torch.cat([value, null])
+    if not all(isinstance(v, torch.Tensor) for v in values):
+        raise DifflabError(f"conditioning '{key}' must be a tensor in every condition it is guided between")
+    b = max(v.shape[0] for v in values)
+    return torch.cat([v.expand(b, *v.shape[1:]) if v.shape[0] == 1 else v for v in values])
 
 
 def classifier_free_guidance(
@@ -67,7 +66,7 @@ def classifier_free_guidance(
                 f"cond keys {sorted(cond)} and null_cond keys {sorted(null_cond)} must be the same"
             )
         t = per_sample(t, x.shape[0])
-        both = {k: _with_null(v, null_cond[k], k) for k, v in cond.items()}
+        both = {k: _stack([v, null_cond[k]], k) for k, v in cond.items()}
         eps, x0 = denoiser(torch.cat([x, x]), torch.cat([t, t]), **both)  # one pass, (2B, ...)
         eps_c, eps_u = eps.chunk(2)
         x0_c, x0_u = x0.chunk(2)
@@ -79,5 +78,40 @@ def classifier_free_guidance(
             )
             eps_g, x0_g = denoiser.from_output(out, x, t)
         return eps_g, x0_g
+
+    return guided
+
+
+def instruct_guidance(denoiser, text_scale: float, image_scale: float, null_text: dict, null_image: dict):
+    r"""InstructPix2Pix's two-scale guidance (Brooks et al. 2023, Eq. 3) over a denoiser conditioned on an
+    image c_I and a text c_T, as a guided denoiser ``guided(x, t, **cond)``:
+
+    .. math:: \tilde\epsilon = \epsilon(\varnothing, \varnothing)
+              + s_I\,[\epsilon(c_I, \varnothing) - \epsilon(\varnothing, \varnothing)]
+              + s_T\,[\epsilon(c_I, c_T) - \epsilon(c_I, \varnothing)]
+
+    ``null_text`` replaces the text's keys of ``cond`` (the empty prompt), ``null_image`` the image's (the
+    zero image); every key they name must be in ``cond``. One batched pass of 3B over the three conditions.
+    The weights sum to one, so guiding epsilon and x0 alike keeps the pair consistent; with s_I = 1 it is
+    ordinary classifier-free guidance of the text with the image in both halves."""
+    for name, null in (("null_text", null_text), ("null_image", null_image)):
+        if not null:
+            raise DifflabError(f"{name} is empty; expected the conditioning keys it replaces")
+
+    def guided(x: torch.Tensor, t, **cond) -> tuple[torch.Tensor, torch.Tensor]:
+        missing = (set(null_text) | set(null_image)) - set(cond)
+        if missing:
+            raise DifflabError(f"cond keys {sorted(cond)} lack {sorted(missing)}, which the null conditions replace")
+        image_only = cond | null_text
+        neither = image_only | null_image
+        t = per_sample(t, x.shape[0])
+        stacked = {k: _stack([cond[k], image_only[k], neither[k]], k) for k in cond}
+        eps, x0 = denoiser(torch.cat([x, x, x]), torch.cat([t, t, t]), **stacked)  # one pass, (3B, ...)
+
+        def combine(out: torch.Tensor) -> torch.Tensor:
+            full, image, none = out.chunk(3)
+            return none + image_scale * (image - none) + text_scale * (full - image)
+
+        return combine(eps), combine(x0)
 
     return guided

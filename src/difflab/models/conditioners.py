@@ -9,7 +9,7 @@ Every conditioner answers two calls:
   (class labels, prompts) and the null condition (batch 1, broadcast) that guidance steers away from,
   or None for an unconditional model.
 
-Systems to come add conditioners here (grounding tokens, an input image on channels, control residuals);
+Systems add conditioners here (grounding tokens, control residuals, an input image on channels);
 the recipe in :mod:`difflab.models.recipe` does not change.
 """
 
@@ -23,6 +23,7 @@ from torch import nn
 
 from difflab.data.config import DataConfig, num_classes
 from difflab.errors import DifflabError
+from difflab.models.codecs import Latents
 from difflab.models.layout import layout_fields, phrase_embeddings
 from difflab.models.text_encoder import FrozenTextEncoder
 from difflab.world.scene import Scene, WorldConfig
@@ -213,3 +214,67 @@ class ControlledPrompts(nn.Module):
         cond, null = self.inner.condition(request.request, n, device, seed)
         hints = request.hints.to(device)
         return cond | {"control_hint": hints}, null | {"control_hint": hints}
+
+
+class Instructions:
+    """An editing request: instructions and one input image per instruction, ``images`` (N, C, S, S) in
+    [-1, 1]. Slices like a list, so it is sampled in batches as prompts are."""
+
+    def __init__(self, instructions: list[str], images: torch.Tensor):
+        check_prompts(instructions)
+        if images.ndim != 4 or images.shape[0] != len(instructions):
+            raise DifflabError(f"input images of shape {tuple(images.shape)} for {len(instructions)} instructions; "
+                               f"expected ({len(instructions)}, channels, side, side)")  # fmt: skip
+        self.instructions, self.images = list(instructions), images
+
+    def __len__(self) -> int:
+        return len(self.instructions)
+
+    def __getitem__(self, part: slice) -> Instructions:
+        return Instructions(self.instructions[part], self.images[part])
+
+
+class InstructedPrompts(nn.Module):
+    """InstructPix2Pix's two conditions (Brooks et al. 2023, Sec. 3.2.1): the instruction through the base's
+    text conditioner, and the input image's latents ``edit_image`` (the codec's encoding, as the noisy
+    latents are), which the network concatenates to its input. Training drops the instruction alone with
+    probability ``drops[0]``, the image alone with ``drops[1]`` and both with ``drops[2]`` (the paper's 5 %
+    each), so one network learns the three predictions that two-scale guidance mixes
+    (:func:`~difflab.diffusion.guidance.instruct_guidance`). The null image is the zero latent.
+
+    ``condition`` returns the image-kept null (the empty prompt with the image), i.e. guidance of the text
+    alone (s_I = 1); :meth:`null_image` is the other null for two-scale guidance."""
+
+    def __init__(self, inner: TextPrompts, codec: nn.Module, image_shape: tuple[int, int, int],
+                 drops: tuple[float, float, float]):  # fmt: skip
+        super().__init__()
+        if inner.__class__ is not TextPrompts:
+            raise DifflabError(f"an instructed editor reads its instruction as plain text; got {type(inner).__name__}")
+        self.inner, self.codec, self.image_shape, self.drops = inner, codec, tuple(image_shape), tuple(drops)
+
+    def source(self, batch: dict, device) -> torch.Tensor:
+        """A training batch's input images in the diffusion space: a latent codec's cached posterior mean
+        (``source``), scaled as :meth:`Latents.encode` scales it, or the codec's encoding of pixels."""
+        x = batch["source"].to(device)
+        return x * self.codec.scale if isinstance(self.codec, Latents) else self.codec.encode(x)
+
+    def for_training(self, batch: dict, generator: torch.Generator, b: int, device) -> dict:
+        u = torch.rand(b, generator=generator, device=device)
+        text_only, image_only, both = self.drops
+        drop_text = (u < text_only) | ((u >= text_only + image_only) & (u < text_only + image_only + both))
+        drop_image = (u >= text_only) & (u < text_only + image_only + both)
+        image = self.source(batch, device)
+        image = torch.where(drop_image[:, None, None, None], torch.zeros_like(image), image)
+        return self.inner.captions(batch, drop_text, device) | {"edit_image": image}
+
+    def condition(self, request, n: int, device, seed: int = 0) -> tuple[dict, dict]:
+        if not isinstance(request, Instructions):
+            raise DifflabError(f"an instructed editor needs an input image with each instruction; got "
+                               f"{type(request).__name__}")  # fmt: skip
+        cond, null = self.inner.condition(request.instructions, n, device, seed)
+        image = self.codec.encode(request.images.to(device))
+        return cond | {"edit_image": image}, null | {"edit_image": image}
+
+    def null_image(self, device) -> dict:
+        """The image's null condition: the zero latent (batch 1, broadcast by guidance)."""
+        return {"edit_image": torch.zeros(1, *self.image_shape, device=device)}

@@ -186,6 +186,9 @@ class TrainingParts:
     sampling_network: Callable[[nn.Module], nn.Module] | None = None
     """The denoiser the grids sample, given the trained network's EMA, when the trained network is not one
     (a ControlNet is sampled through its frozen base); None: the trained network itself."""
+    draw: Callable[[DiffusionSystem, Any, Callable | None], torch.Tensor] | None = None
+    """``draw(system, request, callback)`` -> the grid's images, when a system samples otherwise than
+    :func:`generate` (InstructPix2Pix's two-scale guidance); None: :func:`generate` at the run's defaults."""
     on_grid: Callable[[torch.Tensor, int, Path], None] | None = None
     """Called with each sample grid's images, the step and the run directory after the grid is saved
     (main process only): a system's own account of its grids (a ControlNet's fidelity curve)."""
@@ -221,7 +224,10 @@ def train_system(
             denoiser = ema_network if p.sampling_network is None else p.sampling_network(ema_network)
             system = DiffusionSystem(denoiser, p.conditioner.to(device), p.codec.to(device))
             request = p.grid_request[:n] if p.grid_request is not None else None
-            drawn["images"] = generate(system, cfg, n, request, seed=0, callback=callback)
+            if p.draw is not None:
+                drawn["images"] = p.draw(system, request, callback)
+            else:
+                drawn["images"] = generate(system, cfg, n, request, seed=0, callback=callback)
             return drawn["images"]
 
         drawn: dict[str, torch.Tensor] = {}

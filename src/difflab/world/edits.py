@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from difflab.errors import DifflabError, check_choice
+from difflab.world.geneval import mentions_heldout
 from difflab.world.prompts import ObjectSpec, matches, refer, spec_of
 from difflab.world.scene import (
     COLORS,
@@ -196,6 +197,22 @@ def sample_edit(
         f"no {what} applies to this scene of {len(scene.objects)} objects "
         f"(the world allows {cfg.min_objects}..{cfg.max_objects} objects, one per free grid cell)"
     )
+
+
+EDIT_STREAM = 31
+"""The random stream of scene i's edit in :func:`edit_at` (captions use 11 and 21)."""
+
+
+def edit_at(scene: Scene, cfg: WorldConfig, seed: int, i: int, heldout=()) -> tuple[Edit, Scene]:
+    """Item i's edit of ``scene`` and the edited scene, drawn from stream (seed, i, :data:`EDIT_STREAM`) and
+    redrawn while the result shows a held-out (colour, shape) pair (``heldout``; a model that never saw one
+    does not see one here either): a pure function of its arguments, as a dataset's items must be."""
+    rng = np.random.default_rng([seed, i, EDIT_STREAM])
+    for _ in range(100):
+        made = sample_edit(scene, rng, cfg)
+        if not mentions_heldout(made[1], heldout):
+            return made
+    raise DifflabError(f"could not draw an edit of item {i} without the held-out pairs {sorted(heldout)}")
 
 
 def edit(

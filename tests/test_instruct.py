@@ -1,0 +1,165 @@
+"""InstructPix2Pix (difflab.models.instruct): the widened first convolution leaves the base exactly as it was,
+the three dropouts partition 15 % of the steps, the training pairs are the world's edits, the judge is exact,
+and a tiny editor learns recolouring far above the untrained one and the naive regeneration."""
+
+import copy
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from difflab.cli import main
+from difflab.config import apply_overrides
+from difflab.data.toy import scene_image
+from difflab.errors import DifflabError
+from difflab.models import instruct, instruct_eval, t2i
+from difflab.models.conditioners import InstructedPrompts, Instructions, TextPrompts
+from difflab.models.registry import get_preset
+from difflab.models.t2i_network import build_network
+from difflab.world.edits import Edit, edit_holds
+from difflab.world.prompts import ObjectSpec
+from difflab.world.scene import Obj, Scene, world_preset
+
+pytestmark = pytest.mark.usefixtures("single_thread_module")
+
+
+@pytest.fixture(scope="module")
+def editor_run(tiny_t2i_base, tmp_path_factory):
+    cfg = apply_overrides(get_preset("instruct_tiny").build(), [f"base={tiny_t2i_base}"])
+    return instruct.train(cfg, tmp_path_factory.mktemp("instruct") / "run")
+
+
+# ------------------------------------------------------------------------------------------ the network
+
+
+@pytest.mark.parametrize("recipe", ["sd", "layout"])
+def test_a_fresh_editor_is_the_base_bitwise_whatever_the_image(recipe):
+    """Sec. 3.2.1: the added input channels start at zero, so before training the editor is the base."""
+    cfg = t2i.resolve(get_preset(f"t2i_{'layout_' if recipe == 'layout' else ''}tiny").build(), attach=False)
+    torch.manual_seed(0)
+    base = build_network(cfg)
+    for p in base.parameters():  # a base whose output layer is not a fresh zero
+        p.data.normal_(0, 0.1)
+    editor = instruct.InstructNet(copy.deepcopy(base), cfg.unet.in_channels)
+    side, c = cfg.unet.image_size, cfg.unet.in_channels
+    g = torch.Generator().manual_seed(1)
+    x, t = torch.randn(2, c, side, side, generator=g), torch.tensor([5, 800])
+    cond = {"context": torch.randn(2, 6, cfg.unet.context_dim, generator=g)}
+    want = base(x, t, **cond)
+    for image in (None, torch.zeros(2, c, side, side), torch.randn(2, c, side, side, generator=g)):
+        assert torch.equal(editor(x, t, edit_image=image, **cond), want)
+    conv = getattr(editor.net, "unet", editor.net).conv_in
+    assert conv.weight.shape[1] == 2 * c and not conv.weight[:, c:].any()
+
+
+def test_the_dropouts_partition_fifteen_percent_of_the_steps(tiny_t2i_base):
+    """5 % instruction alone, 5 % image alone, 5 % both, never overlapping (Sec. 3.2.1)."""
+    system, cfg = t2i.load_model(tiny_t2i_base)
+    conditioner = InstructedPrompts(TextPrompts(system.conditioner.encoder, 0.0, pooled=False), system.codec,
+                                    (3, 16, 16), (0.05, 0.05, 0.05))  # fmt: skip
+    b = 20_000
+    ids, mask = system.conditioner.encoder.tokenizer.encode("make the circle blue")
+    batch = {"ids": ids.expand(b, -1), "mask": mask.expand(b, -1), "source": torch.ones(b, 3, 16, 16)}
+    out = conditioner.for_training(batch, torch.Generator().manual_seed(0), b, "cpu")
+    null = conditioner.inner.encode([""])["context"][0]
+    text_dropped = (out["context"] == null).flatten(1).all(1)
+    image_dropped = (out["edit_image"] == 0).flatten(1).all(1)
+    rates = [(text_dropped & ~image_dropped).float().mean(), (image_dropped & ~text_dropped).float().mean(),
+             (text_dropped & image_dropped).float().mean()]  # fmt: skip
+    for rate in rates:  # binomial sd at p = 0.05, n = 20,000: 0.0015
+        assert abs(rate - 0.05) < 0.006
+
+
+def test_requests_and_configs_name_their_bad_values(tiny_t2i_base):
+    with pytest.raises(DifflabError, match=r"input images of shape \(1, 3, 16, 16\) for 2 instructions"):
+        Instructions(["make the circle blue", "remove the circle"], torch.zeros(1, 3, 16, 16))
+    with pytest.raises(DifflabError, match=r"drops \(0.5, 0.3, 0.3\) is invalid"):
+        instruct.InstructConfig(drops=(0.5, 0.3, 0.3))
+    with pytest.raises(DifflabError, match="base=RUN"):
+        instruct.resolve(get_preset("instruct_tiny").build())
+
+
+# ------------------------------------------------------------------------------------------------ data
+
+
+def test_training_pairs_are_the_world_s_edits_of_the_base_s_scenes(tiny_t2i_base):
+    base_cfg = t2i.load_config(tiny_t2i_base)
+    cfg = instruct.resolve(apply_overrides(get_preset("instruct_tiny").build(), [f"base={tiny_t2i_base}"]))
+    encoder = t2i.load_model(tiny_t2i_base)[0].conditioner.encoder
+    pairs = instruct.training_pairs(cfg, base_cfg, encoder.tokenizer)
+    world = pairs.world
+    for i in (0, 7):
+        item, (edit, after) = pairs[i], pairs.edit(i)
+        before = pairs.scenes.scene(i)
+        assert torch.equal(item["source"], scene_image(before, world))
+        assert torch.equal(item["image"], scene_image(after, world))
+        assert torch.equal(item["ids"], encoder.tokenizer.encode(edit.text())[0][0])
+        assert edit_holds(edit, before, after) and pairs.edit(i) == (edit, after)  # deterministic
+
+
+# --------------------------------------------------------------------------------------------- judging
+
+
+def _case() -> instruct_eval.EditCase:
+    circle = Obj("circle", "red", "large", 0.3, 0.3, 0.3)
+    square = Obj("square", "blue", "small", 0.75, 0.75, 0.7)
+    before = Scene((circle, square))
+    after = Scene((Obj("circle", "green", "large", 0.3, 0.3, 0.3), square))
+    return instruct_eval.EditCase(before, Edit("recolor", ObjectSpec(shape="circle"), color="green"), after)
+
+
+def test_the_judge_passes_the_asked_for_scene_and_fails_the_untouched_input():
+    world = world_preset("scene32")
+    case = _case()
+    done = instruct_eval.judge(case, scene_image(case.after, world), world)
+    assert done == {"success": True, "preserved": True, "psnr_background": 100.0}
+    untouched = instruct_eval.judge(case, scene_image(case.before, world), world)
+    assert untouched["success"] is False and untouched["preserved"] is True
+    wrong = Scene((case.after.objects[0],))  # recoloured, but the unnamed square is gone
+    gone = instruct_eval.judge(case, scene_image(wrong, world), world)
+    assert gone["success"] is False and gone["preserved"] is False
+
+
+# ------------------------------------------------------------------------------------------ training
+
+
+def test_a_tiny_editor_learns_recolouring_far_above_the_untrained_one(editor_run, tiny_t2i_base):
+    """Held-out scenes: the trained editor does what it is told; the untrained one (the base, which cannot
+    see the input) and the naive regeneration from the asked-for description do not keep the picture."""
+    system, cfg = instruct.load_model(editor_run)
+    report = instruct.evaluate_editor(system, cfg, 32)
+    trained, naive = report["instruct"]["all"], report["naive"]["all"]
+    fresh = instruct.InstructNet(t2i.load_model(tiny_t2i_base)[0].network, cfg.unet.in_channels)
+    untrained = instruct.evaluate_editor(type(system)(fresh, system.conditioner, system.codec).eval(), cfg, 32,
+                                         baseline=False)["instruct"]["all"]  # fmt: skip
+    assert trained["success"] >= 0.9, report
+    assert trained["success"] >= untrained["success"] + 0.3, (trained, untrained)
+    assert trained["psnr_background"] >= naive["psnr_background"] + 6, (trained, naive)
+    lines = [json.loads(line) for line in (editor_run / "edits.jsonl").read_text().splitlines()]
+    assert lines[-1]["step"] == cfg.train.steps and (editor_run / "pairs.png").exists()
+
+
+def test_edit_draws_an_image_file_and_names_bad_input(editor_run, tmp_path, capsys):
+    world = world_preset("tiny")
+    scene = Scene((Obj("circle", "red", "large", 0.5, 0.5),))
+    path = tmp_path / "in.png"
+    Image.fromarray(((scene_image(scene, world).permute(1, 2, 0) + 1) * 127.5).round().byte().numpy()).save(path)
+    out = tmp_path / "edit.png"
+    assert main(["edit", str(editor_run), "make the circle blue", "--image", str(path), "--seeds", "2", "--steps",
+                 "4", "--out", str(out)]) == 0  # fmt: skip
+    assert out.exists() and "2 edit(s)" in capsys.readouterr().out
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "small.png")
+    assert main(["edit", str(editor_run), "make the circle blue", "--image", str(tmp_path / "small.png")]) == 2
+    assert "16" in capsys.readouterr().err
+    assert main(["edit", str(editor_run), "make the circle blue"]) == 2
+    assert "--image FILE" in capsys.readouterr().err
+
+
+def test_edit_eval_prints_a_table_per_kind_and_refuses_a_text_to_image_run(editor_run, tiny_t2i_base, capsys):
+    assert main(["edit", str(editor_run), "--eval", "4", "--steps", "4", "--json", "--no-baseline"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["instruct"]["all"]["n"] == 4 and "naive" not in report
+    assert main(["edit", str(tiny_t2i_base), "--eval", "4"]) == 2
+    assert "t2i run" in capsys.readouterr().err
