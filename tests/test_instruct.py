@@ -125,6 +125,7 @@ def test_the_judge_passes_the_asked_for_scene_and_fails_the_untouched_input():
 # ------------------------------------------------------------------------------------------ training
 
 
+@pytest.mark.slow  # trains the tiny editor (~40 s); the default run keeps under 10 minutes
 def test_a_tiny_editor_learns_recolouring_far_above_the_untrained_one(editor_run, tiny_t2i_base):
     """Held-out scenes: the trained editor does what it is told; the untrained one (the base, which cannot
     see the input) and the naive regeneration from the asked-for description do not keep the picture."""
@@ -141,6 +142,7 @@ def test_a_tiny_editor_learns_recolouring_far_above_the_untrained_one(editor_run
     assert lines[-1]["step"] == cfg.train.steps and (editor_run / "pairs.png").exists()
 
 
+@pytest.mark.slow  # trains the tiny editor (~40 s); the default run keeps under 10 minutes
 def test_edit_draws_an_image_file_and_names_bad_input(editor_run, tmp_path, capsys):
     world = world_preset("tiny")
     scene = Scene((Obj("circle", "red", "large", 0.5, 0.5),))
@@ -157,6 +159,7 @@ def test_edit_draws_an_image_file_and_names_bad_input(editor_run, tmp_path, caps
     assert "--image FILE" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # trains the tiny editor (~40 s); the default run keeps under 10 minutes
 def test_edit_eval_prints_a_table_per_kind_and_refuses_a_text_to_image_run(editor_run, tiny_t2i_base, capsys):
     assert main(["edit", str(editor_run), "--eval", "4", "--steps", "4", "--json", "--no-baseline"]) == 0
     report = json.loads(capsys.readouterr().out)
