@@ -164,5 +164,8 @@ def test_edit_eval_prints_a_table_per_kind_and_refuses_a_text_to_image_run(edito
     assert main(["edit", str(editor_run), "--eval", "4", "--steps", "4", "--json", "--no-baseline"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["instruct"]["all"]["n"] == 4 and "naive" not in report
+    assert main(["edit", str(editor_run), "--eval", "2", "--steps", "3", "--json", "--p2p"]) == 0
+    report = json.loads(capsys.readouterr().out)  # the tiny world's edits are all recolours: word swaps
+    assert report["p2p"]["all"]["n"] == 2 and report["naive"]["all"]["n"] == 2
     assert main(["edit", str(tiny_t2i_base), "--eval", "4"]) == 2
     assert "t2i run" in capsys.readouterr().err

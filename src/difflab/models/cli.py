@@ -449,7 +449,7 @@ def _eval(args) -> int:
     refused = [k for k, v in given.items() if v is not None and k not in family.eval_options]
     if refused:
         takers = [f.name for f in FAMILIES.values() if all(k in f.eval_options for k in refused)]
-        generative = all(FAMILIES[n].draws for n in takers)
+        generative = all("sampler" in FAMILIES[n].eval_options for n in takers)  # diffusion runs sample
         kinds = f"diffusion runs ({', '.join(takers)})" if generative else f"{', '.join(takers)} runs"
         verb = "applies" if len(refused) == 1 else "apply"
         raise DifflabError(

@@ -320,8 +320,8 @@ def evaluate(run_dir: str | Path, n: int, *, seed: int = 0, sampler=None, steps=
 
 
 def evaluate_editor(system: DiffusionSystem, cfg: InstructConfig, n: int, *, seed: int = 0,
-                    case_seed: int = instruct_eval.EVAL_SEED, baseline: bool = True, progress: bool = False,
-                    **editing) -> dict:  # fmt: skip
+                    case_seed: int = instruct_eval.EVAL_SEED, baseline: bool = True, p2p: bool = False,
+                    progress: bool = False, **editing) -> dict:  # fmt: skip
     """:func:`difflab.models.instruct_eval.evaluate` of a loaded editor; ``editing``: image_scale, text_scale,
     sampler, steps (None: the run's)."""
 
@@ -329,8 +329,8 @@ def evaluate_editor(system: DiffusionSystem, cfg: InstructConfig, n: int, *, see
         return edit(system, cfg, request, seed=seed, progress=progress, **editing)
 
     device = str(next(system.network.parameters()).device)
-    return instruct_eval.evaluate(editor, cfg, n, seed=seed, case_seed=case_seed, baseline=baseline, device=device,
-                                  **editing)  # fmt: skip
+    return instruct_eval.evaluate(editor, cfg, n, seed=seed, case_seed=case_seed, baseline=baseline, p2p=p2p,
+                                  device=device, progress=progress, **editing)  # fmt: skip
 
 
 def info_network(cfg: InstructConfig):

@@ -56,6 +56,8 @@ def register(subparsers) -> None:
     p.add_argument("--case-seed", type=cli_types.seed, default=instruct_eval.EVAL_SEED,
                    help=f"--eval: the seed of the cases (default: {instruct_eval.EVAL_SEED})")  # fmt: skip
     p.add_argument("--no-baseline", action="store_true", help="--eval: skip the naive baseline")
+    p.add_argument("--p2p", action="store_true", help="--eval: also Prompt-to-Prompt on the base for the recolours "
+                   "(null-text inversion of each input: slow)")  # fmt: skip
     p.add_argument("--sweep", action="store_true", help=f"--eval: every s_I in {SWEEP_IMAGE} with every s_T in "
                    f"{SWEEP_TEXT}")  # fmt: skip
     p.add_argument("--plot", default=None, metavar="FILE", help="--sweep: draw the trade-off curve here")
@@ -109,7 +111,8 @@ def _evaluate(args) -> int:
     reports = []
     for k, (s_i, s_t) in enumerate(scales):
         reports.append(instruct.evaluate_editor(model, cfg, args.eval, seed=args.seed, case_seed=args.case_seed,
-                                                baseline=not args.no_baseline and k == 0, image_scale=s_i,
+                                                baseline=not args.no_baseline and k == 0, p2p=args.p2p and k == 0,
+                                                image_scale=s_i,
                                                 text_scale=s_t, progress=sys.stderr.isatty(), **sampling))  # fmt: skip
     if examples is not None:
         world = cfg.data.world_config()
@@ -128,9 +131,11 @@ def _evaluate(args) -> int:
     print(f"{'method':<10} {'s_I':>4} {'s_T':>4} {'edit':<8} {'n':>4} {'success':>8} {'preserved':>9} {'PSNR bg':>8}")
     for r in reports:
         s = r["settings"]
-        for method in ("instruct", "naive"):
+        for method in ("instruct", "naive", "p2p"):
             for kind, row in r.get(method, {}).items():
                 scales_cell = f"{s['image_scale']:>4} {s['text_scale']:>4}" if method == "instruct" else "   -    -"
+                if row["n"] == 0:
+                    continue
                 print(f"{method:<10} {scales_cell} {kind:<8} {row['n']:>4} {row['success']:>8.2f} "
                       f"{row['preserved']:>9.2f} {row['psnr_background']:>8.1f}")  # fmt: skip
     if plot is not None:

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from difflab.data.toy import scene_image
 from difflab.errors import DifflabError
@@ -111,11 +112,12 @@ def summarise(cases: list[EditCase], verdicts: list[dict]) -> dict:
 
 
 def evaluate(editor, cfg, n: int, *, seed: int = 0, case_seed: int = EVAL_SEED, baseline: bool = True,
-             device: str = "cpu", **editing) -> dict:  # fmt: skip
+             p2p: bool = False, device: str = "cpu", progress: bool = False, **editing) -> dict:  # fmt: skip
     """An editor on ``n`` held-out edits, and with ``baseline`` the naive regeneration by its base.
     ``editor(request, seed) -> images`` edits (:func:`difflab.models.instruct.evaluate_editor` binds a loaded
     run to it); ``cfg`` is its record; ``editing`` (image_scale, text_scale, sampler, steps) is reported, and
-    its sampler and steps are the baseline's."""
+    its sampler and steps are the baseline's. ``p2p``: also the recolours by Prompt-to-Prompt on the base
+    (:func:`prompt_to_prompt_recolours`)."""
     from difflab.models import t2i
 
     if n < 1:
@@ -130,7 +132,31 @@ def evaluate(editor, cfg, n: int, *, seed: int = 0, case_seed: int = EVAL_SEED, 
         sampling = {k: editing[k] for k in ("sampler", "steps") if editing.get(k) is not None}
         drawn = t2i.generate(base, base_cfg, [describe(c.after) for c in cases], seed=seed, **sampling)
         report["naive"] = summarise(cases, [judge(c, d, world) for c, d in zip(cases, drawn.cpu(), strict=True)])
+    if p2p:
+        base, base_cfg = t2i.load_model(cfg.base, device=device)
+        recolours = [c for c in cases if c.edit.kind == "recolor"]
+        report["p2p"] = summarise(recolours, prompt_to_prompt_recolours(base, base_cfg, recolours, progress=progress))
     return report
+
+
+def prompt_to_prompt_recolours(base, base_cfg, cases: list[EditCase], *, progress: bool = False) -> list[dict]:
+    """The verdicts of Prompt-to-Prompt on recolour cases, the one kind of instructed edit that is a word swap:
+    each input is inverted under its full description (null-text inversion, :mod:`difflab.models.inversion`)
+    and redrawn with the recoloured description, which differs in the colour word alone."""
+    from difflab.models import inversion as inv
+    from difflab.models.p2p import P2PEdit, prompt_to_prompt
+
+    world, verdicts = base_cfg.data.world_config(), []
+    device = next(base.network.parameters()).device
+    for case in tqdm(cases, desc="inverting", disable=not progress, leave=False):
+        if case.edit.kind != "recolor":
+            raise DifflabError(f"Prompt-to-Prompt here takes recolours (word swaps); got a '{case.edit.kind}' edit")
+        image = scene_image(case.before, world)[None].to(device)
+        inverted = inv.optimise_nulls(base, base_cfg, inv.ddim_invert(base, base_cfg, image, describe(case.before)))
+        _, edited = prompt_to_prompt(base, base_cfg, [P2PEdit(describe(case.before), describe(case.after))],
+                                     inversion=inverted)  # fmt: skip
+        verdicts.append(judge(case, edited[0].cpu(), world))
+    return verdicts
 
 
 def _settings(cfg, seed: int, case_seed: int, editing: dict) -> dict:
