@@ -87,11 +87,6 @@ class InstructConfig:
         if self.loss_weighting is not None:
             check_choice("loss weighting", self.loss_weighting, LOSS_WEIGHTINGS)
 
-    @property
-    def cond_drop(self) -> float:
-        """What the recipe calls condition dropout: training without the instruction, alone or with the image."""
-        return self.drops[0] + self.drops[2]
-
 
 def resolve(cfg: InstructConfig, *, attach: bool = True) -> InstructConfig:
     """The run record: the base run's path, checkpoint, scenes, UNet and diffusion process."""
