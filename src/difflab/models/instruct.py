@@ -42,7 +42,7 @@ from difflab.models.conditioners import InstructedPrompts, Instructions, TextPro
 from difflab.models.family import Family, Preset
 from difflab.models.recipe import GUIDANCE_RANGE, DiffusionConfig, SampleConfig, check_sampling, run_sampler
 from difflab.models.runs import checkpoint_id, load_latest_weights, load_run_config
-from difflab.models.system import DiffusionSystem, ImageNoise, TrainingParts, request_part, train_system
+from difflab.models.system import DiffusionSystem, ImageNoise, TrainingParts, train_system
 from difflab.models.t2i_network import build_network
 from difflab.models.text_encoder import load_text_encoder
 from difflab.nn.controlnet import unet_of
@@ -200,10 +200,10 @@ def training_pairs(cfg: InstructConfig, base_cfg, tokenizer, autoencoder=None) -
 # ----------------------------------------------------------------------------------------- the system
 
 
-def _base_parts(base_cfg):
+def _base_parts(cfg: InstructConfig, base_cfg):
     """The base's frozen text encoder, as plain text (no planner: an instruction is not a caption), and
     its codec."""
-    t2i.check_inputs_unchanged(base_cfg, f"the base '{base_cfg}' was trained on it")
+    t2i.check_inputs_unchanged(base_cfg, f"the base '{cfg.base}' was trained on it")
     encoder = load_text_encoder(base_cfg.text_encoder, layers=base_cfg.text_layers)
     return encoder, t2i.codec(base_cfg)
 
@@ -225,7 +225,7 @@ def train(cfg: InstructConfig, run_dir: str | Path, *, resume: bool = False) -> 
     cases = instruct_eval.edit_cases(world, cfg.sample.grid, heldout=cfg.data.pairs())
 
     def parts(run_dir: Path) -> TrainingParts:
-        encoder, codec = _base_parts(base_cfg)
+        encoder, codec = _base_parts(cfg, base_cfg)
         data = training_pairs(cfg, base_cfg, encoder.tokenizer, getattr(codec, "autoencoder", None))
 
         def on_grid(images: torch.Tensor, step: int, run_dir: Path) -> None:
@@ -262,7 +262,7 @@ def load_model(
     """The editor (EMA weights by default) between the base's text encoder and codec, and the config."""
     cfg = load_config(run_dir)
     base_cfg = t2i.load_config(cfg.base)
-    encoder, codec = _base_parts(base_cfg)
+    encoder, codec = _base_parts(cfg, base_cfg)
     network = load_latest_weights(run_dir, build_editor(cfg, base_cfg), ema=ema)
     system = DiffusionSystem(network, conditioner(cfg, encoder, codec), codec)
     return system.to(device).eval(), cfg
@@ -293,7 +293,7 @@ def edit(system: DiffusionSystem, cfg: InstructConfig, request: Instructions, *,
     for start in tqdm(
         starts, desc="editing", unit="batch", disable=not progress or len(starts) == 1, leave=False
     ):
-        part = request_part(system.conditioner, request, start, min(start + batch_size, len(request)))
+        part = request[start : start + batch_size]
         cond, null_text = system.conditioner.condition(part, len(part), device, seed=seed)
         text_null = {k: v for k, v in null_text.items() if k != "edit_image"}
         guided = functools.partial(instruct_guidance, text_scale=s_t, image_scale=s_i, null_text=text_null,

@@ -9,9 +9,9 @@ import sys
 import torch
 
 from difflab import cli_types
-from difflab.data.images import read_square
 from difflab.errors import DifflabError
 from difflab.models import instruct, instruct_eval
+from difflab.models import inversion as inv
 from difflab.models.cli import GUIDANCE, SAMPLER, SAMPLER_HELP, STEPS
 from difflab.models.conditioners import Instructions
 from difflab.models.registry import family_of_run
@@ -84,9 +84,7 @@ def _edit(args) -> int:
                            "blue' --image in.png")  # fmt: skip
     out = image_file(args.out, writer="figure")
     model, cfg = instruct.load_model(args.run_dir, device=str(resolve_device(args.device or "auto")))
-    pixels = read_square(args.image, cfg.data.image_size, "RGB", "image to edit", "the side of the images this "
-                         "editor draws")  # fmt: skip
-    image = torch.from_numpy(pixels).permute(2, 0, 1).float() / 127.5 - 1  # (3, S, S) in [-1, 1]
+    image = inv.read_image(args.image, cfg.data.image_size)[0]  # (3, S, S) in [-1, 1]
     request = Instructions([args.instruction] * args.seeds, image.expand(args.seeds, -1, -1, -1))
     edits = torch.cat([instruct.edit(model, cfg, request[k : k + 1], image_scale=args.image_cfg, text_scale=args.cfg,
                                      seed=args.seed + k, sampler=args.sampler, steps=args.steps)

@@ -127,13 +127,13 @@ def evaluate(editor, cfg, n: int, *, seed: int = 0, case_seed: int = EVAL_SEED, 
     edits = editor(request(cases, world), seed)
     verdicts = [judge(c, e, world) for c, e in zip(cases, edits.cpu(), strict=True)]
     report = {"n": n, "settings": _settings(cfg, seed, case_seed, editing), "instruct": summarise(cases, verdicts)}
-    if baseline:
+    if baseline or p2p:
         base, base_cfg = t2i.load_model(cfg.base, device=device)
+    if baseline:
         sampling = {k: editing[k] for k in ("sampler", "steps") if editing.get(k) is not None}
         drawn = t2i.generate(base, base_cfg, [describe(c.after) for c in cases], seed=seed, **sampling)
         report["naive"] = summarise(cases, [judge(c, d, world) for c, d in zip(cases, drawn.cpu(), strict=True)])
     if p2p:
-        base, base_cfg = t2i.load_model(cfg.base, device=device)
         recolours = [c for c in cases if c.edit.kind == "recolor"]
         report["p2p"] = summarise(recolours, prompt_to_prompt_recolours(base, base_cfg, recolours, progress=progress))
     return report
