@@ -4,6 +4,9 @@
 run; trained once per session (on one thread) for the systems built on a base (ControlNet, LoRA), which
 check that they leave it unchanged byte for byte.
 
+``tiny_planner``: a planner_tiny run on the tiny world (one object of 2 shapes x 2 colours), trained in
+seconds, for the layout recipe and a ControlNet on layouts.
+
 ``single_thread`` / ``single_thread_module``: torch on one intra-op thread, restored afterwards. The tests
 work on small tensors, where a second OpenMP thread adds only synchronisation; on a loaded 2-core machine
 those barriers made small float64 ops ~8 ms each and a tiny training run ~30x slower (8 s -> 300 s). One
@@ -55,3 +58,14 @@ def tiny_t2i_base(tmp_path_factory):
         return t2i.train(
             apply_overrides(get_preset("t2i_tiny").build(), [f"text_encoder={root / 'te'}"]), root / "t2i"
         )
+
+
+@pytest.fixture(scope="session")
+def tiny_planner(tmp_path_factory):
+    from difflab.config import apply_overrides
+    from difflab.models import planner
+    from difflab.models.registry import get_preset
+
+    cfg = apply_overrides(get_preset("planner_tiny").build(), ["data.heldout_pairs=", "data.world=tiny"])
+    with _one_thread():
+        return planner.train(cfg, tmp_path_factory.mktemp("planner") / "run")

@@ -16,7 +16,7 @@ from difflab.models.registry import get_preset
 from difflab.models.t2i_network import build_network
 from difflab.nn.controlnet import ControlledUNet, ControlNet, HintEncoder
 from difflab.nn.unet import UNet, UNetConfig
-from difflab.world.scene import Obj, Scene, world_preset
+from difflab.world.scene import ALL_SHAPES, PALETTE, Obj, Scene, world_preset
 
 pytestmark = pytest.mark.usefixtures("single_thread_module")
 
@@ -127,11 +127,42 @@ def test_a_text_conditioned_base_gives_the_copy_its_refined_tokens():
 def test_condition_images_show_the_scene():
     world = world_preset("scene32")
     scene = Scene((Obj("square", "red", "large", 0.2, 0.2, depth=0.3),))
-    edges, depth, mask = (control_eval.condition_image(scene, world, c) for c in control_eval.CONDITIONS)
+    edges, depth, mask = (control_eval.condition_image(scene, world, c) for c in ("edges", "depth", "mask"))
     assert edges.shape == depth.shape == mask.shape == (1, 32, 32)
     assert mask[0, 6, 6] == 1 and mask[0, 28, 28] == 0
     assert depth[0, 6, 6] == pytest.approx(0.7) and depth[0, 28, 28] == 0  # nearness 1 - depth
     assert edges.max() > 0.9 and edges[0, 6, 6] == 0 and edges[0, 28, 28] == 0  # the outline, not the inside
+
+
+def test_boxes_are_each_object_s_box_with_its_exact_area_and_labelled_by_shape_and_colour():
+    """Each object's bounding square (centre +- radius): its pixels sum to the square's area (2r)^2, however
+    the box straddles pixel boundaries, and nothing outside it is drawn; 'shapes' fills it with its shape's
+    grey level (k + 1) / K instead of 1, 'layout' with its palette colour and that level (RGBA)."""
+    world = world_preset("scene32")
+    r = world.radius_px("small")
+    for x, y, shape in ((0.5, 0.5, "circle"), (0.213, 0.771, "triangle"), (0.8, 0.13, "cross")):
+        scene = Scene((Obj(shape, "red", "small", x, y),))
+        box = control_eval.condition_image(scene, world, "boxes")[0]
+        assert box.shape == (32, 32) and 0 <= box.min() and box.max() == 1
+        assert float(box.sum()) == pytest.approx((2 * r) ** 2, abs=1e-4)
+        rows, cols = np.nonzero(box.numpy())
+        assert rows.min() >= np.floor(y * 32 - r) and rows.max() < np.ceil(y * 32 + r)
+        assert cols.min() >= np.floor(x * 32 - r) and cols.max() < np.ceil(x * 32 + r)
+        level = (ALL_SHAPES.index(shape) + 1) / len(ALL_SHAPES)
+        assert torch.allclose(control_eval.condition_image(scene, world, "shapes")[0], level * box)
+        layout = control_eval.condition_image(scene, world, "layout")  # (4, S, S): RGB, then the shape level
+        fill = torch.tensor([*PALETTE["red"], level], dtype=torch.float32)
+        assert layout.shape == (4, 32, 32) and torch.allclose(layout, fill[:, None, None] * box)
+    two = Scene((Obj("circle", "red", "small", 0.2, 0.2), Obj("square", "blue", "large", 0.8, 0.8)))
+    areas = (2 * r) ** 2 + (2 * world.radius_px("large")) ** 2  # far apart: the boxes' areas add
+    assert float(control_eval.condition_image(two, world, "boxes").sum()) == pytest.approx(areas, abs=1e-4)
+
+
+def test_a_planner_is_refused_for_a_condition_it_does_not_draw():
+    with pytest.raises(DifflabError, match="lays out prompts for a ControlNet on boxes or shapes or layout"):
+        control.ControlConfig(condition="edges", planner="runs/plan")
+    with pytest.raises(DifflabError, match="planned_prompt"):
+        control.ControlConfig(condition="layout", planned_prompt="typed")
 
 
 def test_the_fidelity_curve_never_holds_a_step_twice(tmp_path):
@@ -240,6 +271,60 @@ def test_sampling_without_a_condition_image_is_refused(control_run):
         control.generate(model, cfg, ["a red circle"])
 
 
+# ------------------------------------------------------------------------------------- planned layouts
+
+
+@pytest.fixture(scope="module")
+def layout_run(base_run, tiny_planner, tmp_path_factory):
+    cfg = apply_overrides(get_preset("controlnet_tiny").build(),
+                          [f"base={base_run}", "condition=layout", f"planner={tiny_planner}"])  # fmt: skip
+    return control.train(cfg, tmp_path_factory.mktemp("control") / "layout")
+
+
+@pytest.mark.slow
+def test_plain_prompts_are_laid_out_by_the_planner_and_drawn_in_their_boxes(layout_run, tiny_planner):
+    """Without a condition image a prompt is planned (LMD's first stage), the plan's boxes are the condition
+    with the prompt as given (or the plan's description): the same scenes :func:`planner.plan` draws with that
+    seed. Samples keep the planned boxes far better than the base (mask IoU), which is given only the text."""
+    from difflab.models import planner
+    from difflab.world.language import describe
+
+    model, cfg = control.load_model(layout_run)
+    assert cfg.planner == str(tiny_planner.resolve()) and cfg.planner_checkpoint is not None
+    prompts = ["a red circle", "a blue square"] * 4
+    request = model.conditioner.planner(prompts, 3)
+    planner_model, _ = planner.load_model(tiny_planner)
+    scenes = planner.plan(planner_model, planner.make_tokenizer(planner_model.cfg), prompts, seed=3)
+    world = world_preset("tiny")
+    assert request.request == prompts  # a layout says which object is which: the prompt goes as given
+    assert control.layout_planner(
+        dataclasses.replace(cfg, planned_prompt="described"), t2i.load_config(cfg.base)
+    )(prompts, 3).request == [describe(s) for s in scenes]
+    assert torch.equal(
+        request.hints, torch.stack([control_eval.condition_image(s, world, "layout") for s in scenes])
+    )
+    assert control.generate(model, cfg, prompts, seed=3).shape == (8, 3, 16, 16)
+    report = control.evaluate(layout_run, 32)
+    ours, base = report["controlnet"], report["base"]
+    # One large object per tiny scene: the base often lands in the right cell by chance; the boxes' overlap tells
+    assert ours["mask_iou"] >= base["mask_iou"] + 0.2 and ours["fidelity"] >= base["fidelity"], report
+    assert report["planned_prompts"] == {"per_category": 32, "set": "shipped", "text": "given"}
+    assert report["planned"]["overall"]["n"] == report["planned_base"]["overall"]["n"] > 0
+
+
+def test_the_planner_is_recorded_checked_and_refused_when_changed(base_run, tiny_planner):
+    cfg = control.resolve(
+        control.ControlConfig(condition="layout", base=str(base_run), planner=str(tiny_planner))
+    )
+    assert cfg.planner == str(tiny_planner.resolve()) and cfg.planner_checkpoint is not None
+    base_cfg = t2i.load_config(cfg.base)
+    assert callable(control.layout_planner(cfg, base_cfg))
+    assert control.layout_planner(dataclasses.replace(cfg, planner=None), base_cfg) is None
+    moved = dataclasses.replace(cfg, planner_checkpoint="step_0000001:0000")
+    with pytest.raises(DifflabError, match="layout planner .* has changed since"):
+        control.layout_planner(moved, base_cfg)
+
+
 # ------------------------------------------------------------------------------------------------ CLI
 
 
@@ -262,6 +347,20 @@ def test_world_condition_draws_a_condition_image_and_its_prompt(tmp_path, capsys
     from difflab.world.scene import scene_at
 
     assert f'"{describe(scene_at(world_preset("tiny"), 0, 2))}"' in printed  # the prompt of the scene drawn
+
+
+def test_a_layout_file_is_rgba_and_reads_back_as_its_condition(tmp_path):
+    """'difflab world condition --field layout' writes the four channels as RGBA (colours, shape levels in
+    alpha); read back, they are the condition image to the 8-bit step."""
+    from difflab.cli import main
+    from difflab.world.scene import scene_at
+
+    out = tmp_path / "layout.png"
+    assert main(["world", "condition", "--field", "layout", "--index", "3", "--out", str(out)]) == 0
+    world = world_preset("scene32")
+    want = control_eval.condition_image(scene_at(world, 0, 3), world, "layout")
+    got = control.read_condition(out, 32, channels=4)
+    assert got.shape == want.shape == (4, 32, 32) and (got - want).abs().max() <= 0.5 / 255 + 1e-6
 
 
 def test_generate_draws_under_a_condition_file_and_names_bad_ones(control_run, tmp_path, capsys):

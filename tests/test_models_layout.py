@@ -50,16 +50,6 @@ def encoder_dir(tmp_path_factory):
     return export_text_encoder(run, tmp_path_factory.mktemp("encoder") / "te")
 
 
-def _tiny_planner_cfg():
-    return apply_overrides(get_preset("planner_tiny").build(), ["data.heldout_pairs=", "data.world=tiny"])
-
-
-@pytest.fixture(scope="module")
-def tiny_planner(tmp_path_factory):
-    """planner_tiny on the tiny world (one object of 2 shapes x 2 colours), trained in seconds."""
-    return planner.train(_tiny_planner_cfg(), tmp_path_factory.mktemp("planner") / "run")
-
-
 @pytest.fixture(scope="module")
 def layout_run(encoder_dir, tiny_planner, tmp_path_factory):
     cfg = apply_overrides(get_preset("t2i_layout_tiny").build(),
@@ -431,7 +421,9 @@ def test_an_adapter_teaches_a_layout_run_the_star(layout_run, tmp_path):
     from difflab.models import adapt
 
     before = {p.name: p.read_bytes() for p in sorted(layout_run.rglob("*.safetensors"))}
-    cfg = apply_overrides(get_preset("lora_tiny").build(), [f"base={layout_run}", "train.steps=20", "images=16"])
+    cfg = apply_overrides(
+        get_preset("lora_tiny").build(), [f"base={layout_run}", "train.steps=20", "images=16"]
+    )
     run = adapt.train(cfg, tmp_path / "star")
     assert {p.name: p.read_bytes() for p in sorted(layout_run.rglob("*.safetensors"))} == before
     system, _ = t2i.load_model(layout_run)

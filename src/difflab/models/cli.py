@@ -148,9 +148,10 @@ def register(subparsers) -> None:
         "--attention", default=None, metavar="FILE", help="also save cross-attention maps per word"
     )
     p.add_argument("--control", default=None, metavar="[KIND=]FILE",
-                   help="ControlNet runs: the condition image every prompt is drawn under (a greyscale PNG of the "
-                   "world's side; 'difflab world condition' draws one with the scene's description), optionally "
-                   "named by its kind (edges=cond.png)")  # fmt: skip
+                   help="ControlNet runs: the condition image every prompt is drawn under (a greyscale PNG, RGBA "
+                   "for a layout, of the world's side; 'difflab world condition' draws one with the scene's "
+                   "description), optionally named by its kind (edges=cond.png); without it a ControlNet on "
+                   "boxes, shapes or layout with a planner lays each prompt out")  # fmt: skip
     p.add_argument("--control-scale", type=CONTROL_SCALE, default=None,
                    help="ControlNet runs: the residuals' multiplier (default: the run's, 1; 0: the base)")  # fmt: skip
     p.add_argument("--lora", default=None, metavar="RUN[:SCALE]",

@@ -193,11 +193,16 @@ class ControlledPrompts(nn.Module):
     """A base conditioner's condition plus a ControlNet's condition image, ``control_hint`` (Zhang et al.
     2023). Training drops the caption with the inner conditioner's ``cond_drop`` (the paper's 50 %, Sec.
     3.3, so the copy learns to read the image alone), never the image; guidance's null condition keeps the
-    image too, since the image steers both halves and only the prompt is guided."""
+    image too, since the image steers both halves and only the prompt is guided.
 
-    def __init__(self, inner: TextPrompts, hint_channels: int, hint_side: int):
+    ``planner(prompts, seed) -> Controls``, where given (a ControlNet on layouts), lets a request be plain
+    prompts: each is laid out first and its layout becomes its condition image (LMD's first stage, Lian et
+    al. 2023), as :class:`GroundedPrompts` plans for the grounding tokens."""
+
+    def __init__(self, inner: TextPrompts, hint_channels: int, hint_side: int,
+                 planner: Callable[[list[str], int], Controls] | None = None):  # fmt: skip
         super().__init__()
-        self.inner, self.hint_shape = inner, (hint_channels, hint_side, hint_side)
+        self.inner, self.hint_shape, self.planner = inner, (hint_channels, hint_side, hint_side), planner
 
     def for_training(self, batch: dict, generator: torch.Generator, b: int, device) -> dict:
         return self.inner.for_training(batch, generator, b, device) | {
@@ -205,6 +210,9 @@ class ControlledPrompts(nn.Module):
         }
 
     def condition(self, request, n: int, device, seed: int = 0) -> tuple[dict, dict]:
+        if not isinstance(request, Controls) and self.planner is not None:
+            check_prompts(request)
+            request = self.planner(list(request), seed)
         if not isinstance(request, Controls):
             raise DifflabError("a ControlNet run needs a condition image with each prompt; got "
                                f"{type(request).__name__}")  # fmt: skip
@@ -249,7 +257,9 @@ class InstructedPrompts(nn.Module):
                  drops: tuple[float, float, float]):  # fmt: skip
         super().__init__()
         if inner.__class__ is not TextPrompts:
-            raise DifflabError(f"an instructed editor reads its instruction as plain text; got {type(inner).__name__}")
+            raise DifflabError(
+                f"an instructed editor reads its instruction as plain text; got {type(inner).__name__}"
+            )
         self.inner, self.codec, self.image_shape, self.drops = inner, codec, tuple(image_shape), tuple(drops)
 
     def source(self, batch: dict, device) -> torch.Tensor:

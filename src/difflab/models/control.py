@@ -28,8 +28,8 @@ from difflab.data.images import read_square
 from difflab.data.text_scenes import TextDataConfig
 from difflab.diffusion.objectives import LOSS_WEIGHTINGS
 from difflab.errors import MAX_SIZE, DifflabError, check_choice, check_float, check_ints
-from difflab.models import control_eval, t2i
-from difflab.models.conditioners import ControlledPrompts, Controls
+from difflab.models import control_eval, planner, t2i
+from difflab.models.conditioners import ControlledPrompts, Controls, Layouts
 from difflab.models.family import Family, Preset
 from difflab.models.recipe import DiffusionConfig, SampleConfig, check_cond_drop, check_sampling, make_loss_fn
 from difflab.models.runs import checkpoint_id, load_latest_weights, load_run_config
@@ -39,9 +39,14 @@ from difflab.nn.controlnet import ControlledUNet, ControlNet, controlled_forward
 from difflab.nn.unet import UNetConfig, example_inputs
 from difflab.train.config import TrainConfig
 from difflab.train.metrics import log_curve_point
+from difflab.world.language import describe
+from difflab.world.render import PLANNED_FIELDS, condition_channels
 from difflab.world.scene import world_preset
 
 CONDITIONS = control_eval.CONDITIONS
+PLANNED = PLANNED_FIELDS
+"""The conditions a layout planner can draw from a prompt."""
+PLANNED_PROMPTS = ("described", "given")
 
 
 @dataclass(frozen=True)
@@ -50,8 +55,18 @@ class ControlConfig:
     base: str | None = None
     """Run directory of the trained text-to-image model to steer (--set base=RUN); it stays frozen."""
     condition: str = "edges"
-    """What the condition image shows of a scene: 'edges' (outlines), 'depth' (nearness, the background 0)
-    or 'mask' (1 on every object) (:func:`difflab.models.control_eval.condition_image`)."""
+    """What the condition image shows of a scene: 'edges' (outlines), 'depth' (nearness, the background 0),
+    'mask' (1 on every object), 'boxes' (each object's box) or 'layout' (each box filled with its shape's grey
+    level) (:func:`difflab.world.render.condition`)."""
+    planner: str | None = None
+    """Conditions 'boxes' and 'layout': the run directory of a layout planner (--set planner=RUN) that lays
+    out prompts given without a condition image; None: the base's planner, if it has one (a layout base).
+    Training draws the boxes of the true scenes; the planner is only used at sampling."""
+    planned_prompt: str | None = None
+    """What text goes with a planned layout: 'described', the planned scene's full description (where each
+    object goes in words as well as boxes: LMD's per-box phrases, Lian et al. 2023), or 'given', the
+    prompt as it was typed. None: 'described' for 'boxes', whose boxes do not say which object is which,
+    'given' for 'shapes' and 'layout', whose boxes do (measured: docs/control.md)."""
     hint_hidden: tuple[int, ...] = (16, 32)
     """Widths of the hint encoder's convolutions, one per stage (the paper's 16, 32, 96, 256 for 8x)."""
     loss_weighting: str | None = None
@@ -70,9 +85,16 @@ class ControlConfig:
     their latents are trained on again, the UNet's encoder is copied, the loss is the base's."""
     base_checkpoint: str | None = None
     """The base run's checkpoint this ControlNet was trained on; checked when it is loaded."""
+    planner_checkpoint: str | None = None
+    """The layout planner's checkpoint (condition 'layout' with a planner); checked when it is loaded."""
 
     def __post_init__(self) -> None:
         check_choice("condition", self.condition, CONDITIONS)
+        if self.planned_prompt is not None:
+            check_choice("planned_prompt", self.planned_prompt, PLANNED_PROMPTS)
+        if self.planner is not None and self.condition not in PLANNED:
+            raise DifflabError(f"planner={self.planner!r} lays out prompts for a ControlNet on {' or '.join(PLANNED)}; "
+                               f"this one is on {self.condition!r}")  # fmt: skip
         if self.loss_weighting is not None:
             check_choice("loss weighting", self.loss_weighting, LOSS_WEIGHTINGS)
         check_cond_drop(self.cond_drop)
@@ -96,8 +118,22 @@ def resolve(cfg: ControlConfig, *, attach: bool = True) -> ControlConfig:
         cfg = dataclasses.replace(cfg, base=str(path), unet=base.unet, diffusion=diffusion,
                                   data=base.data,
                                   base_checkpoint=checkpoint_id(path, "text-to-image run"))  # fmt: skip
+        if cfg.condition in PLANNED and (cfg.planner or base.planner) is not None:
+            cfg = _attach_planner(cfg, cfg.planner or base.planner)
     check_sampling(cfg)
     return cfg
+
+
+def _attach_planner(cfg: ControlConfig, planner_dir: str) -> ControlConfig:
+    path = Path(planner_dir).expanduser().resolve()
+    world = planner.load_config(path).data.world
+    if world != cfg.data.world:
+        raise DifflabError(
+            f"planner '{path}' plans '{world}' scenes; the base draws the '{cfg.data.world}' world"
+        )
+    return dataclasses.replace(
+        cfg, planner=str(path), planner_checkpoint=checkpoint_id(path, "layout planner run")
+    )
 
 
 def load_config(run_dir: str | Path) -> ControlConfig:
@@ -112,7 +148,7 @@ def _base(cfg: ControlConfig) -> tuple[DiffusionSystem, t2i.TextToImageConfig]:
 
 
 def build_controlnet(cfg: ControlConfig) -> ControlNet:
-    return ControlNet(cfg.unet, control_eval.CONDITION_CHANNELS, cfg.data.image_size, cfg.hint_hidden)
+    return ControlNet(cfg.unet, condition_channels(cfg.condition), cfg.data.image_size, cfg.hint_hidden)
 
 
 class WithConditions(Dataset):
@@ -132,12 +168,44 @@ class WithConditions(Dataset):
         }
 
 
-def conditioner(cfg: ControlConfig, base_system: DiffusionSystem, base_cfg) -> ControlledPrompts:
+def conditioner(cfg: ControlConfig, base_system: DiffusionSystem, base_cfg, *,
+                with_planner: bool = False) -> ControlledPrompts:  # fmt: skip
     """The base's conditioner (its text encoder, and planner for a layout base) with this run's caption
-    dropout, plus the condition image."""
+    dropout, plus the condition image; ``with_planner``: plain prompts are laid out by the run's planner
+    (:func:`layout_planner`), where it has one."""
     inner = base_system.conditioner
     inner.cond_drop = cfg.cond_drop
-    return ControlledPrompts(inner, control_eval.CONDITION_CHANNELS, base_cfg.data.image_size)
+    lay_out = layout_planner(cfg, base_cfg) if with_planner else None
+    return ControlledPrompts(inner, condition_channels(cfg.condition), base_cfg.data.image_size, lay_out)
+
+
+def layout_planner(cfg: ControlConfig, base_cfg):
+    """``lay_out(prompts, seed) -> Controls``: each prompt planned into a scene by the run's layout planner,
+    the scene's boxes as its condition image and, where the text is 'described'
+    (:func:`~difflab.models.control_eval.planned_text`), the scene's full description as its text (a layout
+    base also gets the planned scene as its layout). None without a planner. The planner's checkpoint is
+    checked first."""
+    if cfg.planner is None:
+        return None
+    if checkpoint_id(cfg.planner, "layout planner run") != cfg.planner_checkpoint:
+        raise DifflabError(
+            f"layout planner '{cfg.planner}' has changed since this ControlNet was trained on it"
+        )
+    model, _ = planner.load_model(cfg.planner)
+    tokenizer = planner.make_tokenizer(model.cfg)
+    world = world_preset(cfg.data.world)
+
+    def lay_out(prompts: list[str], seed: int) -> Controls:
+        scenes = planner.plan(model, tokenizer, prompts, seed=seed)
+        texts = (
+            [describe(s) for s in scenes] if control_eval.planned_text(cfg) == "described" else list(prompts)
+        )
+        hints = torch.stack(
+            [control_eval.condition_image(s, world, cfg.condition) for s in scenes]
+        )  # (N, 1, S, S)
+        return Controls(Layouts(texts, scenes) if base_cfg.recipe == "layout" else texts, hints)
+
+    return lay_out
 
 
 def train(cfg: ControlConfig, run_dir: str | Path, *, resume: bool = False) -> Path:
@@ -217,7 +285,9 @@ def _load(run_dir, *, ema: bool = True, device: str = "cpu", control_scale: floa
     controlnet = load_latest_weights(run_dir, build_controlnet(cfg), ema=ema)
     scale = cfg.control_scale if control_scale is None else control_scale
     network = ControlledUNet(base_system.network, [controlnet], [scale])
-    system = DiffusionSystem(network, conditioner(cfg, base_system, base_cfg), base_system.codec)
+    system = DiffusionSystem(
+        network, conditioner(cfg, base_system, base_cfg, with_planner=True), base_system.codec
+    )
     return system.to(device).eval(), cfg, base_cfg
 
 
@@ -227,39 +297,49 @@ def generate(model: DiffusionSystem, cfg: ControlConfig, request: Controls, **kw
     return generate_system(model, cfg, len(request), request, **kwargs)
 
 
-def read_condition(path: str | Path, side: int) -> torch.Tensor:
-    """A condition image file -> (1, side, side) in [0, 1] (its luminance): an error naming the file when it
-    cannot be read or is not ``side`` pixels square."""
-    grey = read_square(path, side, "L", "condition image", "the side of the images this ControlNet's base draws")
-    return torch.from_numpy(grey.astype(np.float32) / 255.0)[None]
+def read_condition(path: str | Path, side: int, channels: int = 1) -> torch.Tensor:
+    """A condition image file -> (channels, side, side) in [0, 1]: its luminance, or for 4 channels its RGBA
+    (a 'layout': colours, and the shape levels in alpha); an error naming the file when it cannot be read or
+    is not ``side`` pixels square."""
+    pixels = read_square(path, side, "L" if channels == 1 else "RGBA", "condition image",
+                         "the side of the images this ControlNet's base draws")  # fmt: skip
+    image = torch.from_numpy(pixels.astype(np.float32) / 255.0)
+    return image[None] if image.ndim == 2 else image.movedim(-1, 0)  # (H, W, 4) -> (4, H, W)
 
 
 def control_request(model: DiffusionSystem, cfg: ControlConfig, prompts: list[str], path: str | None,
                     scale: float | None = None) -> Controls:  # fmt: skip
     """``difflab generate``'s request of a ControlNet run: every prompt under the condition image in ``path``,
     the model's conditioning scale set to ``scale`` when given."""
+    if path is None and model.conditioner.planner is not None:  # laid out by the planner, prompt by prompt
+        if scale is not None:
+            model.network.scales = [scale]
+        return prompts
     if path is None:
+        also = ", or train it with --set planner=RUN to lay prompts out" if cfg.condition in PLANNED else ""
         raise DifflabError(f"'{cfg.base}' is steered here by a ControlNet on {cfg.condition}; give its condition "
-                           "image: --control FILE ('difflab world condition' draws one)")  # fmt: skip
+                           f"image: --control FILE ('difflab world condition' draws one){also}")  # fmt: skip
     name, sep, file = path.partition("=")
     if sep and name in CONDITIONS:  # 'edges=cond.png', as the paper's pipelines name a control
         if name != cfg.condition:
             raise DifflabError(f"--control {name}=... is given to a ControlNet on {cfg.condition}; expected "
                                f"{cfg.condition}=FILE")  # fmt: skip
         path = file
-    hint = read_condition(path, cfg.data.image_size)
+    hint = read_condition(path, cfg.data.image_size, condition_channels(cfg.condition))
     if scale is not None:
         model.network.scales = [scale]
     return Controls(prompts, hint.expand(len(prompts), -1, -1, -1))  # a view: one image for every prompt
 
 
 def evaluate(run_dir: str | Path, n: int, *, seed: int = 0, sampler=None, steps=None, cfg_scale=None,
-             control_scale: float | None = None, progress: bool = False) -> dict:  # fmt: skip
+             control_scale: float | None = None, progress: bool = False,
+             prompt_seed: int | None = None) -> dict:  # fmt: skip
     """Condition fidelity of ``n`` held-out scenes, re-read from the samples, beside the base model's
-    own on the same prompts (:func:`difflab.models.control_eval.evaluate`)."""
+    own on the same prompts, and for a ControlNet on planned layouts GenEval-style faithfulness from prompts
+    alone (:func:`difflab.models.control_eval.evaluate`)."""
     model, cfg, base_cfg = _load(run_dir, control_scale=control_scale)
     return control_eval.evaluate(model, cfg, base_cfg, run_dir, n, seed=seed, sampler=sampler, steps=steps,
-                                 cfg_scale=cfg_scale, progress=progress)  # fmt: skip
+                                 cfg_scale=cfg_scale, progress=progress, prompt_seed=prompt_seed)  # fmt: skip
 
 
 def info_network(cfg: ControlConfig):
@@ -267,7 +347,7 @@ def info_network(cfg: ControlConfig):
     a list of residuals, so the loss that counts its FLOPs sums their squares."""
     b, net = cfg.train.batch_size, build_controlnet(cfg)
     side = cfg.data.image_size
-    hint = torch.rand(b, control_eval.CONDITION_CHANNELS, side, side)
+    hint = torch.rand(b, condition_channels(cfg.condition), side, side)
     return (
         net,
         example_inputs(cfg.unet, b) | {"hint": hint},
@@ -303,11 +383,17 @@ def _preset(condition: str, steps: int, tiny: bool) -> ControlConfig:
     )  # fmt: skip
 
 
+PLANNER_NOTE = "; --set planner=RUN of a planner_* run lays prompts out at sampling"
+PRESET_STEPS = {"layout": 4000}
+"""Training steps of a preset where 1,500 are too few: the layout's colours take longer to be read (its
+fidelity 0.715 at 1,500 steps, 0.935 at 4,000; docs/control.md)."""
+
 PRESETS = (
     Preset("controlnet_tiny", "control", "a ControlNet on the edges of a t2i_tiny run's world (--set base=RUN): "
            "seconds (tests)", lambda: _preset("edges", 150, True)),
     *(Preset(f"controlnet_{c}", "control", f"a ControlNet on the {c} of a text-to-image run's scenes (--set "
-             f"base=RUN of a t2i_* run or the demo's run/): minutes on a CPU", lambda c=c: _preset(c, 1500, False))
+             f"base=RUN of a t2i_* run or the demo's run/{PLANNER_NOTE if c in PLANNED else ''}): minutes on a CPU",
+             lambda c=c: _preset(c, PRESET_STEPS.get(c, 1500), False))
       for c in CONDITIONS),
 )  # fmt: skip
 
@@ -323,7 +409,7 @@ FAMILY = Family(
     network=info_network,
     writes="samples.png, pairs.png (condition | sample | re-detected), fidelity.jsonl",
     eval_n=200,
-    eval_options=("sampler", "steps", "cfg_scale", "control_scale", "progress"),
+    eval_options=("sampler", "steps", "cfg_scale", "control_scale", "progress", "prompt_seed"),
     parents=("base",),
     draws="prompts",
 )

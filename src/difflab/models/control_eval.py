@@ -21,6 +21,11 @@ Depth order is not scored: the world never overlaps objects, so a flat image doe
 
 The base model is scored on the same prompts without a condition (``base``): the ControlNet's gain, and
 whether its prompt-following (``exact`` against the base's) held.
+
+A ControlNet on layouts with a planner is also text-to-image from prompts alone (``planned``): each of the
+GenEval-style prompts of :mod:`difflab.models.t2i_eval` is laid out by the planner, its boxes become the
+condition, and the reader checks the prompt on the image, beside the base model's faithfulness on the same
+prompts (``planned_base``).
 """
 
 from __future__ import annotations
@@ -31,9 +36,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from difflab.models import t2i_eval
 from difflab.models.conditioners import Controls, Layouts
 from difflab.models.system import DiffusionSystem, generate
 from difflab.viz import save_grid
+from difflab.world.geneval import MAX_PER_CATEGORY, eval_prompts
 from difflab.world.language import describe
 from difflab.world.reader import read, read_silhouettes
 from difflab.world.render import CONDITION_FIELDS, render
@@ -41,15 +48,15 @@ from difflab.world.render import condition as render_condition
 from difflab.world.scene import Scene, WorldConfig, scene_at, world_preset
 
 CONDITIONS = CONDITION_FIELDS
-CONDITION_CHANNELS = 1
-"""Every condition image is one channel in [0, 1]."""
 EVAL_SEED = 60_013
 """The world seed of the evaluation scenes: no training set draws from it (training uses seed 0)."""
 
 
 def condition_image(scene: Scene, world: WorldConfig, condition: str) -> torch.Tensor:
-    """What a ControlNet sees of ``scene``: (1, S, S) in [0, 1] (:func:`difflab.world.render.condition`)."""
-    return torch.from_numpy(render_condition(scene, world, condition))[None]
+    """What a ControlNet sees of ``scene``: (C, S, S) in [0, 1], C = 1 or 4 for 'layout'
+    (:func:`difflab.world.render.condition`)."""
+    image = torch.from_numpy(render_condition(scene, world, condition))
+    return image[None] if image.ndim == 2 else image.movedim(-1, 0)  # (H, W, C) -> (C, H, W)
 
 
 def eval_scenes(world: WorldConfig, n: int, seed: int = 0) -> list[Scene]:
@@ -99,19 +106,25 @@ def score(images: torch.Tensor, scenes: list[Scene], world: WorldConfig) -> tupl
 def save_pairs(hints: torch.Tensor, images: torch.Tensor, found: list[Scene], world: WorldConfig, condition: str,
                path: str | Path, per_row: int = 4) -> Path:  # fmt: skip
     """A picture of (condition | sample | the condition re-detected from the sample) triples, ``per_row``
-    triples to a row."""
+    triples to a row. A 'layout' is shown by its colours (its shape levels are in a fourth channel)."""
     redetected = torch.stack([condition_image(s, world, condition) for s in found])
+
+    def shown(hint: torch.Tensor) -> torch.Tensor:  # (C, S, S) in [0, 1] -> (3, S, S) in [-1, 1]
+        return hint[:3] * 2 - 1 if hint.shape[0] >= 3 else (hint * 2 - 1).expand(3, -1, -1)
+
     tiles = []
     for hint, image, again in zip(hints.cpu(), images.cpu(), redetected, strict=True):
-        tiles += [(hint * 2 - 1).expand(3, -1, -1), image.clamp(-1, 1), (again * 2 - 1).expand(3, -1, -1)]
+        tiles += [shown(hint), image.clamp(-1, 1), shown(again)]
     return save_grid(torch.stack(tiles), path, nrow=3 * per_row)
 
 
 def evaluate(model: DiffusionSystem, cfg, base_cfg, run_dir, n: int, *, seed: int = 0, sampler=None,
-             steps=None, cfg_scale=None, progress: bool = False) -> dict:  # fmt: skip
+             steps=None, cfg_scale=None, progress: bool = False, prompt_seed: int | None = None) -> dict:  # fmt: skip
     """Sample ``n`` held-out scenes' conditions with their descriptions, score them, and score the base
     model on the same prompts without the condition (the base the controlled ``model`` holds, with its own
-    conditioner and codec)."""
+    conditioner and codec). A model that lays out plain prompts (a planner) is also scored on the first
+    min(n, 100) prompts of every GenEval category (``prompt_seed``: a fresh prompt set), as
+    :func:`planned_faithfulness`."""
     world = world_preset(base_cfg.data.world)
     scenes = eval_scenes(world, n, seed)
     request = controls(scenes, world, cfg.condition, base_cfg)
@@ -124,8 +137,39 @@ def evaluate(model: DiffusionSystem, cfg, base_cfg, run_dir, n: int, *, seed: in
     base_images = generate(base, base_cfg, n, request.request, progress=progress, **options)
     base_report, _ = score(base_images, scenes, world)
     s = cfg.sample.resolve(sampler, steps, cfg_scale)
-    return {"run": str(run_dir), "condition": cfg.condition, "judge": "toy-world reader, the scene re-read",
-            "scenes": f"world '{base_cfg.data.world}' seed {EVAL_SEED + seed}, described in full",
-            "sampler": s.sampler, "steps": s.steps, "cfg_scale": s.cfg_scale,
-            "control_scale": model.network.scales[0], "controlnet": report, "base": base_report,
-            "sampling_seconds": round(seconds, 1)}  # fmt: skip
+    out = {"run": str(run_dir), "condition": cfg.condition, "judge": "toy-world reader, the scene re-read",
+           "scenes": f"world '{base_cfg.data.world}' seed {EVAL_SEED + seed}, described in full",
+           "sampler": s.sampler, "steps": s.steps, "cfg_scale": s.cfg_scale,
+           "control_scale": model.network.scales[0], "controlnet": report, "base": base_report,
+           "sampling_seconds": round(seconds, 1)}  # fmt: skip
+    if getattr(model.conditioner, "planner", None) is not None:
+        out |= planned_faithfulness(model, cfg, base, base_cfg, min(n, MAX_PER_CATEGORY), prompt_seed=prompt_seed,
+                                    progress=progress, **options)  # fmt: skip
+    return out
+
+
+def planned_text(cfg) -> str:
+    """The text a ControlNet run draws a planned layout with: its ``planned_prompt``, or by default the scene's
+    description for 'boxes' (boxes alone do not say which object goes where) and the prompt as given for
+    'shapes' and 'layout' (their boxes do)."""
+    if cfg.planned_prompt is not None:
+        return cfg.planned_prompt
+    return "described" if cfg.condition == "boxes" else "given"
+
+
+def planned_faithfulness(model: DiffusionSystem, cfg, base: DiffusionSystem, base_cfg, n: int, *,
+                         prompt_seed: int | None = None, seed: int = 0, progress: bool = False,
+                         **options) -> dict:  # fmt: skip
+    """Text-to-image through the planner: the first ``n`` prompts of every GenEval category, each laid out
+    by the planner and drawn under its layout (``planned``), and drawn by the base alone (``planned_base``);
+    the reader and each prompt's own ``holds`` judge both (:func:`difflab.models.t2i_eval.score`)."""
+    prompts = eval_prompts(base_cfg.data.world, n, prompt_seed)
+    texts = [p.text() for p in prompts]
+    kw = {"seed": seed, "progress": progress} | options
+    ours = t2i_eval.generate_batched(model, cfg, texts, **kw)
+    theirs = t2i_eval.generate_batched(base, base_cfg, texts, **kw)
+    pairs = base_cfg.data.pairs()
+    return {"planned_prompts": {"per_category": n, "set": "shipped" if prompt_seed is None else
+                                f"drawn with seed {prompt_seed}", "text": planned_text(cfg)},
+            "planned": t2i_eval.score(prompts, ours, base_cfg.data.world, pairs)["all"],
+            "planned_base": t2i_eval.score(prompts, theirs, base_cfg.data.world, pairs)["all"]}  # fmt: skip

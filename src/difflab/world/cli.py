@@ -57,10 +57,12 @@ def register(subparsers) -> None:
     preview.set_defaults(func=_preview)
 
     cond = sub.add_parser(
-        "condition", help="save one scene's edges, depth or mask as a ControlNet's condition image",
+        "condition", help="save one scene's edges, depth, mask or layout as a ControlNet's condition image",
         description="Render scene --index of --seed as a condition image (a greyscale PNG at the world's side: "
-        "the objects' edges, their nearness 1 - depth, or their mask) and print the scene's description, the "
-        "prompt that goes with it: difflab generate CONTROL_RUN \"DESCRIPTION\" --control FILE.",
+        "the objects' edges, their nearness 1 - depth, their mask, their boxes, or their boxes filled with their "
+        "shape's grey level; for 'layout' an RGBA PNG, the boxes in their colours with the shape levels in "
+        "alpha) and print the scene's description, the prompt that goes with it: difflab generate CONTROL_RUN "
+        "\"DESCRIPTION\" --control FILE.",
     )  # fmt: skip
     cond.add_argument("--preset", default="scene32", help="world preset (default: scene32)")
     cond.add_argument("--seed", type=cli_types.seed, default=0, help="dataset seed (default: 0)")
@@ -68,7 +70,9 @@ def register(subparsers) -> None:
         "--index", type=cli_types.integer(0, 2**31 - 1), default=0, help="scene index (default: 0)"
     )
     cond.add_argument(
-        "--field", choices=(*CONDITION_FIELDS, "image"), default="edges",
+        "--field",
+        choices=(*CONDITION_FIELDS, "image"),
+        default="edges",
         help="what to draw (default: edges); 'image': the scene itself in colour, an image to edit (difflab p2p "
         "--image, difflab invert)",
     )
@@ -109,10 +113,12 @@ def _condition(args) -> int:
     cfg = world_preset(args.preset)
     out = image_file(args.out, "--out")
     scene = scene_at(cfg, args.seed, args.index)
-    # the 8-bit grid the datasets round to: (H, W, 3) for the image, (H, W) for a condition
+    # the 8-bit grid the datasets round to: (H, W, 3) for the image, (H, W, 4) for a layout (RGBA: its
+    # colours, the shape levels in alpha), (H, W) for the other conditions
     pixels = render(scene, cfg).image if args.field == "image" else condition(scene, cfg, args.field)
     pixels = np.round(np.clip(pixels, 0, 1) * 255).astype(np.uint8)
-    out = save_image(Image.fromarray(pixels, mode="RGB" if args.field == "image" else "L"), out)
+    mode = {"image": "RGB", "layout": "RGBA"}.get(args.field, "L")
+    out = save_image(Image.fromarray(pixels, mode=mode), out)
     print(f"wrote the {args.field} of {args.preset} scene {args.index} (seed {args.seed}) to {shown(out, args.out)}: "
           f'"{describe(scene)}"')  # fmt: skip
     return 0

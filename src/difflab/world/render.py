@@ -175,15 +175,50 @@ def _edges(scene: Scene, cfg: WorldConfig) -> np.ndarray:
     return np.clip(per_pixel, 0.0, 1.0)
 
 
-CONDITION_FIELDS = ("edges", "depth", "mask")
+def _boxes(scene: Scene, cfg: WorldConfig, field: str) -> np.ndarray:
+    """A layout, (H, W, C): each object's bounding square (its centre +- its radius, the box a layout planner
+    writes), each pixel the exact fraction of its area inside the box times the box's fill (the channel-wise
+    largest, where boxes meet). The fill is what the planner's slot says of the object, one field more at each
+    step: 'boxes' 1 (where it goes, how large); 'shapes' its shape's grey level (k + 1) / K for shape k of
+    :data:`ALL_SHAPES` (as ControlNet's segmentation maps paint each region in its class's colour: what it is);
+    'layout' its palette colour and that level, RGBA (which colour too)."""
+    n = cfg.resolution
+    edges = np.arange(n + 1, dtype=np.float64)  # pixel boundaries, in pixels
+
+    def cover(centre: float, r: float) -> np.ndarray:  # (n,): each pixel's overlap with [centre-r, centre+r]
+        return np.clip(np.minimum(edges[1:], centre + r) - np.maximum(edges[:-1], centre - r), 0.0, 1.0)
+
+    out = np.zeros((n, n, condition_channels(field)), dtype=np.float64)
+    for obj in scene.objects:
+        r = cfg.radius_px(obj.size)
+        level = (ALL_SHAPES.index(obj.shape) + 1) / len(ALL_SHAPES)
+        fill = {"boxes": (1.0,), "shapes": (level,), "layout": (*PALETTE[obj.color], level)}[field]
+        area = np.outer(cover(obj.y * n, r), cover(obj.x * n, r))  # (H, W): rows are y
+        out = np.maximum(out, area[..., None] * np.asarray(fill))  # (H, W, C)
+    return out
+
+
+CONDITION_FIELDS = ("edges", "depth", "mask", "boxes", "shapes", "layout")
 """The fields a ControlNet can be conditioned on (:func:`condition`)."""
+PLANNED_FIELDS = ("boxes", "shapes", "layout")
+"""The fields drawn from a layout (a scene's boxes and what its planner says of them), no pixels rendered."""
+
+
+def condition_channels(field: str) -> int:
+    """Channels of a condition image: 4 for 'layout' (RGBA: colour, shape level), 1 for the others."""
+    return 4 if field == "layout" else 1
 
 
 def condition(scene: Scene, cfg: WorldConfig, field: str) -> np.ndarray:
-    """A condition image of ``scene``: (H, W) float32 in [0, 1]. 'edges': the outlines; 'depth': nearness,
-    1 - depth (the background, at depth 1, is 0; as MiDaS maps show disparity); 'mask': 1 where an object
-    covers most of the pixel."""
+    """A condition image of ``scene``, float32 in [0, 1]: (H, W), or (H, W, 4) for 'layout'. 'edges': the
+    outlines; 'depth': nearness, 1 - depth (the background, at depth 1, is 0; as MiDaS maps show
+    disparity); 'mask': 1 where an object covers most of the pixel; 'boxes', 'shapes', 'layout': the
+    objects' bounding boxes, filled with 1, their shape's grey level, or their colour and that level
+    (:func:`_boxes`)."""
     check_choice("condition field", field, CONDITION_FIELDS)
+    if field in PLANNED_FIELDS:
+        boxes = _boxes(scene, cfg, field)
+        return np.ascontiguousarray(boxes[..., 0] if boxes.shape[-1] == 1 else boxes, dtype=np.float32)
     r = render(scene, cfg)
     img = {"edges": lambda: r.edges, "depth": lambda: 1.0 - r.depth, "mask": lambda: r.mask > 0}[field]()
     return np.ascontiguousarray(img, dtype=np.float32)
