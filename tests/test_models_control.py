@@ -282,7 +282,7 @@ def layout_run(base_run, tiny_planner, tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_plain_prompts_are_laid_out_by_the_planner_and_drawn_in_their_boxes(layout_run, tiny_planner):
+def test_plain_prompts_are_laid_out_by_the_planner_and_drawn_in_their_boxes(layout_run, tiny_planner, capsys):
     """Without a condition image a prompt is planned (LMD's first stage), the plan's boxes are the condition
     with the prompt as given (or the plan's description): the same scenes :func:`planner.plan` draws with that
     seed. Samples keep the planned boxes far better than the base (mask IoU), which is given only the text."""
@@ -304,6 +304,15 @@ def test_plain_prompts_are_laid_out_by_the_planner_and_drawn_in_their_boxes(layo
         request.hints, torch.stack([control_eval.condition_image(s, world, "layout") for s in scenes])
     )
     assert control.generate(model, cfg, prompts, seed=3).shape == (8, 3, 16, 16)
+    from difflab.cli import main
+
+    assert (
+        main(["generate", str(layout_run), "a red circle", "--n", "2", "--out", str(layout_run / "g.png")])
+        == 0
+    )
+    assert (
+        "dashed: the planned layout" in capsys.readouterr().out and (layout_run / "g.png").stat().st_size > 0
+    )
     report = control.evaluate(layout_run, 32)
     ours, base = report["controlnet"], report["base"]
     # One large object per tiny scene: the base often lands in the right cell by chance; the boxes' overlap tells

@@ -21,7 +21,7 @@ from difflab.diffusion.samplers import SAMPLERS
 from difflab.errors import MAX_SIZE, MAX_TIMESTEPS, DifflabError
 from difflab.models.adapt import apply_adapter, parse_lora
 from difflab.models.attention_maps import CrossAttentionMaps, save_attention_overlays
-from difflab.models.conditioners import ControlledPrompts, GroundedPrompts
+from difflab.models.conditioners import ControlledPrompts, Controls, GroundedPrompts
 from difflab.models.control import control_request
 from difflab.models.layout import outlines
 from difflab.models.planner import TEMPERATURE_RANGE
@@ -389,6 +389,10 @@ def _generate(args) -> int:
     request, boxes, layouts = texts, None, ""
     if isinstance(model.conditioner, ControlledPrompts):
         request = control_request(model, cfg, texts, args.control, args.control_scale)
+        if not isinstance(request, Controls):  # a ControlNet on layouts: plan here, to draw them over the images
+            request = model.conditioner.planner(texts, args.seed)
+            boxes = [outlines(scene, world_preset(cfg.data.world)) for scene in request.scenes]
+            layouts = " (dashed: the planned layout each was drawn under)"
     elif args.control is not None or args.control_scale is not None:
         raise DifflabError(f"--control and --control-scale apply to ControlNet runs; '{args.run_dir}' is a "
                            f"{family.name} run")  # fmt: skip

@@ -171,14 +171,15 @@ class GroundedPrompts(TextPrompts):
 
 class Controls:
     """A controlled request: prompts (or :class:`Layouts`) and one condition image per prompt, ``hints``
-    (N, C, S, S) in [0, 1]. Slices like a list, so it is sampled in batches as prompts are."""
+    (N, C, S, S) in [0, 1]; ``scenes``, where the conditions were drawn from planned scenes, those scenes (to
+    draw the layouts over the samples). Slices like a list, so it is sampled in batches as prompts are."""
 
-    def __init__(self, request: list[str] | Layouts, hints: torch.Tensor):
+    def __init__(self, request: list[str] | Layouts, hints: torch.Tensor, scenes: list[Scene] | None = None):
         n = len(request.prompts) if isinstance(request, Layouts) else len(request)
         if hints.ndim != 4 or hints.shape[0] != n:
             raise DifflabError(f"condition images of shape {tuple(hints.shape)} for {n} prompts; expected "
                                f"({n}, channels, side, side)")  # fmt: skip
-        self.request, self.hints = request, hints
+        self.request, self.hints, self.scenes = request, hints, scenes
 
     def __len__(self) -> int:
         return self.hints.shape[0]
@@ -186,7 +187,7 @@ class Controls:
     def __getitem__(self, part: slice) -> Controls:
         r = self.request
         r = Layouts(r.prompts[part], r.scenes[part]) if isinstance(r, Layouts) else r[part]
-        return Controls(r, self.hints[part])
+        return Controls(r, self.hints[part], None if self.scenes is None else self.scenes[part])
 
 
 class ControlledPrompts(nn.Module):

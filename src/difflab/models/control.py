@@ -203,7 +203,7 @@ def layout_planner(cfg: ControlConfig, base_cfg):
         hints = torch.stack(
             [control_eval.condition_image(s, world, cfg.condition) for s in scenes]
         )  # (N, 1, S, S)
-        return Controls(Layouts(texts, scenes) if base_cfg.recipe == "layout" else texts, hints)
+        return Controls(Layouts(texts, scenes) if base_cfg.recipe == "layout" else texts, hints, scenes)
 
     return lay_out
 
