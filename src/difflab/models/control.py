@@ -56,10 +56,11 @@ class ControlConfig:
     """Run directory of the trained text-to-image model to steer (--set base=RUN); it stays frozen."""
     condition: str = "edges"
     """What the condition image shows of a scene: 'edges' (outlines), 'depth' (nearness, the background 0),
-    'mask' (1 on every object), 'boxes' (each object's box) or 'layout' (each box filled with its shape's grey
-    level) (:func:`difflab.world.render.condition`)."""
+    'mask' (1 on every object), or a layout: 'boxes' (each object's box), 'shapes' (each box filled with its
+    shape's grey level) or 'layout' (each box in its colour, RGBA with that level)
+    (:func:`difflab.world.render.condition`)."""
     planner: str | None = None
-    """Conditions 'boxes' and 'layout': the run directory of a layout planner (--set planner=RUN) that lays
+    """Conditions 'boxes', 'shapes' and 'layout': the run directory of a layout planner (--set planner=RUN) that lays
     out prompts given without a condition image; None: the base's planner, if it has one (a layout base).
     Training draws the boxes of the true scenes; the planner is only used at sampling."""
     planned_prompt: str | None = None
@@ -86,7 +87,7 @@ class ControlConfig:
     base_checkpoint: str | None = None
     """The base run's checkpoint this ControlNet was trained on; checked when it is loaded."""
     planner_checkpoint: str | None = None
-    """The layout planner's checkpoint (condition 'layout' with a planner); checked when it is loaded."""
+    """The layout planner's checkpoint (a layout condition with a planner); checked when it is loaded."""
 
     def __post_init__(self) -> None:
         check_choice("condition", self.condition, CONDITIONS)
@@ -202,7 +203,7 @@ def layout_planner(cfg: ControlConfig, base_cfg):
         )
         hints = torch.stack(
             [control_eval.condition_image(s, world, cfg.condition) for s in scenes]
-        )  # (N, 1, S, S)
+        )  # (N, C, S, S)
         return Controls(Layouts(texts, scenes) if base_cfg.recipe == "layout" else texts, hints, scenes)
 
     return lay_out
