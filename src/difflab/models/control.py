@@ -120,21 +120,9 @@ def resolve(cfg: ControlConfig, *, attach: bool = True) -> ControlConfig:
                                   data=base.data,
                                   base_checkpoint=checkpoint_id(path, "text-to-image run"))  # fmt: skip
         if cfg.condition in PLANNED and (cfg.planner or base.planner) is not None:
-            cfg = _attach_planner(cfg, cfg.planner or base.planner)
+            cfg = planner.attach_planner(cfg, cfg.planner or base.planner)
     check_sampling(cfg)
     return cfg
-
-
-def _attach_planner(cfg: ControlConfig, planner_dir: str) -> ControlConfig:
-    path = Path(planner_dir).expanduser().resolve()
-    world = planner.load_config(path).data.world
-    if world != cfg.data.world:
-        raise DifflabError(
-            f"planner '{path}' plans '{world}' scenes; the base draws the '{cfg.data.world}' world"
-        )
-    return dataclasses.replace(
-        cfg, planner=str(path), planner_checkpoint=checkpoint_id(path, "layout planner run")
-    )
 
 
 def load_config(run_dir: str | Path) -> ControlConfig:
@@ -304,8 +292,7 @@ def read_condition(path: str | Path, side: int, channels: int = 1) -> torch.Tens
     is not ``side`` pixels square."""
     pixels = read_square(path, side, "L" if channels == 1 else "RGBA", "condition image",
                          "the side of the images this ControlNet's base draws")  # fmt: skip
-    image = torch.from_numpy(pixels.astype(np.float32) / 255.0)
-    return image[None] if image.ndim == 2 else image.movedim(-1, 0)  # (H, W, 4) -> (4, H, W)
+    return control_eval.channels_first(torch.from_numpy(pixels.astype(np.float32) / 255.0))
 
 
 def control_request(model: DiffusionSystem, cfg: ControlConfig, prompts: list[str], path: str | None,

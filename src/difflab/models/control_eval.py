@@ -55,8 +55,12 @@ EVAL_SEED = 60_013
 def condition_image(scene: Scene, world: WorldConfig, condition: str) -> torch.Tensor:
     """What a ControlNet sees of ``scene``: (C, S, S) in [0, 1], C = 1 or 4 for 'layout'
     (:func:`difflab.world.render.condition`)."""
-    image = torch.from_numpy(render_condition(scene, world, condition))
-    return image[None] if image.ndim == 2 else image.movedim(-1, 0)  # (H, W, C) -> (C, H, W)
+    return channels_first(torch.from_numpy(render_condition(scene, world, condition)))
+
+
+def channels_first(image: torch.Tensor) -> torch.Tensor:
+    """A condition image (H, W) or (H, W, C), as rendered and as read from a file -> (C, H, W)."""
+    return image[None] if image.ndim == 2 else image.movedim(-1, 0)
 
 
 def eval_scenes(world: WorldConfig, n: int, seed: int = 0) -> list[Scene]:

@@ -42,7 +42,7 @@ from difflab.config import to_dict
 from difflab.data.text_scenes import TextDataConfig, captioned_scenes
 from difflab.errors import MAX_SIZE, DifflabError, check_choice, check_float, check_int
 from difflab.models.family import Family, Preset
-from difflab.models.runs import claim_run_dir, load_latest_weights, load_run_config
+from difflab.models.runs import checkpoint_id, claim_run_dir, load_latest_weights, load_run_config
 from difflab.nn.transformer import Transformer
 from difflab.text.word import WordTokenizer
 from difflab.train.config import TrainConfig
@@ -317,6 +317,20 @@ def loss_fn(model: LayoutPlanner, batch: dict, generator: torch.Generator):
         "target_mask"
     ].flatten()  # (B*T,): up to the first <end>; the padding after it is not learned
     return F.cross_entropy(logits.flatten(0, 1)[keep], layout.flatten()[keep]), {}
+
+
+def attach_planner(cfg, planner_dir: str | Path):
+    """``cfg``, a run record with ``planner``, ``planner_checkpoint`` and ``data.world`` (a layout recipe, a
+    ControlNet on layouts), with the planner run at ``planner_dir`` resolved and its checkpoint recorded; an
+    error when that planner plans another world."""
+    path = Path(planner_dir).expanduser().resolve()
+    world = load_config(path).data.world
+    if world != cfg.data.world:
+        raise DifflabError(f"planner '{path}' plans '{world}' scenes; expected the '{cfg.data.world}' world "
+                           "this model draws")  # fmt: skip
+    return dataclasses.replace(
+        cfg, planner=str(path), planner_checkpoint=checkpoint_id(path, "layout planner run")
+    )
 
 
 def load_config(run_dir: str | Path) -> PlannerConfig:

@@ -226,14 +226,7 @@ def _attach_planner(cfg: TextToImageConfig) -> TextToImageConfig:
     if cfg.planner is None:
         raise DifflabError("recipe 'layout' needs a layout planner: --set planner=RUN (train one with "
                            "'difflab train --preset planner_demo')")  # fmt: skip
-    path = Path(cfg.planner).expanduser().resolve()
-    world = planner.load_config(path).data.world
-    if world != cfg.data.world:
-        raise DifflabError(f"planner '{path}' plans '{world}' scenes; expected the '{cfg.data.world}' world "
-                           "this model trains on")  # fmt: skip
-    return dataclasses.replace(
-        cfg, planner=str(path), planner_checkpoint=checkpoint_id(path, "layout planner run")
-    )
+    return planner.attach_planner(cfg, cfg.planner)
 
 
 def _attach_text_encoder(cfg: TextToImageConfig) -> TextToImageConfig:
