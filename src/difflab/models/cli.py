@@ -21,7 +21,7 @@ from difflab.diffusion.samplers import SAMPLERS
 from difflab.errors import MAX_SIZE, MAX_TIMESTEPS, DifflabError
 from difflab.models.adapt import apply_adapter, parse_lora
 from difflab.models.attention_maps import CrossAttentionMaps, save_attention_overlays
-from difflab.models.conditioners import ControlledPrompts, Controls, GroundedPrompts
+from difflab.models.conditioners import ControlledPrompts, GroundedPrompts
 from difflab.models.control import control_request
 from difflab.models.layout import outlines
 from difflab.models.planner import TEMPERATURE_RANGE
@@ -388,9 +388,8 @@ def _generate(args) -> int:
     texts = [p for p in args.prompts for _ in range(args.n)]  # (prompt 0) x n, (prompt 1) x n, ...
     request, boxes, layouts = texts, None, ""
     if isinstance(model.conditioner, ControlledPrompts):
-        request = control_request(model, cfg, texts, args.control, args.control_scale)
-        if not isinstance(request, Controls):  # a ControlNet on layouts: plan here, to draw them over the images
-            request = model.conditioner.planner(texts, args.seed)
+        request = control_request(model, cfg, texts, args.control, args.control_scale, args.seed)
+        if request.scenes is not None:  # laid out by the planner: draw the layouts over the images
             boxes = [outlines(scene, world_preset(cfg.data.world)) for scene in request.scenes]
             layouts = " (dashed: the planned layout each was drawn under)"
     elif args.control is not None or args.control_scale is not None:

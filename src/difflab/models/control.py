@@ -176,10 +176,7 @@ def layout_planner(cfg: ControlConfig, base_cfg):
     checked first."""
     if cfg.planner is None:
         return None
-    if checkpoint_id(cfg.planner, "layout planner run") != cfg.planner_checkpoint:
-        raise DifflabError(
-            f"layout planner '{cfg.planner}' has changed since this ControlNet was trained on it"
-        )
+    planner.check_unchanged(cfg, "this ControlNet was trained on it")
     model, _ = planner.load_model(cfg.planner)
     tokenizer = planner.make_tokenizer(model.cfg)
     world = world_preset(cfg.data.world)
@@ -296,13 +293,14 @@ def read_condition(path: str | Path, side: int, channels: int = 1) -> torch.Tens
 
 
 def control_request(model: DiffusionSystem, cfg: ControlConfig, prompts: list[str], path: str | None,
-                    scale: float | None = None) -> Controls:  # fmt: skip
+                    scale: float | None = None, seed: int = 0) -> Controls:  # fmt: skip
     """``difflab generate``'s request of a ControlNet run: every prompt under the condition image in ``path``,
-    the model's conditioning scale set to ``scale`` when given."""
-    if path is None and model.conditioner.planner is not None:  # laid out by the planner, prompt by prompt
-        if scale is not None:
-            model.network.scales = [scale]
-        return prompts
+    or without one each prompt laid out by the run's planner with ``seed`` (the request then holds the planned
+    scenes); the model's conditioning scale set to ``scale`` when given."""
+    if scale is not None:
+        model.network.scales = [scale]
+    if path is None and model.conditioner.planner is not None:
+        return model.conditioner.planner(prompts, seed)
     if path is None:
         also = ", or train it with --set planner=RUN to lay prompts out" if cfg.condition in PLANNED else ""
         raise DifflabError(f"'{cfg.base}' is steered here by a ControlNet on {cfg.condition}; give its condition "
@@ -314,8 +312,6 @@ def control_request(model: DiffusionSystem, cfg: ControlConfig, prompts: list[st
                                f"{cfg.condition}=FILE")  # fmt: skip
         path = file
     hint = read_condition(path, cfg.data.image_size, condition_channels(cfg.condition))
-    if scale is not None:
-        model.network.scales = [scale]
     return Controls(prompts, hint.expand(len(prompts), -1, -1, -1))  # a view: one image for every prompt
 
 

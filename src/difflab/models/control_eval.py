@@ -146,7 +146,7 @@ def evaluate(model: DiffusionSystem, cfg, base_cfg, run_dir, n: int, *, seed: in
            "sampler": s.sampler, "steps": s.steps, "cfg_scale": s.cfg_scale,
            "control_scale": model.network.scales[0], "controlnet": report, "base": base_report,
            "sampling_seconds": round(seconds, 1)}  # fmt: skip
-    if getattr(model.conditioner, "planner", None) is not None:
+    if model.conditioner.planner is not None:
         out |= planned_faithfulness(model, cfg, base, base_cfg, min(n, MAX_PER_CATEGORY), prompt_seed=prompt_seed,
                                     progress=progress, **options)  # fmt: skip
     return out

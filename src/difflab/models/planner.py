@@ -333,6 +333,12 @@ def attach_planner(cfg, planner_dir: str | Path):
     )
 
 
+def check_unchanged(cfg, what: str) -> None:
+    """An error when the planner a run record names (if any) is no longer the checkpoint it recorded."""
+    if cfg.planner is not None and checkpoint_id(cfg.planner, "layout planner run") != cfg.planner_checkpoint:
+        raise DifflabError(f"layout planner '{cfg.planner}' has changed since {what}")
+
+
 def load_config(run_dir: str | Path) -> PlannerConfig:
     return load_run_config(run_dir, PlannerConfig, "planner", "a layout planner run")
 

@@ -252,8 +252,7 @@ def check_inputs_unchanged(cfg: TextToImageConfig, what: str) -> None:
                            f"({cfg.text_encoder_checkpoint}, now {now})")  # fmt: skip
     if cfg.vae is not None:
         check_vae_unchanged(cfg, what)
-    if cfg.planner is not None and checkpoint_id(cfg.planner, "layout planner run") != cfg.planner_checkpoint:
-        raise DifflabError(f"layout planner '{cfg.planner}' has changed since {what}")
+    planner.check_unchanged(cfg, what)
 
 
 # ---------------------------------------------------------------------------------------------- system
