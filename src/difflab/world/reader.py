@@ -22,13 +22,15 @@ accuracy on clean and noisy renders.
 
 from __future__ import annotations
 
-from collections import deque
-
 import numpy as np
 
 from difflab.errors import DifflabError
-from difflab.world.render import shape_coverage
+from difflab.world.perspective_reader import read_perspective
+from difflab.world.pixels import as_image as _as_image
+from difflab.world.pixels import components as _components
+from difflab.world.pixels import majority_3x3 as _majority_3x3
 from difflab.world.scene import COLORS, PALETTE, SHAPES, SIZES, Obj, Scene, WorldConfig
+from difflab.world.shapes import shape_coverage
 
 _PALETTE_RGB = np.array([PALETTE[c] for c in COLORS])  # (K, 3)
 
@@ -38,48 +40,10 @@ _PALETTE_RGB = np.array([PALETTE[c] for c in COLORS])  # (K, 3)
 _WEAK, _STRONG = 0.28, 0.6
 
 
-def _components(fg: np.ndarray) -> list[np.ndarray]:
-    """4-connected components of a boolean (H, W) array, each as an (n, 2) array of (row, col)."""
-    h, w = fg.shape
-    seen = np.zeros_like(fg, dtype=bool)
-    comps = []
-    for r0, c0 in zip(*np.nonzero(fg), strict=True):
-        if seen[r0, c0]:
-            continue
-        seen[r0, c0] = True
-        queue, pixels = deque([(r0, c0)]), []
-        while queue:
-            r, c = queue.popleft()
-            pixels.append((r, c))
-            for rr, cc in ((r - 1, c), (r + 1, c), (r, c - 1), (r, c + 1)):
-                if 0 <= rr < h and 0 <= cc < w and fg[rr, cc] and not seen[rr, cc]:
-                    seen[rr, cc] = True
-                    queue.append((rr, cc))
-        comps.append(np.array(pixels))
-    return comps
-
-
 def estimate_background(image: np.ndarray) -> np.ndarray:
     """Median colour of the one-pixel border of an (H, W, 3) image."""
     border = np.concatenate([image[0], image[-1], image[1:-1, 0], image[1:-1, -1]])
     return np.median(border, axis=0)
-
-
-def _as_image(image) -> np.ndarray:
-    """Accept (H, W, 3) float in [0, 1], uint8, or a torch tensor (3, H, W) in [-1, 1]."""
-    if hasattr(image, "detach"):  # a torch tensor in the diffusion convention
-        image = ((image.detach().cpu().float().clamp(-1, 1) + 1) / 2).permute(1, 2, 0).numpy()
-    image = np.asarray(image)
-    if image.dtype == np.uint8:
-        image = image.astype(np.float32) / 255.0
-    if image.ndim != 3 or image.shape[-1] != 3:
-        raise DifflabError(f"reader expects an (H, W, 3) RGB image; got an array of shape {image.shape}")
-    bad = int((~np.isfinite(image)).any(axis=-1).sum())
-    if bad:  # a diverged model: say so rather than read noise into shapes
-        raise DifflabError(
-            f"reader got an image with NaN or infinite values at {bad} pixels; expected finite ones"
-        )
-    return image.astype(np.float64)
 
 
 def _object_components(img: np.ndarray, bg: np.ndarray):
@@ -126,6 +90,8 @@ def read_with_blends(image, cfg: WorldConfig) -> tuple[Scene, int]:
     template's squared error is below the sum of the parts'. The scene is the same either way; the count
     only says how the misses look (``objects_read`` in :mod:`difflab.models.t2i_eval`).
     """
+    if cfg.style == "perspective":  # shaded solids on a ground: the depth world's own reader, no blends
+        return read_perspective(image, cfg), 0
     img = _as_image(image)
     h, w, _ = img.shape
     bg = estimate_background(img)
@@ -160,6 +126,8 @@ def read_silhouettes(image, cfg: WorldConfig) -> Scene:
     soft masks over the colours it holds). An object drawn in two colours is one object here, where
     :func:`read` splits it. Each object's colour is that of its component's core. What re-detects a
     condition that shows no colour (a ControlNet's edges, depth or mask)."""
+    if cfg.style == "perspective":
+        raise DifflabError("read_silhouettes reads flat worlds; a perspective world's conditions are not read back")
     img = _as_image(image)
     h, w, _ = img.shape
     bg = estimate_background(img)
@@ -186,18 +154,6 @@ def _colour_labels(rgb: np.ndarray, bg: np.ndarray, candidates=None) -> np.ndarr
     cov = np.clip(rel @ dirs.T / (dirs * dirs).sum(axis=1), 0.0, 1.0)  # (n, K)
     residual = np.linalg.norm(rel[:, None, :] - cov[..., None] * dirs[None], axis=-1)  # (n, K)
     return ks[residual.argmin(axis=1)]
-
-
-def _majority_3x3(labels: np.ndarray, pix: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
-    """Replace each pixel's colour label by the most common label among the component's pixels in its
-    3x3 neighbourhood: noise flips isolated labels, while a real second object is a contiguous blob."""
-    ks = np.unique(labels)
-    votes = np.zeros((len(ks), hw[0] + 2, hw[1] + 2))  # one padded indicator map per label
-    votes[np.searchsorted(ks, labels), pix[:, 0] + 1, pix[:, 1] + 1] = 1.0
-    box = sum(
-        votes[:, 1 + dr : hw[0] + 1 + dr, 1 + dc : hw[1] + 1 + dc] for dr in (-1, 0, 1) for dc in (-1, 0, 1)
-    )
-    return ks[box[:, pix[:, 0], pix[:, 1]].argmax(axis=0)]
 
 
 def _soft_mask(img, bg, pix, color: str) -> np.ndarray:

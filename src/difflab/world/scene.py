@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from difflab.errors import DifflabError, check_choice
+from difflab.world import camera
 
 # Named colours (sRGB in [0, 1]). Chosen to be far apart from each other (min pairwise distance 0.36,
 # orange vs yellow) and from the dark background, so nearest-palette colour reading is robust.
@@ -117,6 +118,10 @@ class Scene:
 
 
 BACKGROUNDS = ("plain", "gradient", "texture")
+STYLES = ("flat", "perspective")
+"""How a world is seen: 'flat' shapes on a background, their depth a label with no trace in the pixels; or
+'perspective' (the depth world): shaded solids on a ground plane under a horizon, seen by the pinhole
+camera of :mod:`difflab.world.camera`, where depth can be seen (size, height, shading, occlusion)."""
 
 
 @dataclass(frozen=True)
@@ -142,6 +147,9 @@ class WorldConfig:
     """Minimum gap in pixels between the bounding circles of two objects (no overlaps)."""
     supersample: int = 4
     """Anti-aliasing: each pixel is the mean of supersample x supersample point samples."""
+    style: str = "flat"
+    """'flat' or 'perspective' (:data:`STYLES`). In a perspective world ``radius`` is each size's physical
+    radius in camera heights, and an object's image radius follows its distance (:mod:`camera`)."""
 
     def __post_init__(self) -> None:
         if not 8 <= self.resolution <= 1024:
@@ -158,6 +166,12 @@ class WorldConfig:
         for z in self.sizes:
             check_choice("size", z, SIZES)
         check_choice("background", self.background, BACKGROUNDS)
+        check_choice("world style", self.style, STYLES)
+        if self.style == "perspective" and not all(0 < r < camera.CAMERA_HEIGHT for r in self.radius.values()):
+            raise DifflabError(
+                f"perspective radii {self.radius} are invalid; expected each in (0, {camera.CAMERA_HEIGHT}) "
+                "camera heights (an object taller than the camera would hide the horizon)"
+            )
 
     @property
     def num_classes(self) -> int:
@@ -175,7 +189,17 @@ class WorldConfig:
         return self.shapes[index // len(self.colors)], self.colors[index % len(self.colors)]
 
     def radius_px(self, size: str) -> float:
+        """Image radius in pixels of an object of ``size`` in a flat world (a perspective world's object has
+        its own, by distance: :func:`object_radius_px`)."""
         return self.radius[size] * self.resolution
+
+
+def object_radius_px(obj: Obj, cfg: WorldConfig) -> float:
+    """The image radius in pixels of ``obj``: its size's radius in a flat world; in a perspective world the
+    projection of its physical radius from where it stands (:func:`camera.image_radius`)."""
+    if cfg.style == "perspective":
+        return camera.image_radius(obj.y, cfg.radius[obj.size]) * cfg.resolution
+    return cfg.radius_px(obj.size)
 
 
 WORLD_PRESETS: dict[str, tuple[str, WorldConfig]] = {
@@ -199,6 +223,16 @@ WORLD_PRESETS: dict[str, tuple[str, WorldConfig]] = {
     "scene64": (
         "64x64, one to four objects: captions with relations and counts",
         WorldConfig(resolution=64, min_objects=1, max_objects=4),
+    ),
+    "depth32": (
+        "32x32, one or two shaded solids on a ground plane in perspective, may occlude: depth can be seen",
+        WorldConfig(resolution=32, min_objects=1, max_objects=2, radius={"small": 0.25, "large": 0.35},
+                    style="perspective"),
+    ),
+    "depth64": (
+        "64x64, one to three shaded solids on a ground plane in perspective, may occlude (Marigold's world)",
+        WorldConfig(resolution=64, min_objects=1, max_objects=3, radius={"small": 0.18, "large": 0.28},
+                    style="perspective"),
     ),
 }  # fmt: skip
 
@@ -265,6 +299,8 @@ def sample_depths(rng: np.random.Generator, n: int) -> np.ndarray:
 def sample_scene(rng: np.random.Generator, cfg: WorldConfig) -> Scene:
     """Draw a random scene: a number of objects, each with a random shape, colour and size in its own
     grid cell, placed without overlap; depths are distinct and the list is ordered back to front."""
+    if cfg.style == "perspective":
+        return _sample_perspective_scene(rng, cfg)
     n = int(rng.integers(cfg.min_objects, cfg.max_objects + 1))
     for _ in range(100):
         objects: list[Obj] = []
@@ -301,3 +337,63 @@ def scene_rng(seed: int, index: int) -> np.random.Generator:
 def scene_at(cfg: WorldConfig, seed: int, index: int) -> Scene:
     """Scene ``index`` of the dataset with ``seed`` (deterministic)."""
     return sample_scene(scene_rng(seed, index), cfg)
+
+
+MAX_HIDDEN = 0.5
+"""In a perspective world a nearer object may hide a farther one, by at most this fraction of the farther
+one's radius (the depth of the overlap of their bounding circles): occlusion is a depth cue, but the
+reader must still see what the farther object is."""
+
+
+def _may_join(obj: Obj, others: list[Obj], cfg: WorldConfig) -> bool:
+    """Whether ``obj`` can join ``others`` in a perspective world: its own grid cell, and each overlap a
+    partial occlusion (:data:`MAX_HIDDEN`); two objects of one colour never touch, since a reader could not
+    tell them from one object."""
+    r = object_radius_px(obj, cfg)
+    for o in others:
+        if o.cell == obj.cell:
+            return False
+        ro = object_radius_px(o, cfg)
+        d = np.hypot(o.x - obj.x, o.y - obj.y) * cfg.resolution
+        far = ro if o.depth > obj.depth else r
+        limit = -cfg.gap if o.color == obj.color else MAX_HIDDEN * far
+        if r + ro - d > limit:
+            return False
+    return True
+
+
+def _sample_perspective_scene(rng: np.random.Generator, cfg: WorldConfig) -> Scene:
+    """A perspective scene (the depth world): each object stands on the ground, so its row fixes its
+    distance and its distance its image size (:mod:`camera`); centres lie in the inner part of their own
+    cell within :data:`camera.CENTRE_ROWS`, so the top row stays empty (far away and the sky). The list is
+    ordered back to front and each object's ``depth`` is its centre's distance (:func:`camera.stored_depth`)."""
+    n = int(rng.integers(cfg.min_objects, cfg.max_objects + 1))
+    m, half_px = cfg.cell_margin, 0.5 / cfg.resolution
+    for _ in range(100):
+        objects: list[Obj] = []
+        for cell in rng.permutation(9):
+            if len(objects) == n:
+                break
+            row, col = divmod(int(cell), 3)
+            shape = cfg.shapes[int(rng.integers(len(cfg.shapes)))]
+            color = cfg.colors[int(rng.integers(len(cfg.colors)))]
+            size = cfg.sizes[int(rng.integers(len(cfg.sizes)))]
+            ylo, yhi = max((row + m) / 3, camera.CENTRE_ROWS[0]), min((row + 1 - m) / 3, camera.CENTRE_ROWS[1])
+            if ylo > yhi:
+                continue
+            y = float(rng.uniform(ylo, yhi))
+            radius = cfg.radius[size]
+            r = camera.image_radius(y, radius)
+            xlo, xhi = max((col + m) / 3, r + half_px), min((col + 1 - m) / 3, 1 - r - half_px)
+            if xlo > xhi:
+                continue
+            depth = float(camera.stored_depth(camera.object_distance(y, radius)))
+            obj = Obj(shape, color, size, float(rng.uniform(xlo, xhi)), y, depth)
+            if _may_join(obj, objects, cfg):
+                objects.append(obj)
+        if len(objects) == n:
+            break
+    else:  # pragma: no cover - only reachable with configurations far outside the presets
+        raise DifflabError(f"could not place {n} objects in a perspective world at {cfg.resolution} pixels")
+    objects.sort(key=lambda o: -o.depth)
+    return Scene(tuple(objects), background="plain", background_seed=0)
