@@ -31,12 +31,15 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
+from torch.utils.data import Dataset
 
 from difflab.config import save_json
 from difflab.data.config import DataConfig, data_channels, held_out, held_out_images, make_dataset
 from difflab.errors import MAX_COUNT, MAX_SIZE, DifflabError, check_choice, check_float, check_int, check_ints
+from difflab.models.depth_eval import depth_image
 from difflab.models.family import Family, Preset
 from difflab.models.runs import claim_run_dir, load_latest_weights, load_run_config
 from difflab.nn.discriminator import (
@@ -54,6 +57,7 @@ from difflab.train.trainer import Trainer, make_loader
 from difflab.viz import save_grid
 from difflab.world.check import ReadTally
 from difflab.world.reader import read
+from difflab.world.render import render
 from difflab.world.scene import scene_at, world_preset
 
 RECONSTRUCTION_LOSSES = ("l1", "l2")
@@ -103,9 +107,18 @@ class VAEConfig:
     """Training images encoded after training to measure the latent standard deviation (the scale)."""
     grid: int = 8
     """Held-out images shown (with their reconstructions) in the grids written during training."""
+    depth_share: float = 0.0
+    """Toy world: the share of training items that show the scene's depth map as Marigold hands one to the
+    autoencoder (Eq. 3's normalisation, three channels: :func:`difflab.models.depth_eval.depth_image`) in
+    place of its image. Stable Diffusion's autoencoder, trained on billions of images, reconstructs such
+    maps unseen; one trained on the toy world's images alone does not (docs/depth.md measures both)."""
 
     def __post_init__(self) -> None:
         check_int("latent_stats_n", self.latent_stats_n, 2, MAX_COUNT)
+        check_float("depth_share", self.depth_share, 0, 1)
+        if self.depth_share > 0 and self.data.dataset != "toy":
+            raise DifflabError(f"depth_share {self.depth_share} needs the toy world's depth maps; data.dataset is "
+                               f"'{self.data.dataset}' (expected 'toy' or depth_share=0)")  # fmt: skip
         check_int("grid", self.grid, 1, MAX_SIZE)
         # The losses' networks shrink the image: each needs a side that leaves at least one value.
         side, loss = self.data.image_size, self.loss
@@ -284,6 +297,15 @@ PRESETS = (
                                                                 n=100_000)),
     ),
     Preset(
+        "vae_depth",
+        "vae",
+        "vae_t2i on the depth world (depth32), 30 % of its items depth maps, 2,500 steps: the autoencoder of "
+        "Marigold's base (docs/depth.md); about 6 min",
+        lambda: dataclasses.replace(
+            _preset(2), depth_share=0.3, data=DataConfig(world="depth32", image_size=32, conditional=False, n=100_000),
+            train=dataclasses.replace(_preset(2).train, steps=2500)),
+    ),
+    Preset(
         "vae_tiny",
         "vae",
         "16x16 world of 2 shapes x 2 colours, f = 2 (8x8x4 latents), a tiny patch autoencoder: seconds (tests)",
@@ -314,6 +336,30 @@ PRESETS = (
 # ------------------------------------------------------------------------------------------- training
 
 
+class WithDepthMaps(Dataset):
+    """A toy-world training set where item i shows its scene's depth map (as an image, Marigold's
+    normalisation) instead of its picture with probability ``share``, decided by (seed, i) alone."""
+
+    def __init__(self, images, share: float, seed: int):
+        self.images, self.share, self.seed = images, share, seed
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> dict:
+        item = self.images[i]
+        if np.random.default_rng([self.seed, i, 41]).random() < self.share:
+            depth = render(self.images.scene(i), self.images.cfg).depth
+            item = item | {"image": depth_image(depth)}
+        return item
+
+
+def training_set(cfg: VAEConfig):
+    """The autoencoder's training images: the data's, with ``depth_share`` of them depth maps."""
+    dataset = make_dataset(cfg.data)
+    return WithDepthMaps(dataset, cfg.depth_share, cfg.data.seed) if cfg.depth_share > 0 else dataset
+
+
 def train(cfg: VAEConfig, run_dir: str | Path, *, resume: bool = False) -> Path:
     """Train an autoencoder into ``run_dir`` (config.json, checkpoints/, metrics.jsonl,
     samples/step_*.png: held-out images over their reconstructions), then write latent_stats.json."""
@@ -321,7 +367,7 @@ def train(cfg: VAEConfig, run_dir: str | Path, *, resume: bool = False) -> Path:
     with claim_run_dir(run_dir, cfg, resume, load_config) as run_dir:
         torch.manual_seed(cfg.train.seed)
         trainee = VAETrainee(cfg)
-        loader = make_loader(make_dataset(cfg.data), cfg.train)
+        loader = make_loader(training_set(cfg), cfg.train)
         shown = held_out_images(cfg.data, cfg.grid)
 
         def sample_fn(model: VAETrainee, step: int, out_dir: Path) -> None:

@@ -224,6 +224,12 @@ WORLD_PRESETS: dict[str, tuple[str, WorldConfig]] = {
         "64x64, one to four objects: captions with relations and counts",
         WorldConfig(resolution=64, min_objects=1, max_objects=4),
     ),
+    "depth16": (
+        "16x16, one large solid (2 shapes x 2 colours) on a ground plane in perspective: depth tests in seconds",
+        WorldConfig(resolution=16, min_objects=1, max_objects=1, shapes=("circle", "square"),
+                    colors=("red", "blue"), sizes=("large",), radius={"small": 0.2, "large": 0.3},
+                    style="perspective"),
+    ),
     "depth32": (
         "32x32, one or two shaded solids on a ground plane in perspective, may occlude: depth can be seen",
         WorldConfig(resolution=32, min_objects=1, max_objects=2, radius={"small": 0.25, "large": 0.35},
