@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from difflab import cli_types
@@ -14,6 +15,7 @@ from difflab.models.registry import family_of_run
 from difflab.outputs import image_file, shown
 from difflab.train.device import resolve_device
 from difflab.viz import save_captioned_grid
+from difflab.world.render import render
 
 
 def register(subparsers) -> None:
@@ -27,8 +29,10 @@ def register(subparsers) -> None:
         "ensemble, the draws' spread). The depth is affine-invariant: known up to a scale and shift.",
     )
     p.add_argument("run_dir", metavar="RUN", help="a depth run directory")
-    p.add_argument("--image", required=True, metavar="FILE",
+    p.add_argument("--image", default=None, metavar="FILE",
                    help="the image ('difflab world condition --preset depth32 --field image' draws one)")  # fmt: skip
+    p.add_argument("--examples", type=cli_types.integer(1, 64), default=None, metavar="N",
+                   help="instead of --image: N held-out scenes as image | truth | estimate | error")  # fmt: skip
     p.add_argument("--steps", type=STEPS, default=None, help="denoising steps (default: the run's)")
     p.add_argument("--ensemble", type=cli_types.integer(1, 100), default=None,
                    help="draws ensembled per image (default: the run's)")  # fmt: skip
@@ -47,11 +51,23 @@ def _depth(args) -> int:
     if family != "depth":
         raise DifflabError(f"'{args.run_dir}' is a {family} run; difflab depth takes a depth run "
                            "(difflab train --preset depth_marigold --set base=RUN)")  # fmt: skip
+    if (args.image is None) == (args.examples is None):
+        raise DifflabError("give --image FILE (its depth) or --examples N (held-out scenes beside their truth), "
+                           "not both or neither")  # fmt: skip
     out = image_file(args.out, writer="figure")
     system, cfg = depth.load_model(args.run_dir, device=str(resolve_device(args.device or "auto")))
+    sampling = {"steps": args.steps, "ensemble": args.ensemble, "sampler": args.sampler, "spacing": args.spacing}
+    if args.examples is not None:
+        world = cfg.data.world_config()
+        renderings = [render(s, world) for s in depth_eval.eval_scenes(world, args.examples, args.seed)]
+        images = depth_eval.to_images(renderings)
+        pred, _ = depth.estimate(system, cfg, images, seed=args.seed, **sampling)
+        truth = torch.from_numpy(np.stack([r.depth for r in renderings]))
+        path = depth_eval.save_examples(images, truth, pred, out)
+        print(f"wrote {args.examples} held-out scenes (image | truth | estimate | error) to {shown(path, args.out)}")
+        return 0
     image = read_image(args.image, cfg.data.image_size)  # (1, 3, S, S) in [-1, 1]
-    estimate, spread = depth.estimate(system, cfg, image, steps=args.steps, ensemble=args.ensemble,
-                                      sampler=args.sampler, spacing=args.spacing, seed=args.seed)  # fmt: skip
+    estimate, spread = depth.estimate(system, cfg, image, seed=args.seed, **sampling)
     tiles = [image[0], depth_eval.colorize(estimate)[0]]
     captions = ["image", "depth (near red, far blue)"]
     if spread.abs().sum() > 0:

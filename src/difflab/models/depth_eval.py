@@ -16,6 +16,7 @@ latent estimator can do).
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import matplotlib
 import numpy as np
@@ -28,6 +29,7 @@ from difflab.models.depth_align import (
     normalize_depth,
     pair_order_accuracy,
 )
+from difflab.viz import save_captioned_grid
 from difflab.world.render import render
 from difflab.world.scene import Scene, scene_at
 
@@ -72,6 +74,22 @@ def grid_panels(images: torch.Tensor, depth: torch.Tensor, truth: torch.Tensor |
     """Image | estimate (| truth) for each image, interleaved: (k N, 3, H, W) for a grid of k columns."""
     columns = [images, colorize(depth)] + ([colorize(truth)] if truth is not None else [])
     return torch.stack(columns, dim=1).flatten(0, 1)
+
+
+def save_examples(images: torch.Tensor, truth: torch.Tensor, pred: torch.Tensor, path) -> Path:
+    """Image | true depth | estimate (aligned to the truth by least squares) | relative error |d_hat - d| / d,
+    one scene per row, captioned with its AbsRel. Truth and estimate share each scene's colour range; the
+    error is grey, black at 0 and white at 10 % or more."""
+    aligned, _, _ = align_scale_shift(pred.double(), truth.double())
+    error = (aligned - truth).abs() / truth
+    lo, hi = truth.amin(dim=(1, 2), keepdim=True), truth.amax(dim=(1, 2), keepdim=True)
+    tiles, captions = [], []
+    for i in range(len(images)):
+        both = colorize(torch.stack([truth[i], aligned[i].float().clamp(lo[i, 0, 0], hi[i, 0, 0])]))
+        err = (error[i].float() / 0.1).clamp(0, 1).expand(3, -1, -1) * 2 - 1  # (3, H, W)
+        tiles += [images[i], both[0], both[1], err]
+        captions += ["image", "truth", "estimate", f"error (AbsRel {error[i].mean():.3f})"]
+    return save_captioned_grid(torch.stack(tiles), captions, path, ncol=4)
 
 
 def score(pred: torch.Tensor, truth: torch.Tensor, masks: torch.Tensor) -> dict:
