@@ -106,6 +106,10 @@ def test_a_tiny_marigold_learns_depth_and_one_step_fine_tuning_keeps_it(depth_ba
     assert report["abs_rel"] < 0.5 * report["mean_depth"]["abs_rel"], report
     assert report["delta1"] > report["mean_depth"]["delta1"] + 0.3, report
     assert (tmp_path / "m" / "samples.png").is_file()
+    # Garcia et al.'s flaw: one 'leading' step tells the network t = 0 (clean) while it sees pure noise
+    leading = depth.evaluate(run, 16, steps=1, spacing="leading")
+    trailing = depth.evaluate(run, 16, steps=1, spacing="trailing")
+    assert trailing["abs_rel"] < 0.5 * leading["abs_rel"], (leading, trailing)
     e2e_cfg = apply_overrides(get_preset("depth_tiny").build(), [f"base={run}", "objective=end_to_end",
                                                                  "train.steps=30"])
     e2e = depth.train(e2e_cfg, tmp_path / "e2e")

@@ -17,6 +17,7 @@ from difflab import cli_types
 from difflab.config import apply_overrides, atomic_path
 from difflab.data.config import data_channels
 from difflab.data.images import to_uint8
+from difflab.diffusion.discretization import SPACINGS
 from difflab.diffusion.samplers import SAMPLERS
 from difflab.errors import MAX_SIZE, MAX_TIMESTEPS, DifflabError
 from difflab.models.adapt import apply_adapter, parse_lora
@@ -195,6 +196,10 @@ def register(subparsers) -> None:
                    "the planner's, 0.5 unless trained otherwise)")  # fmt: skip
     p.add_argument("--control-scale", type=CONTROL_SCALE, default=None,
                    help="ControlNet runs: the residuals' multiplier (default: the run's)")  # fmt: skip
+    p.add_argument("--ensemble", type=cli_types.integer(1, 100), default=None,
+                   help="depth runs: draws ensembled per image (default: the run's)")  # fmt: skip
+    p.add_argument("--spacing", type=cli_types.choice("timestep spacing", SPACINGS), default=None,
+                   help="depth runs: timestep spacing, trailing, leading or linspace (default: the run's)")  # fmt: skip
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--plot", default=None, metavar="FILE",
                    help="CLIP runs: also draw text -> image search among 100 held-out scenes into FILE")  # fmt: skip
@@ -439,7 +444,7 @@ def _generate(args) -> int:
 
 _EVAL_FLAGS = {"sampler": "--sampler", "steps": "--steps", "cfg_scale": "--cfg", "plot": "--plot",
                "prompt_seed": "--prompt-seed", "temperature": "--temperature",
-               "control_scale": "--control-scale"}  # fmt: skip
+               "control_scale": "--control-scale", "ensemble": "--ensemble", "spacing": "--spacing"}  # fmt: skip
 
 
 def _eval(args) -> int:
@@ -449,7 +454,7 @@ def _eval(args) -> int:
     check_n(args.n)
     given = {"sampler": args.sampler, "steps": args.steps, "cfg_scale": args.cfg, "plot": args.plot,
              "prompt_seed": args.prompt_seed, "temperature": args.temperature,
-             "control_scale": args.control_scale}  # fmt: skip
+             "control_scale": args.control_scale, "ensemble": args.ensemble, "spacing": args.spacing}  # fmt: skip
     refused = [k for k, v in given.items() if v is not None and k not in family.eval_options]
     if refused:
         takers = [f.name for f in FAMILIES.values() if all(k in f.eval_options for k in refused)]
