@@ -79,6 +79,14 @@ def _coverages(img: np.ndarray, bg: np.ndarray) -> np.ndarray:
     return np.stack([np.take_along_axis(residual, best, -1)[..., 0], np.take_along_axis(b, best, -1)[..., 0]], -1)
 
 
+def _box3(x: np.ndarray) -> np.ndarray:
+    """A 3x3 mean over each pixel's neighbourhood (edges replicated), (H, W, C): pixel noise of standard
+    deviation s falls to s / 3, while an object's interior, wider than a pixel, keeps its contrast."""
+    p = np.pad(x, ((1, 1), (1, 1), (0, 0)), mode="edge")
+    h, w = x.shape[:2]
+    return sum(p[1 + dr : h + 1 + dr, 1 + dc : w + 1 + dc] for dr in (-1, 0, 1) for dc in (-1, 0, 1)) / 9
+
+
 def read_perspective(image, cfg: WorldConfig) -> Scene:
     """Read the scene in a picture of the perspective world ``cfg`` (any of the reader's image formats)."""
     img = as_image(image)
@@ -87,7 +95,8 @@ def read_perspective(image, cfg: WorldConfig) -> Scene:
         raise DifflabError(f"image of {h}x{w} pixels does not match the {cfg.resolution}x{cfg.resolution} world")
     bg = _empty(cfg)
     dist = np.linalg.norm(img - bg, axis=-1)  # (H, W)
-    fg = dist > _WEAK
+    smooth = np.linalg.norm(_box3(img - bg), axis=-1)  # (H, W): pixel noise averaged down, objects kept
+    fg = (dist > _WEAK) & (smooth > _WEAK)
     pix = np.argwhere(fg)  # (n, 2)
     if not len(pix):
         return Scene(())
@@ -100,7 +109,7 @@ def read_perspective(image, cfg: WorldConfig) -> Scene:
     found = []  # (colour index, component pixels)
     for k in np.unique(labels):
         for comp in components(label_map == k):
-            if (dist[comp[:, 0], comp[:, 1]] >= _STRONG).sum() >= max(min_area / 2, 1):
+            if (smooth[comp[:, 0], comp[:, 1]] >= _STRONG).sum() >= max(min_area / 2, 1):
                 found.append((int(k), comp))
     owner = np.zeros((h, w), dtype=int)  # which found component (1-based) holds each pixel
     for j, (_, comp) in enumerate(found):
