@@ -28,7 +28,8 @@ ALLOWED: dict[str, set[str]] = {
 }
 ALLOWED["models"] = set().union(*ALLOWED.values(), ALLOWED) - {"models"}
 ALLOWED["demo"] = ALLOWED["models"] | {"models"}
-ALLOWED["cli"] = ALLOWED["demo"] | {"demo"}
+ALLOWED["app"] = ALLOWED["demo"] | {"demo"}  # the web page: every command's library, as the CLI
+ALLOWED["cli"] = ALLOWED["app"] | {"app"}
 ALLOWED["__main__"] = {"cli"}
 ALLOWED["difflab"] = set()  # the package root holds __version__ only
 

@@ -10,6 +10,7 @@ import argparse
 import sys
 
 from difflab import __version__, demo
+from difflab.app import cli as app_cli
 from difflab.diffusion import cli as diffusion_cli
 from difflab.errors import DifflabError
 from difflab.models import cli as models_cli
@@ -17,7 +18,8 @@ from difflab.models import depth_cli, export_cli, instruct_cli, p2p_cli
 from difflab.world import cli as world_cli
 
 # Modules that define a ``register(subparsers)`` function, in the order ``--help`` lists them.
-COMMAND_MODULES = (demo, models_cli, p2p_cli, instruct_cli, depth_cli, export_cli, world_cli, diffusion_cli)
+COMMAND_MODULES = (demo, models_cli, p2p_cli, instruct_cli, depth_cli, export_cli, world_cli, diffusion_cli,
+                   app_cli)  # fmt: skip
 
 
 def build_parser() -> argparse.ArgumentParser:
