@@ -276,3 +276,18 @@ def test_one_step_leading_spacing_tells_the_model_the_noise_is_clean():
     leading, trailing = make_plan(schedule, 1, "leading"), make_plan(schedule, 1, "trailing")
     assert leading.level(0).alpha_bar > 0.99  # what the model is told: x_t is 99.9 % signal
     assert trailing.level(0).alpha_bar < 0.01  # what x_T ~ N(0, I) is: almost no signal
+
+
+def test_level_pairs_are_left_out_of_the_order_within_the_gap():
+    """Two objects 0.5 % apart in depth stand level at min_gap = 1 %: no order to score; at 0 they are ordered."""
+    from difflab.models.depth_align import pair_order_counts
+
+    mask = torch.zeros(4, 4, dtype=torch.long)
+    mask[0, :2], mask[3, 2:] = 1, 2
+    target = torch.ones(4, 4)
+    target[0, :2], target[3, 2:] = 0.500, 0.5025
+    flipped = target.clone()
+    flipped[0, :2] = 0.51
+    assert pair_order_counts(flipped, target, mask, 0.01) == (0, 0)
+    assert pair_order_counts(flipped, target, mask, 0.0) == (0, 1)
+    assert pair_order_counts(target, target, mask, 0.0) == (1, 1)

@@ -308,29 +308,38 @@ def delta1(
     return _reduce(hits.sum(dim=1) / valid.sum(dim=1), reduction)
 
 
-def pair_order_accuracy(pred: torch.Tensor, target: torch.Tensor, instance_mask: torch.Tensor) -> float:
-    """How often a prediction orders a scene's objects in depth as the truth does.
+def pair_order_counts(
+    pred: torch.Tensor, target: torch.Tensor, instance_mask: torch.Tensor, min_gap: float = 0.0
+) -> tuple[int, int]:
+    """How often a prediction orders a scene's objects in depth as the truth does: ``(right, pairs)``.
 
     ``instance_mask`` (H, W) holds object ids > 0 (0 is background). Each object's depth is the median of
     its pixels, in ``pred`` and in ``target`` (H, W); for every pair of objects the predicted order (which
     is nearer, i.e. has the smaller depth) is right when it matches the truth's. Pairs the truth puts at
-    equal depth have no order and are left out; a predicted tie on an ordered pair counts as wrong.
-    Any positive affine map of ``pred`` leaves the answer unchanged, so no alignment is needed. Returns
-    the fraction of ordered pairs that are right, or NaN when there are none (fewer than two objects).
+    equal depth - within ``min_gap`` of the nearer one's depth (0: exactly equal) - have no order to get
+    right and are left out; a predicted tie on an ordered pair counts as wrong. Any positive affine map of
+    ``pred`` leaves the answer unchanged, so no alignment is needed.
     """
     _check_same_shape(pred, target, ("pred", "target"))
     _check_same_shape(instance_mask, target, ("instance_mask", "target"))
+    check_float("min_gap", min_gap, 0)
     if pred.ndim != 2:
         raise DifflabError(f"pred has shape {tuple(pred.shape)}; expected one map (H, W)")
     ids = [i for i in instance_mask.unique().tolist() if i > 0]
     if len(ids) < 2:
-        return float("nan")
+        return 0, 0
     pred_depth = torch.stack([pred[instance_mask == i].double().quantile(0.5) for i in ids])  # (K,)
     true_depth = torch.stack([target[instance_mask == i].double().quantile(0.5) for i in ids])  # (K,)
     a, b = torch.triu_indices(len(ids), len(ids), offset=1)  # every pair of objects once
-    true_order = (true_depth[a] - true_depth[b]).sign()
-    pred_order = (pred_depth[a] - pred_depth[b]).sign()
-    ordered = true_order != 0
-    if not ordered.any():
-        return float("nan")
-    return (pred_order[ordered] == true_order[ordered]).double().mean().item()
+    gap = true_depth[a] - true_depth[b]
+    ordered = gap.abs() > min_gap * torch.minimum(true_depth[a], true_depth[b])
+    right = pred_depth[a] - pred_depth[b]
+    return int((right.sign() == gap.sign())[ordered & (gap != 0)].sum()), int((ordered & (gap != 0)).sum())
+
+
+def pair_order_accuracy(pred: torch.Tensor, target: torch.Tensor, instance_mask: torch.Tensor,
+                        min_gap: float = 0.0) -> float:  # fmt: skip
+    """The fraction of a scene's ordered object pairs a prediction orders right (:func:`pair_order_counts`),
+    or NaN when there are none (fewer than two objects, or all level)."""
+    right, pairs = pair_order_counts(pred, target, instance_mask, min_gap)
+    return right / pairs if pairs else float("nan")
