@@ -298,7 +298,8 @@ def test_eval_cli_json(tiny_run, capsys):
     assert (tiny_run / "search.png").stat().st_size > 1000
     capsys.readouterr()
     assert main(["eval", str(tiny_run), "--sampler", "ddim"]) == 2
-    assert "--sampler applies to diffusion runs (pixel, ldm, t2i, control, lora, instruct, depth)" in capsys.readouterr().err
+    expected = "--sampler applies to diffusion runs (pixel, ldm, t2i, control, lora, instruct, depth)"
+    assert expected in capsys.readouterr().err
     assert main(["eval", str(tiny_run), "--temperature", "0.5"]) == 2
     assert "--temperature applies to planner, t2i runs" in capsys.readouterr().err
     assert main(["sample", str(tiny_run)]) == 2
