@@ -44,6 +44,7 @@ from difflab.diffusion.objectives import to_eps_x0
 from difflab.errors import DifflabError, check_choice, check_int
 from difflab.models import depth_eval, t2i
 from difflab.models.codecs import Latents, cached_latents
+from difflab.models.conditioners import TextPrompts
 from difflab.models.depth_align import align_scale_shift, ensemble_depth
 from difflab.models.depth_eval import depth_image, grid_images, grid_panels
 from difflab.models.family import Family, Preset
@@ -224,8 +225,7 @@ class ImageCondition(nn.Module):
 
 
 def _text(encoder, pooled: bool) -> dict:
-    from difflab.models.conditioners import TextPrompts  # the base's own reading of a prompt
-
+    """The empty prompt as the base reads a prompt (its own text conditioner), batch 1."""
     return TextPrompts(encoder, 0.0, pooled=pooled).encode([""])
 
 
