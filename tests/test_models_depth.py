@@ -120,3 +120,17 @@ def test_a_tiny_marigold_learns_depth_and_one_step_fine_tuning_keeps_it(depth_ba
     images = depth_eval.grid_images(cfg)[:2]
     a, b = depth.estimate(system, cfg, images)[0], depth.estimate(system, cfg, images, seed=5)[0]
     torch.testing.assert_close(a, b)  # one deterministic step: no noise, whatever the seed
+
+
+@pytest.mark.slow
+def test_the_apps_depth_tab_estimates_held_out_scenes_and_names_a_wrong_run(depth_base, tmp_path):
+    from difflab.app import depth_tab
+
+    run = depth.train(apply_overrides(get_preset("depth_tiny").build(), [f"base={depth_base}", "train.steps=30"]),
+                      tmp_path / "m")  # fmt: skip
+    view = depth_tab.estimate_scenes(str(run), 0, 2, 4, 1, "trailing")
+    report = depth.evaluate(run, 2, steps=4)  # the same scenes (seed 0) and noise through difflab eval
+    assert np.mean([r for r, _ in view.scores]) == pytest.approx(report["abs_rel"], abs=1e-3)
+    assert view.picture.shape[0] > view.picture.shape[1] / 4 and "2 held-out scenes of depth16" in view.summary
+    with pytest.raises(DifflabError, match="is a t2i run; the Depth tab takes a depth run"):
+        depth_tab.estimate_scenes(str(depth_base), 0, 2, 4, 1, "trailing")

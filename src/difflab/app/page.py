@@ -5,12 +5,13 @@ from __future__ import annotations
 import os
 
 from difflab import __version__
-from difflab.app import generate_tab, schedules_tab, train_tab, world_tab
+from difflab.app import depth_tab, generate_tab, schedules_tab, train_tab, world_tab
 from difflab.errors import DifflabError
 
-TABS = {"World": world_tab, "Schedules": schedules_tab, "Generate": generate_tab, "Train": train_tab}
+TABS = {"World": world_tab, "Schedules": schedules_tab, "Generate": generate_tab, "Depth": depth_tab,
+        "Train": train_tab}  # fmt: skip
 """Each tab's name and its module (whose ``build(page, runs)`` lays it out), in the order the page shows them;
-Edit, Control, Ask and Depth join as their models land."""
+Edit, Control and Ask join as their models land."""
 
 CSS = """
 .difflab-error { color: #b91c1c; font-weight: 600; }
