@@ -29,7 +29,6 @@ AbsRel and delta1 (Sec. 4.1), and the order of every pair of objects.
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -40,7 +39,7 @@ from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from difflab.data.text_scenes import TextDataConfig, captioned_scenes
-from difflab.diffusion.objectives import to_eps_x0
+from difflab.diffusion.denoiser import Denoiser
 from difflab.errors import DifflabError, check_choice, check_int
 from difflab.models import depth_eval, t2i
 from difflab.models.codecs import Latents, cached_latents
@@ -50,7 +49,7 @@ from difflab.models.depth_eval import depth_image, grid_images, grid_panels
 from difflab.models.family import Family, Preset
 from difflab.models.instruct import InstructNet
 from difflab.models.recipe import DiffusionConfig, SampleConfig, check_sampling, run_sampler
-from difflab.models.runs import checkpoint_id, load_latest_weights, load_run_config
+from difflab.models.runs import checkpoint_id, load_latest_weights, load_run_config, read_run_config
 from difflab.models.system import DiffusionSystem, ImageNoise, TrainingParts, train_system
 from difflab.models.t2i_network import build_network
 from difflab.models.text_encoder import load_text_encoder
@@ -94,13 +93,6 @@ class DepthConfig:
         check_int("ensemble", self.ensemble, 1, 100)
 
 
-def _kind(run_dir: Path) -> str:
-    try:
-        return json.loads((run_dir / "config.json").read_text())["kind"]
-    except (OSError, ValueError, KeyError) as err:
-        raise DifflabError(f"base '{run_dir}' is not a run directory with a config.json ({err})") from err
-
-
 def resolve(cfg: DepthConfig, *, attach: bool = True) -> DepthConfig:
     """The run record: the base's path and checkpoint, the painter, and the painter's scenes, UNet and
     diffusion process. A base must be a latent run on a world where depth can be seen."""
@@ -110,7 +102,7 @@ def resolve(cfg: DepthConfig, *, attach: bool = True) -> DepthConfig:
                                "on a perspective world, e.g. 'difflab train --preset t2i_demo --set "
                                "data.world=depth32 ...', or a depth run to fine-tune end to end)")  # fmt: skip
         path = Path(cfg.base).expanduser().resolve()
-        kind = _kind(path)
+        kind = read_run_config(path)[0]
         if kind == "depth":
             painter = Path(load_config(path).painter)
         elif kind == "t2i":
@@ -237,6 +229,14 @@ def _parts(cfg: DepthConfig):
     return painter_cfg, ImageCondition(encoder, codec, pooled=bool(cfg.unet.pooled_dim)), codec
 
 
+def one_step(network: nn.Module, cfg: DepthConfig, schedule, cond: dict, b: int, device) -> tuple[torch.Tensor,
+                                                                                          torch.Tensor]:
+    """Garcia et al.'s deterministic step: the zero latent (the noise's mean) at t = T - 1, read as x0 by the
+    network's prediction type (:class:`~difflab.diffusion.denoiser.Denoiser`). Returns (x, x0_hat)."""
+    x = torch.zeros(b, cfg.unet.in_channels, cfg.unet.image_size, cfg.unet.image_size, device=device)
+    return x, Denoiser(network, schedule, cfg.diffusion.prediction)(x, schedule.timesteps - 1, **cond)[1]
+
+
 def end_to_end_loss(cfg: DepthConfig, schedule, conditioner, codec):
     """Garcia et al. (2025, Sec. 4): one step at t = T - 1 from the zero latent, x0 read from the network's
     v-prediction, decoded by the frozen autoencoder, the depth the channels' mean; the loss is the mean
@@ -245,11 +245,7 @@ def end_to_end_loss(cfg: DepthConfig, schedule, conditioner, codec):
     def loss_fn(network: nn.Module, batch: dict, generator: torch.Generator):
         truth = batch["depth"]
         b, dev = truth.shape[0], truth.device
-        cond = conditioner.for_training(batch, generator, b, dev)
-        x = torch.zeros(b, cfg.unet.in_channels, cfg.unet.image_size, cfg.unet.image_size, device=dev)
-        t = torch.full((b,), schedule.timesteps - 1, device=dev, dtype=torch.long)
-        alpha, sigma = (v.to(dev, torch.float32).view(-1, 1, 1, 1) for v in schedule.alpha_sigma(t.cpu()))
-        _, x0 = to_eps_x0(cfg.diffusion.prediction, network(x, t, **cond), x, alpha, sigma)
+        _, x0 = one_step(network, cfg, schedule, conditioner.for_training(batch, generator, b, dev), b, dev)
         depth = codec.autoencoder.decode(x0 / codec.scale).mean(dim=1)  # (B, H, W), unclamped: gradients flow
         aligned, _, _ = align_scale_shift(depth, truth)
         return ((aligned - truth) ** 2).mean(), {}
@@ -261,7 +257,7 @@ def train(cfg: DepthConfig, run_dir: str | Path, *, resume: bool = False) -> Pat
     """Train the estimator into ``run_dir`` (config.json, checkpoints/, metrics.jsonl, samples/step_*.png and
     samples.png: the grid's images and estimates)."""
     cfg = resolve(cfg)
-    base_kind = _kind(Path(cfg.base))
+    base_kind = read_run_config(cfg.base)[0]
 
     def parts(run_dir: Path) -> TrainingParts:
         painter_cfg, conditioner, codec = _parts(cfg)
@@ -318,12 +314,7 @@ def estimate(system: DiffusionSystem, cfg: DepthConfig, images: torch.Tensor, *,
             part = images[start : start + batch_size]
             cond, _ = system.conditioner.condition(part, len(part), device, seed=seed)
             if cfg.objective == "end_to_end":
-                x = torch.zeros(len(part), cfg.unet.in_channels, cfg.unet.image_size, cfg.unet.image_size,
-                                device=device)  # fmt: skip
-                t = torch.full((len(part),), schedule.timesteps - 1, dtype=torch.long)
-                alpha, sigma = (v.to(device, torch.float32).view(-1, 1, 1, 1) for v in schedule.alpha_sigma(t))
-                t = t.to(device)
-                x0 = to_eps_x0(cfg.diffusion.prediction, system.network(x, t, **cond), x, alpha, sigma)[1]
+                x, x0 = one_step(system.network, cfg, schedule, cond, len(part), device)
                 if callback is not None and m == start == 0:
                     system.codec.preview(callback)(0, x, schedule.timesteps - 1, x0)
             else:
