@@ -32,7 +32,7 @@ import numpy as np
 
 from difflab.errors import DifflabError
 from difflab.world import camera, perspective
-from difflab.world.pixels import as_image, components, majority_3x3
+from difflab.world.pixels import as_image, components, grown, majority_3x3
 from difflab.world.scene import COLORS, PALETTE, SHAPES, Obj, Scene, WorldConfig
 from difflab.world.shapes import shape_coverage, shape_inside
 
@@ -139,13 +139,8 @@ def _soft_mask(coverage: np.ndarray, dist: np.ndarray, comp: np.ndarray) -> np.n
     h, w = coverage.shape
     region = np.zeros((h, w), dtype=bool)
     region[comp[:, 0], comp[:, 1]] = True
-    grown = region.copy()
-    grown[1:] |= region[:-1]
-    grown[:-1] |= region[1:]
-    grown[:, 1:] |= region[:, :-1]
-    grown[:, :-1] |= region[:, 1:]
     solid = region & (dist >= _STRONG)
-    return np.where(solid, 1.0, coverage * grown)
+    return np.where(solid, 1.0, coverage * grown(region))
 
 
 def _fit(soft: np.ndarray, seen: np.ndarray, cfg: WorldConfig, min_area: float):

@@ -58,3 +58,14 @@ def majority_3x3(labels: np.ndarray, pix: np.ndarray, hw: tuple[int, int]) -> np
         votes[:, 1 + dr : hw[0] + 1 + dr, 1 + dc : hw[1] + 1 + dc] for dr in (-1, 0, 1) for dc in (-1, 0, 1)
     )
     return ks[box[:, pix[:, 0], pix[:, 1]].argmax(axis=0)]
+
+
+def grown(region: np.ndarray) -> np.ndarray:
+    """A boolean (H, W) region grown by one pixel (4-connected): where a soft mask also counts the faint
+    anti-aliased rim just outside an object's thresholded pixels."""
+    out = region.copy()
+    out[1:] |= region[:-1]
+    out[:-1] |= region[1:]
+    out[:, 1:] |= region[:, :-1]
+    out[:, :-1] |= region[:, 1:]
+    return out

@@ -28,6 +28,7 @@ from difflab.errors import DifflabError
 from difflab.world.perspective_reader import read_perspective
 from difflab.world.pixels import as_image as _as_image
 from difflab.world.pixels import components as _components
+from difflab.world.pixels import grown
 from difflab.world.pixels import majority_3x3 as _majority_3x3
 from difflab.world.scene import COLORS, PALETTE, SHAPES, SIZES, Obj, Scene, WorldConfig
 from difflab.world.shapes import shape_coverage
@@ -163,12 +164,7 @@ def _soft_mask(img, bg, pix, color: str) -> np.ndarray:
     direction = np.asarray(PALETTE[color]) - bg
     region = np.zeros((h, w), dtype=bool)
     region[pix[:, 0], pix[:, 1]] = True
-    grown = region.copy()
-    grown[1:] |= region[:-1]
-    grown[:-1] |= region[1:]
-    grown[:, 1:] |= region[:, :-1]
-    grown[:, :-1] |= region[:, 1:]
-    return np.clip((img - bg) @ direction / (direction @ direction), 0.0, 1.0) * grown  # (H, W)
+    return np.clip((img - bg) @ direction / (direction @ direction), 0.0, 1.0) * grown(region)  # (H, W)
 
 
 def _fit(soft: np.ndarray, cfg: WorldConfig) -> tuple[str, str, float, float, float] | None:
