@@ -10,16 +10,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from difflab.app.pictures import colormapped, enlarge, strip
 from difflab.app.status import error_html, note_html
 from difflab.diffusion.discretization import SPACINGS
 from difflab.errors import DifflabError, check_choice, check_int, check_seed
 from difflab.models import depth, depth_eval
-from difflab.models.depth_align import abs_rel, align_scale_shift, delta1
+from difflab.models.depth_align import align_scale_shift
 from difflab.models.registry import family_of_run
-from difflab.world.render import render
 
 MAX_SCENES = 8
 """Most scenes one press estimates (``difflab eval`` scores hundreds)."""
@@ -63,19 +61,16 @@ def estimate_scenes(run_dir: str, seed, n, steps, ensemble, spacing) -> DepthVie
     steps = check_int("steps", steps, 1, cfg.diffusion.timesteps)
     ensemble = check_int("ensemble", ensemble, 1, 100)
     spacing = check_choice("timestep spacing", spacing, SPACINGS)
-    world = cfg.data.world_config()
-    drawn = [render(s, world) for s in depth_eval.eval_scenes(world, n, seed)]
-    images = depth_eval.to_images(drawn)
-    truth = torch.from_numpy(np.stack([r.depth for r in drawn]))
+    images, truth, masks = depth_eval.held_out(cfg.data.world_config(), n, seed)
     pred, _ = depth.estimate(system, cfg, images, steps=steps, ensemble=ensemble, spacing=spacing, seed=seed)
-    aligned = align_scale_shift(pred.double(), truth.double())[0]
-    rel = abs_rel(aligned, truth.double(), reduction="none").tolist()
-    d1 = delta1(aligned, truth.double(), reduction="none").tolist()
+    scores = depth_eval.score(pred, truth, masks)  # per image, after least-squares alignment
+    rel, d1 = scores["abs_rel"].tolist(), scores["delta1"].tolist()
+    aligned = align_scale_shift(pred.double(), truth.double())[0]  # what the tiles show
     rows = []
-    for r, t, a in zip(drawn, truth, aligned, strict=True):
+    for x, t, a in zip(images, truth, aligned, strict=True):
         lo, hi = float(t.min()), float(t.max())  # truth and estimate share the scene's range
         error = ((a - t).abs() / t).numpy()
-        image = np.round(r.image * 255).astype(np.uint8)
+        image = np.round((x.permute(1, 2, 0).numpy() + 1) * 127.5).astype(np.uint8)
         rows.append([image, colormapped((t.numpy() - lo) / (hi - lo)),
                      colormapped((a.clamp(lo, hi).numpy() - lo) / (hi - lo)), colormapped(error, vmax=0.1)])
     how = "one step at t = T - 1" if cfg.objective == "end_to_end" else f"{steps} steps, {spacing}, ensemble {ensemble}"

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 
 from difflab import cli_types
@@ -15,7 +14,6 @@ from difflab.models.registry import family_of_run
 from difflab.outputs import image_file, shown
 from difflab.train.device import resolve_device
 from difflab.viz import save_captioned_grid
-from difflab.world.render import render
 
 
 def register(subparsers) -> None:
@@ -58,11 +56,8 @@ def _depth(args) -> int:
     system, cfg = depth.load_model(args.run_dir, device=str(resolve_device(args.device or "auto")))
     sampling = {"steps": args.steps, "ensemble": args.ensemble, "sampler": args.sampler, "spacing": args.spacing}
     if args.examples is not None:
-        world = cfg.data.world_config()
-        renderings = [render(s, world) for s in depth_eval.eval_scenes(world, args.examples, args.seed)]
-        images = depth_eval.to_images(renderings)
+        images, truth, _ = depth_eval.held_out(cfg.data.world_config(), args.examples, args.seed)
         pred, _ = depth.estimate(system, cfg, images, seed=args.seed, **sampling)
-        truth = torch.from_numpy(np.stack([r.depth for r in renderings]))
         path = depth_eval.save_examples(images, truth, pred, out)
         print(f"wrote {args.examples} held-out scenes (image | truth | estimate | error) to {shown(path, args.out)}")
         return 0

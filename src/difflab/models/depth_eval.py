@@ -48,15 +48,17 @@ def eval_scenes(world, n: int, seed: int = 0) -> list[Scene]:
     return [scene_at(world, EVAL_SEED + seed, i) for i in range(n)]
 
 
-def to_images(renderings: list) -> torch.Tensor:
-    """Rendered images as a batch (N, 3, H, W) in [-1, 1]."""
-    return torch.from_numpy(np.stack([r.image for r in renderings])).permute(0, 3, 1, 2) * 2 - 1
+def held_out(world, n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Held-out scenes ``0..n-1`` of ``seed`` rendered: images (N, 3, H, W) in [-1, 1], their true depth
+    (N, H, W) and instance masks (N, H, W)."""
+    drawn = [render(s, world) for s in eval_scenes(world, n, seed)]
+    images = torch.from_numpy(np.stack([r.image for r in drawn])).permute(0, 3, 1, 2) * 2 - 1
+    return images, *(torch.from_numpy(np.stack([getattr(r, f) for r in drawn])) for f in ("depth", "mask"))
 
 
 def grid_images(cfg) -> torch.Tensor:
     """The training grid's images: the first ``sample.grid`` held-out scenes."""
-    world = cfg.data.world_config()
-    return to_images([render(s, world) for s in eval_scenes(world, cfg.sample.grid)])
+    return held_out(cfg.data.world_config(), cfg.sample.grid)[0]
 
 
 def colorize(depth: torch.Tensor) -> torch.Tensor:
@@ -120,10 +122,7 @@ def evaluate(estimator, codec, cfg, n: int, *, seed: int = 0, **sampling) -> dic
     steps, ensemble, sampler, spacing, None the run's) on ``n`` held-out scenes, beside the empty world and
     the ceiling of ``codec`` (the base's autoencoder)."""
     world = cfg.data.world_config()
-    renderings = [render(s, world) for s in eval_scenes(world, n, seed)]
-    images = to_images(renderings)
-    truth = torch.from_numpy(np.stack([r.depth for r in renderings]))
-    masks = torch.from_numpy(np.stack([r.mask for r in renderings]))
+    images, truth, masks = held_out(world, n, seed)
     start = time.perf_counter()
     pred = estimator(images)
     seconds = (time.perf_counter() - start) / n
