@@ -13,17 +13,7 @@ import platform
 
 import torch
 
-
-def cpu_model() -> str:
-    """The CPU's model name ('AMD EPYC'), which ``platform`` does not give on Linux (it says 'x86_64')."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+from difflab.train.device import cpu_model
 
 
 def machine(diffusers: bool = False) -> dict:

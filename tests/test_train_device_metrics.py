@@ -1,5 +1,8 @@
 """Device resolution and the metrics.jsonl log."""
 
+import platform
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -35,3 +38,16 @@ def test_metrics_append_truncate_and_survive_a_torn_line(tmp_path):
     assert read_metrics(log.path) == [{"step": s, "loss": 1.0 / s} for s in (1, 2, 3)]
     log.log({"step": 4, "loss": float("nan")})
     assert read_metrics(log.path)[-1] == {"step": 4, "loss": "nan"}
+
+
+def test_cpu_model_names_the_processor_not_the_architecture():
+    """On Linux the model name comes from /proc/cpuinfo (``platform.processor()`` is empty there, and
+    'x86_64' would make two machines' timings look comparable when they are not)."""
+    from difflab.train.device import cpu_model
+
+    text = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
+    names = [line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("model name")]
+    if names:
+        assert cpu_model() == names[0]
+    else:  # no /proc/cpuinfo (macOS, Windows): what platform says
+        assert cpu_model() in (platform.processor(), platform.machine())

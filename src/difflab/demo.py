@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import platform
 import time
 from collections import Counter
 from pathlib import Path
@@ -43,7 +42,7 @@ from difflab.models.registry import get_family, get_preset
 from difflab.models.runs import has_checkpoints
 from difflab.models.text_encoder import export_text_encoder
 from difflab.outputs import image_folder
-from difflab.train.device import resolve_device
+from difflab.train.device import cpu_model, resolve_device
 from difflab.train.side_by_side import Job, run_side_by_side
 from difflab.viz import save_captioned_grid, save_grid
 from difflab.world.check import check_reader
@@ -140,7 +139,7 @@ def run_demo(args) -> int:
     report: dict = {
         "preset": args.preset,
         "overrides": list(args.overrides),
-        "machine": {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
+        "machine": {"cpu": cpu_model(), "threads": torch.get_num_threads(),
                     "torch": torch.__version__},
         "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }  # fmt: skip
