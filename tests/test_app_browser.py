@@ -44,11 +44,24 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def app_url(tiny_t2i_base):
-    """The page, with the tiny text-to-image run offered in Generate and Train, served until the module ends."""
+def tiny_control(tiny_t2i_base, tmp_path_factory):
+    """A ControlNet on the tiny run's edges after 10 steps (about 3 s): enough for the Control tab to draw."""
+    from difflab.config import apply_overrides
+    from difflab.models import control
+    from difflab.models.registry import get_preset
+
+    cfg = apply_overrides(get_preset("controlnet_tiny").build(),
+                          [f"base={tiny_t2i_base}", "train.steps=10", "sample.grid=4"])  # fmt: skip
+    return control.train(cfg, tmp_path_factory.mktemp("browser_control") / "edges")
+
+
+@pytest.fixture(scope="module")
+def app_url(tiny_t2i_base, tiny_control):
+    """The page, with the tiny text-to-image run offered in Generate, Edit (Prompt-to-Prompt) and Train, and
+    its ControlNet in Control, served until the module ends."""
     from difflab.app.page import build_page, serve
 
-    page = build_page([str(tiny_t2i_base)])
+    page = build_page([str(tiny_t2i_base), str(tiny_control)])
     url = serve(page, "127.0.0.1", _free_port())
     yield url
     page.close()
@@ -128,6 +141,7 @@ def test_generate_tab_draws_a_prompt_with_the_readers_verdict(tab, app_url):
         assert any(mark in verdicts.nth(i).inner_text() for mark in ("✓ holds", "✗ fails"))
     expect(tab.locator("#generate-status")).to_contain_text("4 images of 'a red circle'")
     expect(tab.locator("#generate-trajectory img")).to_be_visible()  # x_t and x0-hat at the last step
+    expect(tab.locator("#generate-attention img").first).to_be_visible()  # the image, then a map per word
     _screenshot(tab, "generate")
 
     tab.locator("#generate-prompt textarea").fill("")
@@ -164,3 +178,46 @@ def test_schedules_and_train_tabs(tab, app_url, tiny_t2i_base, tmp_path):
     expect(tab.locator("#train-status")).to_contain_text(
         f"difflab: error: '{tmp_path}' is not a difflab run directory (no config.json)"
     )
+
+
+def test_edit_tab_runs_prompt_to_prompt_with_verdicts(tab, app_url):
+    from playwright.sync_api import expect
+
+    tab.goto(app_url)
+    tab.get_by_role("tab", name="Edit").click()
+    expect(tab.locator("#edit-status")).to_contain_text("edited by Prompt-to-Prompt")  # a t2i run: P2P
+    tab.locator("#p2p-source textarea").fill("a red circle")
+    tab.locator("#p2p-target textarea").fill("a blue circle")
+    tab.locator("#p2p-go").click()
+    # two rows of source | Prompt-to-Prompt | the naive regeneration, each under the reader's reading
+    expect(tab.locator("#edit-gallery img")).to_have_count(6, timeout=GENERATE_SECONDS * 1000)
+    verdicts = tab.locator("#edit-verdicts li")
+    expect(verdicts).to_have_count(6)
+    for i, column in enumerate(("source", "Prompt-to-Prompt", "naive") * 2):
+        expect(verdicts.nth(i)).to_contain_text(f"{column}: ")
+        expect(verdicts.nth(i)).to_contain_text("the reader reads:")
+    _screenshot(tab, "edit")
+
+    tab.locator("#p2p-target textarea").fill("")
+    tab.locator("#p2p-go").click()
+    expect(tab.locator("#edit-status")).to_contain_text("difflab: error:")
+    expect(tab.locator("#edit-status")).to_contain_text("target")
+
+
+def test_control_tab_draws_under_a_scenes_condition(tab, app_url):
+    from playwright.sync_api import expect
+
+    tab.goto(app_url)
+    tab.get_by_role("tab", name="Control").click()
+    expect(tab.locator("#control-status")).to_contain_text("a ControlNet on edges")
+    expect(tab.locator("#control-condition img")).to_be_visible()  # the scene's edges, before generating
+    tab.locator("#control-go").click()
+    expect(tab.locator("#control-gallery img")).to_have_count(4, timeout=GENERATE_SECONDS * 1000)
+    verdicts = tab.locator("#control-verdicts li")
+    expect(verdicts).to_have_count(4)
+    expect(verdicts.first).to_contain_text("the reader reads:")
+    _screenshot(tab, "control")
+
+    tab.locator("#control-prompt textarea").fill("a purple circle")  # a word the run's tokenizer never saw
+    tab.locator("#control-go").click()
+    expect(tab.locator("#control-status")).to_contain_text("difflab: error: unknown word 'purple'")
