@@ -27,15 +27,16 @@ class MultiHeadAttention(nn.Module):
     :mod:`difflab.nn.transformer`).
     """
 
-    def __init__(self, dim: int, heads: int, context_dim: int | None = None):
+    def __init__(self, dim: int, heads: int, context_dim: int | None = None, *, qkv_bias: bool = False):
         super().__init__()
         if dim % heads:
             raise ValueError(f"attention width {dim} is not divisible by heads={heads}")
         self.heads = heads
         context_dim = context_dim or dim
-        self.to_q = nn.Linear(dim, dim, bias=False)
-        self.to_k = nn.Linear(context_dim, dim, bias=False)
-        self.to_v = nn.Linear(context_dim, dim, bias=False)
+        # Stable Diffusion's q, k, v projections have no bias; GPT-2's fused c_attn has one (``qkv_bias``).
+        self.to_q = nn.Linear(dim, dim, bias=qkv_bias)
+        self.to_k = nn.Linear(context_dim, dim, bias=qkv_bias)
+        self.to_v = nn.Linear(context_dim, dim, bias=qkv_bias)
         self.to_out = nn.Linear(dim, dim)
         self.probs_hook = None
         """``hook(probs) -> probs | None``, called with the attention probabilities (B, heads, N, M) when

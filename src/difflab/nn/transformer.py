@@ -1,4 +1,4 @@
-"""The pre-norm transformer encoder shared by the ViT image tower and the text tower of CLIP.
+"""The pre-norm transformer of the ViT image tower, CLIP's text tower and GPT-2 (:mod:`difflab.nn.gpt`).
 
 A block is ``x + Attn(LN(x))`` then ``x + MLP(LN(x))`` (the "pre-LN" ordering of Xiong et al. 2020, used
 by GPT-2 and CLIP): the residual stream is never normalised, so a deep stack trains without warmup tricks.
@@ -31,17 +31,24 @@ def check_mlp_ratio(mlp_ratio: float, width: int) -> float:
 
 
 class TransformerBlock(nn.Module):
-    """One pre-norm block: (B, N, dim) -> (B, N, dim)."""
+    """One pre-norm block: (B, N, dim) -> (B, N, dim).
 
-    def __init__(self, dim: int, heads: int, mlp_ratio: float = 4.0, dropout: float = 0.0):
+    ``qkv_bias`` and ``gelu_approximate='tanh'`` give GPT-2's block (:mod:`difflab.nn.gpt`): biased query,
+    key and value projections, and the tanh approximation of GELU that GPT-2 was trained with
+    (Hendrycks & Gimpel 2016, Sec. 2; transformers calls it ``gelu_new``). The defaults are CLIP's and
+    ViT's exact (erf) GELU and bias-free projections."""
+
+    def __init__(self, dim: int, heads: int, mlp_ratio: float = 4.0, dropout: float = 0.0, *,
+                 qkv_bias: bool = False, gelu_approximate: str = "none"):  # fmt: skip
         super().__init__()
         hidden = int(dim * mlp_ratio)
         self.norm1 = nn.LayerNorm(dim)
-        self.attn = MultiHeadAttention(dim, heads)
+        self.attn = MultiHeadAttention(dim, heads, qkv_bias=qkv_bias)
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = nn.Sequential(
-            nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim), nn.Dropout(dropout)
-        )
+            nn.Linear(dim, hidden), nn.GELU(approximate=gelu_approximate), nn.Linear(hidden, dim),
+            nn.Dropout(dropout),
+        )  # fmt: skip
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
