@@ -20,7 +20,8 @@ from difflab.errors import DifflabError
 from difflab.models import pixel
 from difflab.models.registry import get_family, get_preset
 
-TINY_PRESETS = ("tiny", "vae_tiny", "ldm_tiny", "clip_tiny", "planner_tiny", "t2i_tiny", "t2i_mmdit_tiny")
+TINY_PRESETS = ("tiny", "vae_tiny", "ldm_tiny", "clip_tiny", "planner_tiny", "t2i_tiny", "t2i_mmdit_tiny", "lm_tiny",
+                "vlm_tiny")
 
 
 def refused(argv: list[str], capsys) -> str:

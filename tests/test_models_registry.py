@@ -21,7 +21,8 @@ from difflab.nn.unet import count_parameters
 def test_every_preset_resolves_builds_and_takes_one_step():
     # nerfstudio-style smoke test over every preset of every family: the request resolves (without parent
     # runs) into a record whose network trains a step at batch 2.
-    assert set(FAMILIES) == {"pixel", "vae", "ldm", "clip", "planner", "t2i", "control", "lora", "instruct", "depth"}
+    assert set(FAMILIES) == {"pixel", "vae", "ldm", "clip", "planner", "t2i", "control", "lora", "instruct", "depth",
+                             "lm", "vlm"}  # fmt: skip
     for name, preset in PRESETS.items():
         family = FAMILIES[preset.family]
         record = family.resolve(preset.build(), attach=False)

@@ -14,11 +14,11 @@ from difflab.app import cli as app_cli
 from difflab.diffusion import cli as diffusion_cli
 from difflab.errors import DifflabError
 from difflab.models import cli as models_cli
-from difflab.models import depth_cli, export_cli, instruct_cli, p2p_cli
+from difflab.models import depth_cli, export_cli, instruct_cli, p2p_cli, vlm_cli
 from difflab.world import cli as world_cli
 
 # Modules that define a ``register(subparsers)`` function, in the order ``--help`` lists them.
-COMMAND_MODULES = (demo, models_cli, p2p_cli, instruct_cli, depth_cli, export_cli, world_cli, diffusion_cli,
+COMMAND_MODULES = (demo, models_cli, p2p_cli, instruct_cli, depth_cli, vlm_cli, export_cli, world_cli, diffusion_cli,
                    app_cli)  # fmt: skip
 
 

@@ -6,14 +6,14 @@ from __future__ import annotations
 from pathlib import Path
 
 from difflab.errors import check_choice
-from difflab.models import adapt, clip, control, depth, instruct, ldm, pixel, planner, t2i, vae
+from difflab.models import adapt, clip, control, depth, instruct, ldm, lm, pixel, planner, t2i, vae, vlm
 from difflab.models.family import Family, Preset
 from difflab.models.runs import read_run_config
 
 FAMILIES: dict[str, Family] = {
     f.name: f
     for f in (pixel.FAMILY, vae.FAMILY, ldm.FAMILY, clip.FAMILY, planner.FAMILY, t2i.FAMILY, control.FAMILY,
-              adapt.FAMILY, instruct.FAMILY, depth.FAMILY)
+              adapt.FAMILY, instruct.FAMILY, depth.FAMILY, lm.FAMILY, vlm.FAMILY)
 }
 
 PRESETS: dict[str, Preset] = {}

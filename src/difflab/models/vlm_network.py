@@ -1,0 +1,198 @@
+"""A vision-language model as one module: a vision encoder, a connector, and a language model, fused one of
+two ways. Every design of the controlled comparison (docs/vlm.md) is this class with other settings.
+
+    images (B, 3, S, S)
+      -> vision encoder: a ViT's patch features at layer ``vision_layer``   (B, N, d_vision)
+         (LLaVA reads CLIP's penultimate layer, Liu et al. 2023, Sec. 4.1; the class token is dropped)
+      -> connector                                                         (B, K, d)
+           linear     LLaVA 1.0: H_v = W Z_v (Eq. 1), after average-pooling the grid to K tokens
+           mlp        LLaVA-1.5: Linear -> GELU -> Linear, pooled the same way
+           perceiver  Flamingo's resampler: K learned latents read the patches (Sec. 2.1)
+           qformer    BLIP-2's Q-Former: K learned queries (Sec. 3.1); InstructBLIP also feeds it the
+                      instruction (Dai et al. 2023, Sec. 2.3)
+      -> fusion
+           autoregressive   the K visual tokens are the first K inputs of the LM (LLaVA, BLIP-2's
+                            soft prompt): logits = LM([H_v; embed(text)])
+           cross_attention  the LM reads them through gated cross-attention layers before every n-th
+                            block, tanh gates at 0 (Flamingo, Sec. 2.2): logits = LM(text, hook)
+
+The text is ``<bos> prompt target <eos>``: a question and its answer, or the instruction
+:data:`CAPTION_PROMPT` and a caption. The loss is next-token cross-entropy on the target and ``<eos>``
+only (LLaVA trains on the answers, never on the instruction, Sec. 4.2).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from difflab.errors import DifflabError
+from difflab.nn.connectors import LinearProjector, MLPProjector, PerceiverResampler, TokenPool
+from difflab.nn.flamingo import FlamingoLayers
+from difflab.nn.gpt import GPT
+from difflab.nn.qformer import QFormer
+from difflab.nn.vit import VisionTransformer
+from difflab.text.normalize import normalize
+
+CONNECTORS = ("linear", "mlp", "perceiver", "qformer")
+FUSIONS = ("autoregressive", "cross_attention")
+CAPTION_PROMPT = "describe the image ."
+"""The instruction that asks for a caption (the LM's tokenizer adds 'describe' and 'image' to the world's
+words)."""
+IGNORE = -100
+"""Label of a position the loss skips (the visual tokens, ``<bos>``, the prompt, padding)."""
+
+
+def patch_features(vit: VisionTransformer, images: torch.Tensor, layer: int) -> torch.Tensor:
+    """(B, 3, S, S) -> (B, N, width): the ViT's patch tokens after block ``layer`` (negative: from the end;
+    -1 is the last block, before the final LayerNorm), the class token dropped."""
+    depth = len(vit.transformer.blocks)
+    stop = layer % depth + 1  # blocks [0, stop) run
+    b = images.shape[0]
+    x = vit.patch_embed(images).flatten(2).transpose(1, 2)  # (B, N, D)
+    x = torch.cat([vit.cls_token.expand(b, 1, -1), x], dim=1) + vit.pos_embed  # (B, 1 + N, D)
+    x = vit.norm_pre(x)
+    for block in vit.transformer.blocks[:stop]:
+        x = block(x)
+    return x[:, 1:]
+
+
+class VisionLanguageModel(nn.Module):
+    """Vision encoder + connector + LM; see the module docstring. ``freeze_vision`` keeps the encoder's
+    weights out of training and the encoder in eval mode (LLaVA, Flamingo and BLIP-2 all freeze it). Load a
+    pretrained encoder's weights into ``vision`` before building: the blocks after ``vision_layer`` are dropped."""
+
+    def __init__(self, vision: VisionTransformer, lm: GPT, *, connector: str, fusion: str, visual_tokens: int,
+                 vision_layer: int = -2, freeze_vision: bool = True, cross_every: int = 1,
+                 qformer_depth: int = 2, instruct: bool = False, vocab_size: int | None = None) -> None:  # fmt: skip
+        super().__init__()
+        if connector not in CONNECTORS:
+            raise DifflabError(f"unknown connector '{connector}'; expected one of {', '.join(CONNECTORS)}")
+        if fusion not in FUSIONS:
+            raise DifflabError(f"unknown fusion '{fusion}'; expected one of {', '.join(FUSIONS)}")
+        if instruct and connector != "qformer":
+            raise DifflabError(f"instruct=True feeds the instruction to a Q-Former; connector is '{connector}'")
+        # The blocks after vision_layer and the final LayerNorm are never read: they are dropped, so that a
+        # ViT trained from scratch has no weights without gradients (and a frozen one carries no dead weight).
+        depth = len(vision.transformer.blocks)
+        if not -depth <= vision_layer < depth:
+            raise DifflabError(f"vision_layer {vision_layer} is outside the ViT's {depth} blocks; expected "
+                               f"{-depth}..{depth - 1}")  # fmt: skip
+        vision.transformer.blocks = vision.transformer.blocks[: vision_layer % depth + 1]
+        vision.norm_post = nn.Identity()
+        self.vision, self.lm = vision, lm
+        self.connector_name, self.fusion, self.instruct = connector, fusion, instruct
+        self.freeze_vision = freeze_vision
+        if freeze_vision:
+            vision.requires_grad_(False)
+        d_vision, d_lm, n = vision.cfg.width, lm.cfg.width, vision.cfg.num_patches
+        self.pool = None
+        if connector in ("linear", "mlp"):
+            if visual_tokens != n:
+                self.pool = TokenPool(visual_tokens)
+            self.connector = (LinearProjector if connector == "linear" else MLPProjector)(d_vision, d_lm)
+        elif connector == "perceiver":
+            self.connector = PerceiverResampler(d_vision, d_lm, visual_tokens, depth=2, heads=lm.cfg.heads,
+                                                num_patches=n)
+        else:  # the Q-Former reads the world's words (its ITG head and InstructBLIP's instruction)
+            self.connector = QFormer(visual_tokens, d_lm, qformer_depth, lm.cfg.heads, d_vision,
+                                     vocab_size or lm.cfg.vocab_size, lm.cfg.context_length)  # fmt: skip
+            self.qformer_proj = nn.Linear(d_lm, d_lm)  # BLIP-2's fully-connected layer into the LM (Fig. 3)
+        self.flamingo = (
+            FlamingoLayers(d_lm, d_lm, len(lm.blocks), cross_every, lm.cfg.heads)
+            if fusion == "cross_attention" else None
+        )  # fmt: skip
+        self.visual_tokens = visual_tokens
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.freeze_vision:  # a frozen encoder keeps its eval-mode behaviour (no dropout) while training
+            self.vision.eval()
+        return self
+
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, S, S) -> patch features (B, N, d_vision); no graph through a frozen encoder."""
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.freeze_vision):
+            return patch_features(self.vision, images, -1)  # its last block is vision_layer (see __init__)
+
+    def visual(self, images: torch.Tensor, instruction: tuple[torch.Tensor, torch.Tensor] | None = None):
+        """(B, 3, S, S) -> the K visual tokens (B, K, d_lm) the LM reads. ``instruction``: (ids, mask) of the
+        prompt, read by an instruction-aware Q-Former (InstructBLIP) and ignored otherwise."""
+        z = self.features(images)
+        if self.connector_name == "qformer":
+            ids, mask = instruction if (self.instruct and instruction is not None) else (None, None)
+            return self.qformer_proj(self.connector.encode_image(z, ids, mask))
+        if self.pool is not None:
+            z = self.pool(z)
+        return self.connector(z)
+
+    def forward(self, images: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor,
+                instruction: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:  # fmt: skip
+        """Images (B, 3, S, S) and text (B, L) -> next-token logits at the text positions (B, L, vocab)."""
+        h = self.visual(images, instruction)  # (B, K, D)
+        if self.flamingo is not None:
+            return self.lm(ids, mask=mask, hook=self.flamingo.hook(h))
+        k = h.shape[1]
+        embeds = torch.cat([h, self.lm.embed(ids)], dim=1)  # (B, K + L, D)
+        full_mask = torch.cat([torch.ones(mask.shape[0], k, dtype=torch.bool, device=mask.device), mask], dim=1)
+        return self.lm(embeds=embeds, mask=full_mask)[:, k:]  # (B, L, vocab)
+
+    def loss(self, images, ids, mask, labels, instruction=None) -> torch.Tensor:
+        """Mean next-token cross-entropy over the labelled positions: logits at text position j predict
+        ``labels[j + 1]``."""
+        logits = self(images, ids, mask, instruction)
+        return F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=IGNORE)
+
+    @torch.no_grad()
+    def generate(self, images: torch.Tensor, prompt_ids: list[list[int]], *, max_new_tokens: int, max_length: int,
+                 eos_id: int, pad_id: int, instruction=None) -> list[list[int]]:  # fmt: skip
+        """Greedy continuation of each row's ``<bos> prompt`` ids after its image; returns each row's new ids up
+        to (not including) ``<eos>``, at most ``max_new_tokens`` of them and never past ``max_length`` tokens in
+        the row (the text positions the model was trained on). Rows are right-padded; row i's next token is
+        read from the logits at its length - 1, which causal attention keeps independent of what follows."""
+        b = len(prompt_ids)
+        lengths = torch.tensor([len(p) for p in prompt_ids])
+        limits = torch.clamp(lengths + max_new_tokens, max=max_length)  # (B,): each row's last length
+        width = int(limits.max())
+        ids = torch.full((b, width), pad_id, dtype=torch.long)
+        for i, p in enumerate(prompt_ids):
+            ids[i, : len(p)] = torch.tensor(p)
+        device = images.device
+        ids, lengths, limits = ids.to(device), lengths.to(device), limits.to(device)
+        h = self.visual(images, instruction)
+        done = lengths >= limits
+        out: list[list[int]] = [[] for _ in range(b)]
+        rows = torch.arange(b, device=device)
+        while not bool(done.all()):
+            mask = torch.arange(width, device=device)[None] < lengths[:, None]  # (B, W)
+            if self.flamingo is not None:
+                logits = self.lm(ids, mask=mask, hook=self.flamingo.hook(h))
+            else:
+                k = h.shape[1]
+                embeds = torch.cat([h, self.lm.embed(ids)], dim=1)  # (B, K + W, D)
+                full = torch.cat([torch.ones(b, k, dtype=torch.bool, device=device), mask], dim=1)
+                logits = self.lm(embeds=embeds, mask=full)[:, k:]
+            nxt = logits[rows, lengths - 1].argmax(-1)  # (B,)
+            done = done | (nxt == eos_id)
+            grow = ~done
+            for i in torch.nonzero(grow).flatten().tolist():
+                out[i].append(int(nxt[i]))
+            ids[rows[grow], lengths[grow]] = nxt[grow]
+            lengths = lengths + grow.long()
+            done = done | (lengths >= limits)
+        return out
+
+
+def prompt_length(prompt: str) -> int:
+    """Tokens of ``<bos> prompt`` (the world's word tokenizer: one token per word or punctuation mark)."""
+    return 1 + len(normalize(prompt))
+
+
+def labels_for(ids: torch.Tensor, mask: torch.Tensor, prompt_lengths: list[int]) -> torch.Tensor:
+    """(B, L) labels: each row's ids after its ``<bos> prompt`` up to ``<eos>`` inclusive, :data:`IGNORE`
+    elsewhere (the prompt and padding)."""
+    labels = ids.masked_fill(~mask, IGNORE)
+    for i, n in enumerate(prompt_lengths):
+        labels[i, :n] = IGNORE
+    return labels
