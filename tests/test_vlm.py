@@ -148,7 +148,9 @@ def test_bad_configs_are_named():
     with pytest.raises(DifflabError, match="instruct=true feeds the question to a Q-Former"):
         dataclasses.replace(get_preset("vlm_tiny").build(), instruct=True)
     with pytest.raises(DifflabError, match="lm_mode 'lora' keeps an LM trained from scratch untrained"):
-        dataclasses.replace(get_preset("vlm_tiny").build(), lm_mode="lora")
+        _tiny(lm_mode="lora")
+    with pytest.raises(DifflabError, match="objective 'qformer' trains a Q-Former on captions with the LM frozen"):
+        dataclasses.replace(get_preset("vlm_tiny").build(), objective="qformer")
     with pytest.raises(DifflabError, match="context_length 16 is too short for 4 visual tokens and 24 text"):
         _tiny(lm_model=GPTConfig(context_length=16, width=32, depth=2, heads=2))
     with pytest.raises(DifflabError, match="vision_layer 5 is outside the ViT's 2 blocks"):

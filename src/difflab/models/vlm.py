@@ -45,11 +45,13 @@ from difflab.models.vlm_network import (
 )
 from difflab.nn.gpt import GPT, GPTConfig
 from difflab.nn.lora import add_lora, lora_layers
+from difflab.nn.qformer import stage1_losses
 from difflab.nn.vit import VisionTransformer, ViTConfig
 from difflab.train.config import TrainConfig
 from difflab.train.trainer import Trainer, make_loader
 
 LM_MODES = ("frozen", "lora", "full")
+OBJECTIVES = ("lm", "qformer")
 
 
 @dataclass(frozen=True)
@@ -85,6 +87,9 @@ class VLMConfig:
     """Flamingo: a gated cross-attention layer before every n-th LM block."""
     instruct: bool = False
     """InstructBLIP: the Q-Former also reads the question (connector 'qformer' only)."""
+    objective: str = "lm"
+    """'lm': next-token loss on the answers and captions (every design); 'qformer': BLIP-2's first stage
+    (Sec. 3.2), the Q-Former alone on captions with its three losses (ITC, ITM, ITG), the LM untouched."""
     init: str | None = None
     """A vlm run (stage 1) whose weights this run starts from."""
     init_checkpoint: str | None = None
@@ -106,9 +111,12 @@ class VLMConfig:
         check_int("vision_layer", self.vision_layer, -MAX_SIZE, MAX_SIZE)  # negative: from the last block
         if self.instruct and self.connector != "qformer":
             raise DifflabError(f"instruct=true feeds the question to a Q-Former; connector is '{self.connector}'")
-        if self.lm is None and self.lm_mode != "full":
-            raise DifflabError(f"lm_mode '{self.lm_mode}' keeps an LM trained from scratch untrained; give "
-                               "--set lm=RUN (difflab train --preset lm_world) or lm_mode=full")  # fmt: skip
+        check_choice("objective", self.objective, OBJECTIVES)
+        if self.objective == "qformer" and (self.connector != "qformer" or self.lm_mode != "frozen"
+                                            or self.data.caption_prob != 1.0):  # fmt: skip
+            raise DifflabError(f"objective 'qformer' trains a Q-Former on captions with the LM frozen; expected "
+                               f"connector=qformer, lm_mode=frozen and data.caption_prob=1, got "
+                               f"{self.connector}, {self.lm_mode}, {self.data.caption_prob:g}")  # fmt: skip
 
 
 def resolve(cfg: VLMConfig, *, attach: bool = True) -> VLMConfig:
@@ -125,6 +133,9 @@ def resolve(cfg: VLMConfig, *, attach: bool = True) -> VLMConfig:
                                f"draws {cfg.data.world_config().image_size}px ones")  # fmt: skip
         cfg = dataclasses.replace(cfg, vision=str(path), vision_scratch=vision,
                                   vision_checkpoint=checkpoint_id(path, "CLIP run"))  # fmt: skip
+    if attach and cfg.lm is None and cfg.lm_mode != "full":
+        raise DifflabError(f"lm_mode '{cfg.lm_mode}' keeps an LM trained from scratch untrained; give "
+                           "--set lm=RUN (difflab train --preset lm_world) or lm_mode=full")  # fmt: skip
     if attach and cfg.lm is not None:
         path = Path(cfg.lm).expanduser().resolve()
         pre = lm.load_config(path).model
@@ -190,6 +201,8 @@ def _initial_network(cfg: VLMConfig) -> VisionLanguageModel:
     elif cfg.lm_mode == "lora":
         model.lm.requires_grad_(False)
         add_lora(model.lm, cfg.lora_rank)  # only the adapters train
+    for p in model.unused_parameters(cfg.objective):
+        p.requires_grad_(False)
     return model
 
 
@@ -213,6 +226,8 @@ def _texts(batch_tasks, batch_questions, batch_answers) -> tuple[list[str], list
 
 def make_loss_fn(cfg: VLMConfig):
     tokenizer = make_tokenizer(cfg)
+    if cfg.objective == "qformer":
+        return _qformer_loss_fn(tokenizer)
 
     def loss_fn(model: VisionLanguageModel, batch: dict, generator: torch.Generator):
         prompts, texts = _texts(batch["task"], batch["question"], batch["answer"])
@@ -225,6 +240,20 @@ def make_loss_fn(cfg: VLMConfig):
     return loss_fn
 
 
+def _qformer_loss_fn(tokenizer):
+    """BLIP-2's representation learning: image-text contrast, matching with hard negatives and image-grounded
+    generation of the caption, summed (Sec. 3.2), on the frozen encoder's patch features."""
+
+    def loss_fn(model: VisionLanguageModel, batch: dict, generator: torch.Generator):
+        ids, mask = tokenizer.encode(list(batch["answer"]))  # the captions
+        device = batch["image"].device
+        losses = stage1_losses(model.connector, model.features(batch["image"]), ids.to(device), mask.to(device),
+                               generator)  # fmt: skip
+        return sum(losses.values()), {f"loss_{k}": v.detach() for k, v in losses.items()}
+
+    return loss_fn
+
+
 def _instruction(tokenizer, prompts: list[str], device) -> tuple[torch.Tensor, torch.Tensor]:
     ids, mask = tokenizer.encode(prompts)
     return ids.to(device), mask.to(device)
@@ -233,7 +262,7 @@ def _instruction(tokenizer, prompts: list[str], device) -> tuple[torch.Tensor, t
 def _model_config(cfg: VLMConfig) -> dict:
     d = to_dict(cfg)
     keys = ("vision_scratch", "vision_layer", "lm_model", "lm_mode", "lora_rank", "connector", "fusion",
-            "visual_tokens", "cross_every", "instruct")  # fmt: skip
+            "visual_tokens", "cross_every", "instruct", "objective")  # fmt: skip
     return {k: d[k] for k in keys}
 
 
@@ -315,12 +344,34 @@ def evaluate(run_dir: str | Path, n: int = 500, *, seed: int = 0, progress: bool
 
 
 def info_network(cfg: VLMConfig):
-    """The network with an example batch (``difflab info``)."""
+    """The network as a training holds it (frozen parts frozen, parents' weights left out) with an example batch
+    (``difflab info``); for BLIP-2's first stage, the Q-Former's summed losses are the output."""
     b, side = 2, cfg.vision_scratch.image_size
     model = build_network(cfg)
-    inputs = {"images": torch.zeros(b, 3, side, side), "ids": torch.zeros(b, cfg.text_length, dtype=torch.long),
-              "mask": torch.ones(b, cfg.text_length, dtype=torch.bool)}  # fmt: skip
+    if cfg.lm_mode != "full":
+        for n, p in model.lm.named_parameters():
+            p.requires_grad_("lora" in n)
+    for p in model.unused_parameters(cfg.objective):
+        p.requires_grad_(False)
+    tokenizer = make_tokenizer(cfg)
+    ids, mask = tokenizer.encode(["describe the image . a red circle"] * b)
+    inputs = {"images": torch.zeros(b, 3, side, side), "ids": ids, "mask": mask}
+    if cfg.instruct:  # InstructBLIP's Q-Former reads the question too
+        inputs["instruction"] = tokenizer.encode(["how many circles?"] * b)
+    if cfg.objective == "qformer":
+        return _FirstStage(model), inputs, lambda out: out
     return model, inputs, None
+
+
+class _FirstStage(torch.nn.Module):
+    """BLIP-2's first stage as one module, for ``difflab info``: (images, ids, mask) -> the summed losses."""
+
+    def __init__(self, model: VisionLanguageModel):
+        super().__init__()
+        self.model = model
+
+    def forward(self, images, ids, mask):
+        return sum(stage1_losses(self.model.connector, self.model.features(images), ids, mask).values())
 
 
 def trainable_parameters(model: VisionLanguageModel) -> int:
@@ -333,10 +384,6 @@ def _lora_count(model) -> int:
 
 
 # --------------------------------------------------------------------------------------------- presets
-
-
-def _preset(**kw) -> VLMConfig:
-    return VLMConfig(**kw)
 
 
 PRESETS = (
@@ -357,16 +404,56 @@ PRESETS = (
     Preset(
         "vlm_llava",
         "vlm",
-        "LLaVA-1.5 on scene32: a frozen CLIP ViT (--set vision=RUN of clip_demo), an MLP connector, 16 visual "
-        "tokens, and the world's LM (--set lm=RUN of lm_world) trained in full: one-stage, minutes on a CPU",
-        lambda: VLMConfig(
-            data=VQADataConfig(world="scene32"),
-            connector="mlp", visual_tokens=16, lm_mode="full",
-            train=TrainConfig(steps=3000, batch_size=64, lr=1e-3, warmup_steps=100, lr_schedule="cosine",
-                              ema_decay=None, log_every=50, checkpoint_every=500),
-        ),  # fmt: skip
+        "LLaVA-1.5 on scene32: an MLP connector, 16 visual tokens, the world's LM (--set lm=RUN of lm_world) trained "
+        "in full, one stage; the ViT a frozen CLIP's (--set vision=RUN of clip_demo) or, without one, trained from "
+        "scratch: about 8 minutes on one CPU thread",
+        lambda: _scene32(),
+    ),
+    Preset(
+        "vlm_llava_stage1",
+        "vlm",
+        "LLaVA's first stage (feature alignment, Sec. 4.2): the MLP connector alone on captions, the LM frozen "
+        "(--set vision=RUN --set lm=RUN); stage 2 is vlm_llava with --set init=THIS_RUN",
+        lambda: _scene32(lm_mode="frozen", caption=1.0),
+    ),
+    Preset(
+        "vlm_flamingo",
+        "vlm",
+        "Flamingo: a perceiver resampler (16 latents) and gated cross-attention before every block of the frozen "
+        "world LM, tanh gates from 0 (--set vision=RUN --set lm=RUN)",
+        lambda: _scene32(connector="perceiver", fusion="cross_attention", lm_mode="frozen"),
+    ),
+    Preset(
+        "vlm_blip2_stage1",
+        "vlm",
+        "BLIP-2's first stage: the Q-Former (16 queries) alone on captions with ITC, ITM and ITG over the frozen "
+        "ViT (--set vision=RUN --set lm=RUN: the LM is carried, untouched); stage 2 is vlm_blip2",
+        lambda: _scene32(connector="qformer", objective="qformer", lm_mode="frozen", caption=1.0),
+    ),
+    Preset(
+        "vlm_blip2",
+        "vlm",
+        "BLIP-2's second stage: the Q-Former's queries projected into the frozen LM as a soft prompt, trained on "
+        "questions and captions (--set init=RUN of vlm_blip2_stage1)",
+        lambda: _scene32(connector="qformer", lm_mode="frozen"),
+    ),
+    Preset(
+        "vlm_instructblip",
+        "vlm",
+        "InstructBLIP: vlm_blip2 whose Q-Former also reads the question (--set init=RUN of vlm_blip2_stage1)",
+        lambda: _scene32(connector="qformer", lm_mode="frozen", instruct=True),
     ),
 )
+
+
+def _scene32(caption: float | None = None, **kw) -> VLMConfig:
+    """The scene32 designs' shared data and training: the same steps, batch and schedule for every design of the
+    comparison (docs/vlm.md)."""
+    data = VQADataConfig(world="scene32") if caption is None else VQADataConfig(world="scene32", caption_prob=caption)
+    return VLMConfig(data=data, visual_tokens=16, **{"connector": "mlp", "lm_mode": "full", **kw},
+                     train=TrainConfig(steps=1500, batch_size=64, lr=1e-3, warmup_steps=100, lr_schedule="cosine",
+                                       ema_decay=None, log_every=50, checkpoint_every=500))  # fmt: skip
+
 
 FAMILY = Family(
     name="vlm",

@@ -105,6 +105,21 @@ class VisionLanguageModel(nn.Module):
         )  # fmt: skip
         self.visual_tokens = visual_tokens
 
+    def unused_parameters(self, objective: str = "lm") -> list[nn.Parameter]:
+        """The parameters ``objective`` never reaches, which a training freezes so that the optimizer carries no
+        dead weight: for BLIP-2's first stage ('qformer') the LM side; for the language-modelling objective the
+        Q-Former's first-stage heads (contrast, matching, its own text decoder) and, unless InstructBLIP feeds
+        it the question, its text path."""
+        if objective == "qformer":
+            parts = [self.lm, self.qformer_proj] + ([self.flamingo] if self.flamingo is not None else [])
+            return [p for m in parts for p in m.parameters()]
+        if self.connector_name != "qformer":
+            return []
+        names = {"dec_embed", "image_proj", "itm_head", "logit_scale", "text_proj"}
+        if not self.instruct:
+            names |= {"token_embed", "pos_embed", "text_ffw"}
+        return [p for n, p in self.connector.named_parameters() if names & set(n.split("."))]
+
     def train(self, mode: bool = True):
         super().train(mode)
         if self.freeze_vision:  # a frozen encoder keeps its eval-mode behaviour (no dropout) while training
