@@ -168,6 +168,24 @@ def test_cli_refuses_other_runs_and_needs_one_input(tiny_vlm, tiny_t2i_base, cap
     assert capsys.readouterr().out.count('"truth"') == 3
 
 
+def test_cli_answers_and_captions_an_image_file(tiny_vlm, tmp_path, capsys):
+    """--image: the file of a world scene gives the answer and caption vlm.answer/vlm.caption give that scene."""
+    import json
+
+    from difflab.cli import main
+    from difflab.models.inversion import read_image
+
+    image = tmp_path / "scene.png"
+    assert main(["world", "condition", "--preset", "tiny", "--field", "image", "--out", str(image)]) == 0
+    capsys.readouterr()
+    model, cfg = vlm.load_model(tiny_vlm)
+    pixels = read_image(image, 16)
+    assert main(["ask", str(tiny_vlm), "how many circles?", "--image", str(image), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["answer"] == vlm.answer(model, cfg, pixels, ["how many circles?"])[0]
+    assert main(["caption", str(tiny_vlm), "--image", str(image)]) == 0
+    assert capsys.readouterr().out.strip() == vlm.caption(model, cfg, pixels)[0]
+
+
 @pytest.fixture(scope="module")
 def tiny_vlm(tmp_path_factory, single_thread_module):
     """vlm_tiny as shipped: 400 steps, about 13 s on one thread."""

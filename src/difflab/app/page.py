@@ -5,13 +5,21 @@ from __future__ import annotations
 import os
 
 from difflab import __version__
-from difflab.app import control_tab, depth_tab, edit_tab, generate_tab, schedules_tab, train_tab, world_tab
+from difflab.app import (
+    ask_tab,
+    control_tab,
+    depth_tab,
+    edit_tab,
+    generate_tab,
+    schedules_tab,
+    train_tab,
+    world_tab,
+)
 from difflab.errors import DifflabError
 
 TABS = {"World": world_tab, "Schedules": schedules_tab, "Generate": generate_tab, "Edit": edit_tab,
-        "Control": control_tab, "Depth": depth_tab, "Train": train_tab}  # fmt: skip
-"""Each tab's name and its module (whose ``build(page, runs)`` lays it out), in the order the page shows them;
-Ask joins with the vision-language models."""
+        "Control": control_tab, "Depth": depth_tab, "Ask": ask_tab, "Train": train_tab}  # fmt: skip
+"""Each tab's name and its module (whose ``build(page, runs)`` lays it out), in the order the page shows them."""
 
 CSS = """
 .difflab-error { color: #b91c1c; font-weight: 600; }
@@ -24,8 +32,8 @@ INTRO = (
     "# difflab\n"
     "Diffusion, CLIP and vision-language models from scratch, on the toy world. Every picture here is "
     "drawn by the same functions as the command line (`difflab world preview`, `difflab schedule`, "
-    "`difflab generate`, `difflab edit`, `difflab p2p`, `difflab eval`, `difflab train`), and bad input gets "
-    "the same one-line errors."
+    "`difflab generate`, `difflab edit`, `difflab p2p`, `difflab ask`, `difflab eval`, `difflab train`), and "
+    "bad input gets the same one-line errors."
 )
 
 

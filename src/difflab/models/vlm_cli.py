@@ -23,13 +23,13 @@ def register(subparsers) -> None:
     p = subparsers.add_parser(
         "ask",
         help="answer a question about an image with a vision-language run",
-        description="Answer QUESTION about --image with a vision-language run (difflab train --preset vlm_llava ...), "
-        "greedily, in the world's words ('how many circles?', 'what colour is the square?', 'is there a red "
-        "circle?', 'where is the triangle?'). --examples N asks N held-out scenes their questions instead and "
-        "prints each answer beside the truth.",
+        description="Answer QUESTION (right after RUN) about --image with a vision-language run (difflab train "
+        "--preset vlm_llava ...), greedily, in the world's words ('how many circles?', 'what colour is the "
+        "square?', 'is there a red circle?', 'where is the triangle?'). --examples N asks N held-out scenes "
+        "their questions instead and prints each answer beside the truth.",
     )
     _common(p)
-    p.add_argument("question", nargs="?", default=None, help="the question (with --image)")
+    p.add_argument("question", nargs="?", default=None, help="the question, right after RUN (with --image)")
     p.set_defaults(func=_ask)
     p = subparsers.add_parser(
         "caption",
@@ -85,9 +85,9 @@ def _ask(args) -> int:
             print(f"{right} of {len(cases)} right (difflab eval {args.run_dir} --json scores hundreds, per kind)")
         return 0
     if args.question is None or not args.question.strip():
-        raise DifflabError("give the QUESTION to ask about --image, e.g. difflab ask RUN --image in.png 'how many "
-                           "circles?'")  # fmt: skip
-    image = read_image(args.image, cfg.data.image_size)
+        raise DifflabError("give the QUESTION to ask about --image, right after RUN, e.g. difflab ask RUN 'how many "
+                           "circles?' --image in.png")  # fmt: skip
+    image = read_image(args.image, cfg.data.world_config().resolution)
     with torch.no_grad():
         answer = vlm.answer(model, cfg, image, [args.question.strip()])[0]
     print(json.dumps({"question": args.question.strip(), "answer": answer}) if args.json else answer)
@@ -98,7 +98,7 @@ def _caption(args) -> int:
     model, cfg = _load(args)
     world = cfg.data.world_config()
     if args.examples is None:
-        image = read_image(args.image, cfg.data.image_size)
+        image = read_image(args.image, cfg.data.world_config().resolution)
         with torch.no_grad():
             text = vlm.caption(model, cfg, image)[0]
         print(json.dumps({"caption": text}) if args.json else text)
