@@ -56,12 +56,21 @@ def tiny_control(tiny_t2i_base, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def app_url(tiny_t2i_base, tiny_control):
-    """The page, with the tiny text-to-image run offered in Generate, Edit (Prompt-to-Prompt) and Train, and
-    its ControlNet in Control, served until the module ends."""
+def tiny_vlm(tmp_path_factory):
+    """vlm_tiny as shipped (about 13 s): a tiny LLaVA that reads colours, for the Ask tab."""
+    from difflab.models import vlm
+    from difflab.models.registry import get_preset
+
+    return vlm.train(get_preset("vlm_tiny").build(), tmp_path_factory.mktemp("browser_vlm") / "tiny")
+
+
+@pytest.fixture(scope="module")
+def app_url(tiny_t2i_base, tiny_control, tiny_vlm):
+    """The page, with the tiny text-to-image run offered in Generate, Edit (Prompt-to-Prompt) and Train, its
+    ControlNet in Control and a tiny LLaVA in Ask, served until the module ends."""
     from difflab.app.page import build_page, serve
 
-    page = build_page([str(tiny_t2i_base), str(tiny_control)])
+    page = build_page([str(tiny_t2i_base), str(tiny_control), str(tiny_vlm)])
     url = serve(page, "127.0.0.1", _free_port())
     yield url
     page.close()
@@ -221,3 +230,26 @@ def test_control_tab_draws_under_a_scenes_condition(tab, app_url):
     tab.locator("#control-prompt textarea").fill("a purple circle")  # a word the run's tokenizer never saw
     tab.locator("#control-go").click()
     expect(tab.locator("#control-status")).to_contain_text("difflab: error: unknown word 'purple'")
+
+
+def test_ask_tab_answers_with_the_truth_beside(tab, app_url):
+    from playwright.sync_api import expect
+
+    tab.goto(app_url)
+    tab.get_by_role("tab", name="Ask").click()
+    expect(tab.locator("#ask-image img")).to_be_visible()  # the held-out scene, before anything is asked
+    tab.locator("#ask-suggest").click()
+    rows = tab.locator("#ask-table tbody tr")
+    expect(rows.first).to_be_visible(timeout=GENERATE_SECONDS * 1000)
+    assert rows.count() >= 3  # one question per kind the scene allows
+    tab.locator("#ask-question textarea").fill("how many circles?")
+    tab.locator("#ask-go").click()
+    expect(tab.locator("#ask-answer")).to_contain_text("model:")
+    expect(tab.locator("#ask-answer")).to_contain_text("truth:")
+    tab.locator("#ask-caption-go").click()
+    expect(tab.locator("#ask-caption")).to_contain_text("truth:")
+    _screenshot(tab, "ask")
+
+    tab.locator("#ask-question textarea").fill("how many circels?")
+    tab.locator("#ask-go").click()
+    expect(tab.locator("#ask-status")).to_contain_text("difflab: error: unknown word 'circels'")

@@ -329,7 +329,7 @@ def _ratio(counts: list[int]) -> str:
 HELP = (
     "A **vision-language** run answers a question about the image greedily, in the world's words ('how many "
     "circles?', 'what colour is the square?', 'is there a red circle?', 'where is the triangle?'), as `difflab "
-    "ask RUN --image FILE QUESTION`. On a drawn scene (the evaluation's, unseen in training), the world's own "
+    "ask RUN QUESTION --image FILE`. On a drawn scene (the evaluation's, unseen in training), the world's own "
     "questions get their true answers; *Caption* is judged as `difflab eval` judges captions."
 )
 
