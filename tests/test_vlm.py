@@ -199,3 +199,22 @@ def test_a_tiny_llava_reads_colours_from_the_image(tiny_vlm):
     colour = report["vqa"]["kinds"]["color"]
     assert colour["n"] == 20
     assert colour["accuracy"] >= 0.85, report["vqa"]
+
+
+def test_a_clip_run_is_the_frozen_vision_encoder(tmp_path, single_thread):
+    """vision=CLIP_RUN: the record takes the CLIP's ViT config and checkpoint, the network starts from its
+    weights (up to vision_layer), and a training step leaves them untouched; another world's CLIP is refused."""
+    from difflab.models import clip
+
+    clip_run = clip.train(apply_overrides(get_preset("clip_tiny").build(), ["train.steps=2"]), tmp_path / "clip")
+    cfg = vlm.resolve(apply_overrides(get_preset("vlm_tiny").build(), [f"vision={clip_run}", "train.steps=2"]))
+    encoder, clip_cfg = clip.load_model(clip_run)
+    assert cfg.vision_scratch == clip_cfg.vision and cfg.vision_checkpoint.startswith("step_0000002")
+    run = vlm.train(dataclasses.replace(cfg, vision=str(clip_run)), tmp_path / "vlm")
+    model, _ = vlm.load_model(run)
+    kept = encoder.visual.state_dict()
+    for name, value in model.vision.state_dict().items():
+        assert torch.equal(value, kept[name]), name  # frozen through training
+    assert not any(p.requires_grad for p in vlm._initial_network(cfg).vision.parameters())
+    with pytest.raises(DifflabError, match="sees 16px images; the 'scene32' world draws 32px ones"):
+        vlm.resolve(apply_overrides(get_preset("vlm_llava").build(), [f"vision={clip_run}"]))

@@ -128,9 +128,9 @@ def resolve(cfg: VLMConfig, *, attach: bool = True) -> VLMConfig:
     if attach and cfg.vision is not None:
         path = Path(cfg.vision).expanduser().resolve()
         vision = clip.load_config(path).vision
-        if vision.image_size != cfg.data.world_config().image_size:
+        if vision.image_size != cfg.data.world_config().resolution:
             raise DifflabError(f"CLIP run '{path}' sees {vision.image_size}px images; the '{cfg.data.world}' world "
-                               f"draws {cfg.data.world_config().image_size}px ones")  # fmt: skip
+                               f"draws {cfg.data.world_config().resolution}px ones")  # fmt: skip
         cfg = dataclasses.replace(cfg, vision=str(path), vision_scratch=vision,
                                   vision_checkpoint=checkpoint_id(path, "CLIP run"))  # fmt: skip
     if attach and cfg.lm is None and cfg.lm_mode != "full":
