@@ -34,7 +34,7 @@ from difflab.data.images import to_uint8
 from difflab.data.toy import scene_image
 
 # The VQA set's stream number is private to data.vqa; importing it (not restating 1) keeps one place for it.
-from difflab.data.vqa import _VQA_SET, EVAL_SEED, VQAItem, eval_scene
+from difflab.data.vqa import VQAItem, vqa_question_rng, vqa_scene
 from difflab.errors import MAX_COUNT, DifflabError, check_choice, check_int, check_seed
 from difflab.models import vlm, vlm_eval
 from difflab.models.inversion import read_image
@@ -124,7 +124,7 @@ def subject(run_dir: str, *, source: str = "scene", upload=None, seed=SCENE_SEED
         return Subject(read_image(upload, world.resolution)[0], None, world, f"'{Path(str(upload)).name}'")
     seed = check_seed("scene seed", seed)
     index = check_int("scene index", index, 0, MAX_COUNT)
-    scene = eval_scene(world, seed, _VQA_SET, index)
+    scene = vqa_scene(world, seed, index)
     held = " (it shows a held-out pair)" if mentions_heldout(scene, data.pairs()) else ""
     where = f"scene {index} of the evaluation's seed {seed}{held}"
     return Subject(scene_image(scene, world), scene, world, where, seed, index)
@@ -203,7 +203,7 @@ def world_questions(shown: Subject) -> list[language.QA]:
     wherever the evaluation asks this scene that kind."""
     asked = []
     for kind in language.QUESTION_KINDS:
-        rng = np.random.default_rng([EVAL_SEED + shown.seed, shown.index, _VQA_SET, 1])
+        rng = vqa_question_rng(shown.seed, shown.index)
         asked += language.questions(shown.scene, rng, 1, shown.world, kinds=(kind,))  # [] when not askable
     return asked
 

@@ -200,6 +200,16 @@ def eval_scene(world: WorldConfig, seed: int, which: int, i: int) -> Scene:
     return sample_scene(np.random.default_rng([EVAL_SEED + seed, i, which]), world)
 
 
+def vqa_scene(world: WorldConfig, seed: int, i: int) -> Scene:
+    """Scene ``i`` of the VQA set of seed ``seed`` (what :func:`vqa_cases` and the app's Ask tab draw)."""
+    return eval_scene(world, seed, _VQA_SET, i)
+
+
+def vqa_question_rng(seed: int, i: int) -> np.random.Generator:
+    """The random stream of the question :func:`vqa_cases` asks of scene ``i`` of seed ``seed``."""
+    return np.random.default_rng([EVAL_SEED + seed, i, _VQA_SET, 1])
+
+
 def vqa_cases(world: WorldConfig | str, n: int, seed: int = 0, *, heldout=HELDOUT_PAIRS) -> list[VQAItem]:
     """``n`` questions, kind ``QUESTION_KINDS[j % 5]`` for case j (balanced), each about its own scene of
     the VQA set; a scene where that kind cannot be asked (two objects alike but for their place cannot be
@@ -212,8 +222,8 @@ def vqa_cases(world: WorldConfig | str, n: int, seed: int = 0, *, heldout=HELDOU
         if i > 100 * n:
             raise DifflabError(f"could not ask {n} questions of world {world}; expected askable scenes")
         kind = QUESTION_KINDS[len(cases) % len(QUESTION_KINDS)]
-        scene = eval_scene(world, seed, _VQA_SET, i)
-        rng = np.random.default_rng([EVAL_SEED + seed, i, _VQA_SET, 1])
+        scene = vqa_scene(world, seed, i)
+        rng = vqa_question_rng(seed, i)
         asked = questions(scene, rng, 1, world, kinds=(kind,))
         i += 1
         if asked:
