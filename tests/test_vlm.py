@@ -218,3 +218,23 @@ def test_a_clip_run_is_the_frozen_vision_encoder(tmp_path, single_thread):
     assert not any(p.requires_grad for p in vlm._initial_network(cfg).vision.parameters())
     with pytest.raises(DifflabError, match="sees 16px images; the 'scene32' world draws 32px ones"):
         vlm.resolve(apply_overrides(get_preset("vlm_llava").build(), [f"vision={clip_run}"]))
+
+
+def test_loss_averages_over_tokens_or_over_examples():
+    """'token' is cross-entropy's own mean over every labelled token; 'example' the mean of each row's mean."""
+    import torch.nn.functional as F
+
+    cfg = _tiny()
+    model = vlm.build_network(cfg).eval()
+    images, ids, mask = _batch(cfg)
+    prompts = ["how many circles?", "what colour is the square?", "describe the image ."]
+    labels = labels_for(ids, mask, [prompt_length(p) for p in prompts])
+    with torch.no_grad():
+        logits = model(images, ids, mask)
+        token = model.loss(images, ids, mask, labels)
+        example = model.loss(images, ids, mask, labels, average="example")
+    flat = F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=IGNORE)
+    rows = [F.cross_entropy(logits[i, :-1], labels[i, 1:], ignore_index=IGNORE) for i in range(3)]
+    torch.testing.assert_close(token, flat)
+    torch.testing.assert_close(example, torch.stack(rows).mean())
+    assert not torch.allclose(token, example)  # the caption row has more labelled tokens than the answers

@@ -52,6 +52,7 @@ from difflab.train.trainer import Trainer, make_loader
 
 LM_MODES = ("frozen", "lora", "full")
 OBJECTIVES = ("lm", "qformer")
+LOSS_AVERAGES = ("token", "example")
 
 
 @dataclass(frozen=True)
@@ -93,6 +94,9 @@ class VLMConfig:
     init: str | None = None
     """A vlm run (stage 1) whose weights this run starts from."""
     init_checkpoint: str | None = None
+    loss_average: str = "token"
+    """'token': the loss is the mean over every answer and caption token of a batch (LLaVA); 'example': each
+    sequence's mean first, so a one-word answer counts as much as a caption."""
     text_length: int = 24
     """Text tokens per row: <bos>, the question or :data:`CAPTION_PROMPT`, the answer or caption, <eos>."""
     max_new_tokens: int = 32
@@ -112,6 +116,7 @@ class VLMConfig:
         if self.instruct and self.connector != "qformer":
             raise DifflabError(f"instruct=true feeds the question to a Q-Former; connector is '{self.connector}'")
         check_choice("objective", self.objective, OBJECTIVES)
+        check_choice("loss_average", self.loss_average, LOSS_AVERAGES)
         if self.objective == "qformer" and (self.connector != "qformer" or self.lm_mode != "frozen"
                                             or self.data.caption_prob != 1.0):  # fmt: skip
             raise DifflabError(f"objective 'qformer' trains a Q-Former on captions with the LM frozen; expected "
@@ -235,7 +240,8 @@ def make_loss_fn(cfg: VLMConfig):
         labels = labels_for(ids, mask, [prompt_length(p) for p in prompts])
         device = batch["image"].device
         instruction = _instruction(tokenizer, prompts, device) if cfg.instruct else None
-        return model.loss(batch["image"], ids.to(device), mask.to(device), labels.to(device), instruction)
+        return model.loss(batch["image"], ids.to(device), mask.to(device), labels.to(device), instruction,
+                          average=cfg.loss_average)
 
     return loss_fn
 

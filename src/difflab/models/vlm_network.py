@@ -153,11 +153,18 @@ class VisionLanguageModel(nn.Module):
         full_mask = torch.cat([torch.ones(mask.shape[0], k, dtype=torch.bool, device=mask.device), mask], dim=1)
         return self.lm(embeds=embeds, mask=full_mask)[:, k:]  # (B, L, vocab)
 
-    def loss(self, images, ids, mask, labels, instruction=None) -> torch.Tensor:
-        """Mean next-token cross-entropy over the labelled positions: logits at text position j predict
-        ``labels[j + 1]``."""
+    def loss(self, images, ids, mask, labels, instruction=None, *, average: str = "token") -> torch.Tensor:
+        """Next-token cross-entropy over the labelled positions (logits at text position j predict
+        ``labels[j + 1]``), averaged over every labelled token of the batch (``average='token'``, as LLaVA's
+        code does) or within each sequence first, then over sequences (``'example'``): a one-word answer then
+        weighs as much as an eighteen-token caption."""
         logits = self(images, ids, mask, instruction)
-        return F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=IGNORE)
+        target = labels[:, 1:]  # (B, L - 1)
+        per_token = F.cross_entropy(logits[:, :-1].transpose(1, 2), target, ignore_index=IGNORE, reduction="none")
+        counted = (target != IGNORE).float()  # (B, L - 1)
+        if average == "token":
+            return (per_token * counted).sum() / counted.sum().clamp(min=1)
+        return ((per_token * counted).sum(1) / counted.sum(1).clamp(min=1)).mean()
 
     @torch.no_grad()
     def generate(self, images: torch.Tensor, prompt_ids: list[list[int]], *, max_new_tokens: int, max_length: int,
