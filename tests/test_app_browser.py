@@ -65,12 +65,23 @@ def tiny_vlm(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def app_url(tiny_t2i_base, tiny_control, tiny_vlm):
+def tiny_depth(depth_base, tmp_path_factory):
+    """A tiny Marigold after 30 steps on the depth world's latent base, for the Depth tab."""
+    from difflab.config import apply_overrides
+    from difflab.models import depth
+    from difflab.models.registry import get_preset
+
+    cfg = apply_overrides(get_preset("depth_tiny").build(), [f"base={depth_base}", "train.steps=30"])
+    return depth.train(cfg, tmp_path_factory.mktemp("browser_depth") / "marigold")
+
+
+@pytest.fixture(scope="module")
+def app_url(tiny_t2i_base, tiny_control, tiny_vlm, tiny_depth):
     """The page, with the tiny text-to-image run offered in Generate, Edit (Prompt-to-Prompt) and Train, its
-    ControlNet in Control and a tiny LLaVA in Ask, served until the module ends."""
+    ControlNet in Control, a tiny Marigold in Depth and a tiny LLaVA in Ask, served until the module ends."""
     from difflab.app.page import build_page, serve
 
-    page = build_page([str(tiny_t2i_base), str(tiny_control), str(tiny_vlm)])
+    page = build_page([str(tiny_t2i_base), str(tiny_control), str(tiny_vlm), str(tiny_depth)])
     url = serve(page, "127.0.0.1", _free_port())
     yield url
     page.close()
@@ -253,3 +264,14 @@ def test_ask_tab_answers_with_the_truth_beside(tab, app_url):
     tab.locator("#ask-question textarea").fill("how many circels?")
     tab.locator("#ask-go").click()
     expect(tab.locator("#ask-status")).to_contain_text("difflab: error: unknown word 'circels'")
+
+
+def test_depth_tab_estimates_held_out_scenes(tab, app_url):
+    from playwright.sync_api import expect
+
+    tab.goto(app_url)
+    tab.get_by_role("tab", name="Depth").click()
+    tab.locator("#depth-go").click()
+    expect(tab.locator("#depth-picture img")).to_be_visible(timeout=GENERATE_SECONDS * 1000)
+    expect(tab.locator("#depth-status")).to_contain_text("AbsRel")
+    _screenshot(tab, "depth")

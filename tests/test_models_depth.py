@@ -77,25 +77,6 @@ def test_a_base_must_be_a_latent_run_on_a_world_with_visible_depth(tiny_t2i_base
         apply_overrides(get_preset("depth_tiny").build(), ["objective=regress"])
 
 
-@pytest.fixture(scope="module")
-def depth_base(tmp_path_factory):
-    """A latent text-to-image run on the 16x16 depth world: CLIP's text tower, an autoencoder that also saw
-    depth maps, and a few dozen painter steps (the image prior Marigold starts from)."""
-    from difflab.models import clip, t2i
-    from difflab.models.text_encoder import export_text_encoder
-
-    root = tmp_path_factory.mktemp("depth_base")
-    torch.set_num_threads(1)
-    clip.train(get_preset("clip_tiny").build(), root / "clip")
-    export_text_encoder(root / "clip", root / "te")
-    ae_cfg = apply_overrides(get_preset("vae_tiny").build(), ["data.world=depth16", "depth_share=0.3",
-                                                              "train.steps=60"])
-    ae = vae.train(ae_cfg, root / "vae")
-    return t2i.train(apply_overrides(get_preset("t2i_tiny").build(), [
-        f"text_encoder={root / 'te'}", f"vae={ae}", "data.world=depth16", "train.steps=60", "sample.grid=2"]),
-        root / "t2i")  # fmt: skip
-
-
 @pytest.mark.slow
 def test_a_tiny_marigold_learns_depth_and_one_step_fine_tuning_keeps_it(depth_base, tmp_path):
     """Far better than each image's mean depth (what an estimator that saw nothing would give, aligned);
