@@ -27,7 +27,6 @@ with the date and machine. Two-stage designs split the steps: stage 1 gets ``--s
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import math
 import time
@@ -68,11 +67,13 @@ SCORES = {
 """The table's columns: how each is read from a vlm.evaluate report."""
 
 
-def _train_and_score(design: str, seed: int, parents: list[str], out: str, steps: int, share: float, n: int) -> dict:
-    """One design at one seed (a module-level function: it runs in a process of its own)."""
+def _train_and_score(design: str, seed: int, parents: list[str], out: str, steps: int, share: float, n: int,
+                     overrides: list[str]) -> dict:  # fmt: skip
+    """One design at one seed (a module-level function: it runs in a process of its own); ``overrides`` apply to
+    every stage of every design."""
     stage1, final = DESIGNS[design]
     run = Path(out) / f"{design}_s{seed}"
-    common = [*parents, f"train.seed={seed}"]
+    common = [*parents, f"train.seed={seed}", *overrides]
     first_steps = round(steps * share) if stage1 else 0
     start = time.perf_counter()
     if stage1 is not None:
@@ -132,6 +133,7 @@ def main() -> None:
     p.add_argument("--stage1-share", type=float, default=0.2, help="two-stage designs: stage 1's share (0.2)")
     p.add_argument("--n", type=int, default=300, help="held-out cases per test (default 300)")
     p.add_argument("--jobs", type=int, default=2, help="runs at once, one thread each (default 2)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], help="override for every design")
     p.add_argument("--json", default=None, metavar="FILE", help="also write the records with date and machine")
     args = p.parse_args()
     designs = args.designs.split(",")
@@ -139,16 +141,19 @@ def main() -> None:
     if unknown:
         p.error(f"unknown design(s) {unknown}; choose from {', '.join(DESIGNS)}")
     parents = [f"vision={args.clip}", f"lm={args.lm}"]
-    jobs = [Job(f"{d}_s{s}", _train_and_score, (d, s, parents, args.out, args.steps, args.stage1_share, args.n),
+    jobs = [Job(f"{d}_s{s}", _train_and_score,
+                (d, s, parents, args.out, args.steps, args.stage1_share, args.n, args.overrides),
                 on_done=lambda name, sec: print(f"{name}: done in {sec:.0f} s", flush=True))
             for s in range(args.seeds) for d in designs]  # fmt: skip
     results = run_side_by_side(jobs, workers=args.jobs, threads=1)
     records = [results[j.name][0] for j in jobs]
     for r in records:
         print(json.dumps(r))
-    print(f"\n{args.steps} steps, n = {args.n} held-out cases per test\n\n{table(records)}")
+    print(f"\n{args.steps} steps, {args.overrides or 'no overrides'}, n = {args.n} held-out cases per test\n\n"
+          f"{table(records)}")
     if args.json:
         doc = {"date": time.strftime("%Y-%m-%d"), "machine": machine(), "n": args.n, "steps": args.steps,
+               "overrides": args.overrides,
                "command": "python benchmarks/vlm_designs.py " + " ".join(__import__("sys").argv[1:]),
                "records": records}  # fmt: skip
         Path(args.json).write_text(json.dumps(doc, indent=1) + "\n")
@@ -157,5 +162,3 @@ def main() -> None:
 if __name__ == "__main__":
     main()
 
-
-_ = dataclasses  # the presets are dataclasses; overrides go through apply_overrides
