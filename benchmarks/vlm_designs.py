@@ -61,8 +61,9 @@ SCORES = {
     "position": lambda r: r["vqa"]["kinds"]["position"]["accuracy"],
     "heldout": lambda r: r["vqa"]["heldout_pairs"]["accuracy"],
     "pope_adv": lambda r: r["pope"]["adversarial"]["accuracy"],
-    "chair_i": lambda r: r["captions"]["hallucination"]["chair_i"],
-    "recall": lambda r: r["captions"]["recall"]["object"]["value"],
+    "cap_shape_p": lambda r: r["captions"]["attributes"]["shape"]["precision"]["value"],
+    "cap_recall": lambda r: r["captions"]["attributes"]["shape"]["recall"]["value"],
+    "chair_i": lambda r: r["captions"]["hallucination"]["rate"],
 }
 """The table's columns: how each is read from a vlm.evaluate report."""
 
