@@ -43,7 +43,7 @@ from difflab.train.side_by_side import Job, run_side_by_side
 DESIGNS = {
     "llava_linear": (None, ("vlm_llava", ["connector=linear"])),
     "llava_mlp": (None, ("vlm_llava", [])),
-    "llava_mlp_64": (None, ("vlm_llava", ["visual_tokens=64"])),
+    "llava_mlp_64": (None, ("vlm_llava", ["visual_tokens=64", "lm_model.context_length=88"])),
     "llava_lora": (None, ("vlm_llava", ["lm_mode=lora"])),
     "llava_frozen": (None, ("vlm_llava", ["lm_mode=frozen"])),
     "llava_two_stage": (("vlm_llava_stage1", []), ("vlm_llava", [])),
@@ -80,14 +80,12 @@ def _train_and_score(design: str, seed: int, parents: list[str], out: str, steps
     if stage1 is not None:
         preset, extra = stage1
         first = run.with_name(run.name + "_stage1")
-        if not has_checkpoints(first):
-            vlm.train(apply_overrides(get_preset(preset).build(), [*common, *extra,
-                                                                     f"train.steps={first_steps}"]), first)  # fmt: skip
+        vlm.train(apply_overrides(get_preset(preset).build(), [*common, *extra, f"train.steps={first_steps}"]),
+                  first, resume=has_checkpoints(first))  # a finished run trains no further  # fmt: skip
         common.append(f"init={first}")
     preset, extra = final
-    if not has_checkpoints(run):
-        vlm.train(apply_overrides(get_preset(preset).build(), [*common, *extra, f"train.steps={steps - first_steps}"]),
-                  run)  # fmt: skip
+    vlm.train(apply_overrides(get_preset(preset).build(), [*common, *extra, f"train.steps={steps - first_steps}"]),
+              run, resume=has_checkpoints(run))  # fmt: skip
     seconds = time.perf_counter() - start
     report = vlm.evaluate(run, n)
     record = {"design": design, "seed": seed, "steps": steps, "train_seconds": round(seconds, 1),
@@ -127,7 +125,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--clip", required=True, help="a CLIP run (difflab train --preset clip_demo): the frozen ViT")
     p.add_argument("--lm", required=True, help="an lm run (difflab train --preset lm_world): the language model")
-    p.add_argument("--out", required=True, help="where the runs go (a trained run is reused)")
+    p.add_argument("--out", required=True, help="where the runs go (a trained run is reused, a stopped one resumed)")
     p.add_argument("--designs", default=",".join(DESIGNS), help="comma-separated (default: all)")
     p.add_argument("--seeds", type=int, default=3, help="training seeds per design (default 3)")
     p.add_argument("--steps", type=int, default=1500, help="training steps of every design (default 1500)")
