@@ -29,16 +29,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from difflab.app.generate_tab import run_settings
+from difflab.app.generate_tab import run_settings, sampling_controls
 from difflab.app.pictures import enlarge, strip
 from difflab.app.status import error_html, note_html
 from difflab.app.verdict import Verdict, judge
 from difflab.data.images import to_uint8
-from difflab.diffusion.samplers import SAMPLERS
 from difflab.errors import DifflabError, check_choice, check_float, check_int, check_seed
 from difflab.models import control, control_eval, t2i
 from difflab.models.conditioners import Controls, Layouts
-from difflab.models.recipe import GUIDANCE_RANGE
 from difflab.models.registry import family_of_run
 from difflab.models.runs import read_run_config
 from difflab.train.checkpoint import list_checkpoints
@@ -239,13 +237,7 @@ def build(page, runs: list[str]) -> None:
         scale = gr.Number(
             None, label=f"control scale ({SCALE_RANGE[0]:g}-{SCALE_RANGE[1]:g}; 0: the base alone)"
         )
-        sampler = gr.Dropdown(
-            ["", *SAMPLERS], value="", label="sampler", info="the run's own when it is chosen"
-        )
-        steps = gr.Number(None, precision=0, label="steps")
-        guidance = gr.Number(None, label=f"guidance ({GUIDANCE_RANGE[0]:g}-{GUIDANCE_RANGE[1]:g}; 1: none)")
-        seed = gr.Number(0, precision=0, label="seed")
-        n = gr.Slider(1, MAX_IMAGES, value=4, step=1, label="images")
+        sampler, steps, guidance, seed, n = sampling_controls(MAX_IMAGES)
         go = gr.Button("Generate", variant="primary", elem_id="control-go")
     status = gr.HTML(elem_id="control-status")
     with gr.Row():

@@ -220,6 +220,19 @@ def trajectory_picture(frames, index: int) -> tuple[np.ndarray, str]:
     return picture, f"step {int(np.clip(index, 0, len(frames) - 1)) + 1} of {len(frames)} recorded: t = {t}"
 
 
+def sampling_controls(max_images: int) -> tuple:
+    """The inputs of a tab that draws with a run's sampler (Generate, Control), laid out in the current row:
+    sampler, steps and guidance (empty: the run's own, filled in when the run is chosen), seed, images."""
+    import gradio as gr
+
+    sampler = gr.Dropdown(["", *SAMPLERS], value="", label="sampler", info="the run's own when it is chosen")
+    steps = gr.Number(None, precision=0, label="steps")
+    guidance = gr.Number(None, label=f"guidance ({GUIDANCE_RANGE[0]:g}-{GUIDANCE_RANGE[1]:g}; 1: none)")
+    seed = gr.Number(0, precision=0, label="seed")
+    n = gr.Slider(1, max_images, value=4, step=1, label="images")
+    return sampler, steps, guidance, seed, n
+
+
 def build(page, runs: list[str]) -> None:
     """Lay the tab out inside the current ``gr.Tab`` of ``page``; ``runs`` are the command line's RUNs."""
     import gradio as gr
@@ -231,13 +244,7 @@ def build(page, runs: list[str]) -> None:
         prompt = gr.Textbox(label="prompt", placeholder="a red circle to the left of a blue square", scale=3,
                             elem_id="generate-prompt")  # fmt: skip
     with gr.Row():
-        sampler = gr.Dropdown(
-            ["", *SAMPLERS], value="", label="sampler", info="the run's own when it is chosen"
-        )
-        steps = gr.Number(None, precision=0, label="steps")
-        guidance = gr.Number(None, label=f"guidance ({GUIDANCE_RANGE[0]:g}-{GUIDANCE_RANGE[1]:g}; 1: none)")
-        seed = gr.Number(0, precision=0, label="seed")
-        n = gr.Slider(1, MAX_IMAGES, value=4, step=1, label="images")
+        sampler, steps, guidance, seed, n = sampling_controls(MAX_IMAGES)
         go = gr.Button("Generate", variant="primary", elem_id="generate-go")
     status = gr.HTML(elem_id="generate-status")
     gallery = gr.Gallery(label="images, each with the reader's verdict", columns=8, format="png", height=300,

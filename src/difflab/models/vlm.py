@@ -44,7 +44,7 @@ from difflab.models.vlm_network import (
     prompt_length,
 )
 from difflab.nn.gpt import GPT, GPTConfig
-from difflab.nn.lora import add_lora, lora_layers
+from difflab.nn.lora import add_lora
 from difflab.nn.qformer import stage1_losses
 from difflab.nn.vit import VisionTransformer, ViTConfig
 from difflab.train.config import TrainConfig
@@ -378,15 +378,6 @@ class _FirstStage(torch.nn.Module):
 
     def forward(self, images, ids, mask):
         return sum(stage1_losses(self.model.connector, self.model.features(images), ids, mask).values())
-
-
-def trainable_parameters(model: VisionLanguageModel) -> int:
-    """Parameters that training updates (what lm_mode and a frozen vision encoder leave)."""
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
-
-
-def _lora_count(model) -> int:
-    return len(lora_layers(model))
 
 
 # --------------------------------------------------------------------------------------------- presets
