@@ -14,15 +14,19 @@ PORT = cli_types.integer(1, 65535)
 def register(subparsers) -> None:
     p = subparsers.add_parser(
         "app",
-        help="the lab in a local web page: the world, schedules, generation and training",
+        help="the lab in a local web page: the world, schedules, generation, editing, control, depth, "
+        "questions and training",
         description="Serve a local web page (Gradio) on --host:--port: the World tab draws scenes of a preset with "
         "their fields and the reader's reading; Schedules plots alpha-bar, log-SNR and beta with the numbers "
-        "explained; Generate draws a run's images of a prompt with the reader's verdict and the denoising "
-        "trajectory; Train follows a run's loss curve and sample grids and starts tiny presets. Nothing is "
-        "fetched from the internet. docs/app.md shows each tab.",
+        "explained; Generate draws a run's images of a prompt with the reader's verdict, the cross-attention maps "
+        "per word and the denoising trajectory; Edit runs InstructPix2Pix or Prompt-to-Prompt; Control draws "
+        "under a ControlNet's condition; Depth estimates held-out scenes; Ask puts questions to a "
+        "vision-language run; Train follows a run's loss curve and sample grids and starts tiny presets. "
+        "Nothing is fetched from the internet. docs/app.md shows each tab.",
     )
     p.add_argument("runs", nargs="*", metavar="RUN",
-                   help="run directories to offer in the Generate and Train tabs (others can be typed in)")  # fmt: skip
+                   help="run directories to offer in the tabs (each lists the kinds it takes; others can be "
+                   "typed in)")  # fmt: skip
     p.add_argument("--host", default="127.0.0.1",
                    help="address to serve on (default: 127.0.0.1, this machine only)")  # fmt: skip
     p.add_argument("--port", type=PORT, default=7860, help="port (default: 7860)")
