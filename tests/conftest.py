@@ -11,6 +11,9 @@ seconds, for the layout recipe and a ControlNet on layouts.
 saw depth maps, a few dozen painter steps), the image prior a tiny Marigold starts from (tests of the depth
 family and of the app's Depth tab).
 
+``tiny_vlm``: vlm_tiny as its preset trains it (400 steps, about 13 s): a tiny LLaVA on the tiny world that
+reads colours, for the VLM family's tests, the Ask tab's and the browser's.
+
 ``single_thread`` / ``single_thread_module``: torch on one intra-op thread, restored afterwards. The tests
 work on small tensors, where a second OpenMP thread adds only synchronisation; on a loaded 2-core machine
 those barriers made small float64 ops ~8 ms each and a tiny training run ~30x slower (8 s -> 300 s). One
@@ -92,3 +95,12 @@ def depth_base(tmp_path_factory):
         return t2i.train(apply_overrides(get_preset("t2i_tiny").build(), [
             f"text_encoder={root / 'te'}", f"vae={ae}", "data.world=depth16", "train.steps=60", "sample.grid=2"]),
             root / "t2i")  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def tiny_vlm(tmp_path_factory):
+    from difflab.models import vlm
+    from difflab.models.registry import get_preset
+
+    with _one_thread():
+        return vlm.train(get_preset("vlm_tiny").build(), tmp_path_factory.mktemp("tiny_vlm") / "run")

@@ -30,12 +30,10 @@ SEED = 2
 
 
 @pytest.fixture(scope="module")
-def vlm_run(tmp_path_factory, single_thread_module):
-    """vlm_tiny as its preset trains it (400 steps, ~13 s on one thread): answers in the world's words; how
-    often they are right is test_models_vlm's business."""
-    from difflab.models.registry import get_preset
-
-    return str(vlm.train(get_preset("vlm_tiny").build(), tmp_path_factory.mktemp("ask_tab") / "vlm"))
+def vlm_run(tiny_vlm):
+    """The session's vlm_tiny run (conftest): answers in the world's words; how often they are right is
+    tests/test_vlm.py's business."""
+    return str(tiny_vlm)
 
 
 @pytest.fixture(scope="module")

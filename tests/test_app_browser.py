@@ -56,15 +56,6 @@ def tiny_control(tiny_t2i_base, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def tiny_vlm(tmp_path_factory):
-    """vlm_tiny as shipped (about 13 s): a tiny LLaVA that reads colours, for the Ask tab."""
-    from difflab.models import vlm
-    from difflab.models.registry import get_preset
-
-    return vlm.train(get_preset("vlm_tiny").build(), tmp_path_factory.mktemp("browser_vlm") / "tiny")
-
-
-@pytest.fixture(scope="module")
 def tiny_depth(depth_base, tmp_path_factory):
     """A tiny Marigold after 30 steps on the depth world's latent base, for the Depth tab."""
     from difflab.config import apply_overrides

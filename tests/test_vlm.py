@@ -186,12 +186,6 @@ def test_cli_answers_and_captions_an_image_file(tiny_vlm, tmp_path, capsys):
     assert capsys.readouterr().out.strip() == vlm.caption(model, cfg, pixels)[0]
 
 
-@pytest.fixture(scope="module")
-def tiny_vlm(tmp_path_factory, single_thread_module):
-    """vlm_tiny as shipped: 400 steps, about 13 s on one thread."""
-    return vlm.train(get_preset("vlm_tiny").build(), tmp_path_factory.mktemp("vlm") / "tiny")
-
-
 def test_a_tiny_llava_reads_colours_from_the_image(tiny_vlm):
     """The issue's learning test: colour questions on held-out scenes of the tiny world (two colours, so
     chance is 0.5 and a model that ignores the image cannot beat it) answered far above chance."""
