@@ -37,12 +37,12 @@ from difflab.models.family import Family, Preset
 from difflab.models.runs import checkpoint_id, claim_run_dir, load_latest_weights, load_run_config
 from difflab.models.vlm_network import (
     CAPTION_PROMPT,
-    CONNECTORS,
     FUSIONS,
     VisionLanguageModel,
     labels_for,
     prompt_length,
 )
+from difflab.nn.connectors import CONNECTORS
 from difflab.nn.gpt import GPT, GPTConfig
 from difflab.nn.lora import add_lora
 from difflab.nn.qformer import stage1_losses

@@ -28,14 +28,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from difflab.errors import DifflabError
-from difflab.nn.connectors import LinearProjector, MLPProjector, PerceiverResampler, TokenPool
+from difflab.nn.connectors import build_connector
 from difflab.nn.flamingo import FlamingoLayers
 from difflab.nn.gpt import GPT
-from difflab.nn.qformer import QFormer
 from difflab.nn.vit import VisionTransformer
 from difflab.text.normalize import normalize
 
-CONNECTORS = ("linear", "mlp", "perceiver", "qformer")
 FUSIONS = ("autoregressive", "cross_attention")
 CAPTION_PROMPT = "describe the image ."
 """The instruction that asks for a caption (the LM's tokenizer adds 'describe' and 'image' to the world's
@@ -67,8 +65,6 @@ class VisionLanguageModel(nn.Module):
                  vision_layer: int = -2, freeze_vision: bool = True, cross_every: int = 1,
                  qformer_depth: int = 2, instruct: bool = False, vocab_size: int | None = None) -> None:  # fmt: skip
         super().__init__()
-        if connector not in CONNECTORS:
-            raise DifflabError(f"unknown connector '{connector}'; expected one of {', '.join(CONNECTORS)}")
         if fusion not in FUSIONS:
             raise DifflabError(f"unknown fusion '{fusion}'; expected one of {', '.join(FUSIONS)}")
         if instruct and connector != "qformer":
@@ -86,18 +82,14 @@ class VisionLanguageModel(nn.Module):
         self.freeze_vision = freeze_vision
         if freeze_vision:
             vision.requires_grad_(False)
-        d_vision, d_lm, n = vision.cfg.width, lm.cfg.width, vision.cfg.num_patches
-        self.pool = None
-        if connector in ("linear", "mlp"):
-            if visual_tokens != n:
-                self.pool = TokenPool(visual_tokens)
-            self.connector = (LinearProjector if connector == "linear" else MLPProjector)(d_vision, d_lm)
-        elif connector == "perceiver":
-            self.connector = PerceiverResampler(d_vision, d_lm, visual_tokens, depth=2, heads=lm.cfg.heads,
-                                                num_patches=n)
-        else:  # the Q-Former reads the world's words (its ITG head and InstructBLIP's instruction)
-            self.connector = QFormer(visual_tokens, d_lm, qformer_depth, lm.cfg.heads, d_vision,
-                                     vocab_size or lm.cfg.vocab_size, lm.cfg.context_length)  # fmt: skip
+        d_vision, d_lm = vision.cfg.width, lm.cfg.width
+        # linear/mlp pool the patch grid to K first; the Q-Former reads the world's words (its ITG head and
+        # InstructBLIP's instruction)
+        self.connector = build_connector(connector, d_vision, d_lm, visual_tokens, depth=qformer_depth,
+                                         heads=lm.cfg.heads, num_patches=vision.cfg.num_patches,
+                                         vocab_size=vocab_size or lm.cfg.vocab_size,
+                                         context_length=lm.cfg.context_length)  # fmt: skip
+        if connector == "qformer":
             self.qformer_proj = nn.Linear(d_lm, d_lm)  # BLIP-2's fully-connected layer into the LM (Fig. 3)
         self.flamingo = (
             FlamingoLayers(d_lm, d_lm, len(lm.blocks), cross_every, lm.cfg.heads)
@@ -138,14 +130,16 @@ class VisionLanguageModel(nn.Module):
         if self.connector_name == "qformer":
             ids, mask = instruction if (self.instruct and instruction is not None) else (None, None)
             return self.qformer_proj(self.connector.encode_image(z, ids, mask))
-        if self.pool is not None:
-            z = self.pool(z)
         return self.connector(z)
 
     def forward(self, images: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor,
                 instruction: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:  # fmt: skip
         """Images (B, 3, S, S) and text (B, L) -> next-token logits at the text positions (B, L, vocab)."""
-        h = self.visual(images, instruction)  # (B, K, D)
+        return self.fuse(self.visual(images, instruction), ids, mask)
+
+    def fuse(self, h: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Visual tokens (B, K, D) and text (B, L) -> the LM's logits at the text positions (B, L, vocab): the
+        visual tokens first in the sequence, or read through Flamingo's gated layers."""
         if self.flamingo is not None:
             return self.lm(ids, mask=mask, hook=self.flamingo.hook(h))
         k = h.shape[1]
@@ -188,13 +182,7 @@ class VisionLanguageModel(nn.Module):
         rows = torch.arange(b, device=device)
         while not bool(done.all()):
             mask = torch.arange(width, device=device)[None] < lengths[:, None]  # (B, W)
-            if self.flamingo is not None:
-                logits = self.lm(ids, mask=mask, hook=self.flamingo.hook(h))
-            else:
-                k = h.shape[1]
-                embeds = torch.cat([h, self.lm.embed(ids)], dim=1)  # (B, K + W, D)
-                full = torch.cat([torch.ones(b, k, dtype=torch.bool, device=device), mask], dim=1)
-                logits = self.lm(embeds=embeds, mask=full)[:, k:]
+            logits = self.fuse(h, ids, mask)
             nxt = logits[rows, lengths - 1].argmax(-1)  # (B,)
             done = done | (nxt == eos_id)
             grow = ~done
