@@ -13,7 +13,7 @@ from difflab.config import apply_overrides
 from difflab.errors import DifflabError
 from difflab.models import vlm
 from difflab.models.registry import get_preset
-from difflab.models.vlm_network import IGNORE, labels_for, patch_features, prompt_length
+from difflab.models.vlm_network import IGNORE, encode_conversations, labels_for, patch_features, prompt_length
 from difflab.nn.gpt import GPTConfig
 
 
@@ -99,6 +99,47 @@ def test_labels_cover_the_target_and_eos_only():
     assert kept == [tok.encode(["2"])[0][0, 1].item(), tok.eos_id]
 
 
+def test_a_one_turn_row_is_the_encoded_text_and_a_conversation_labels_every_answer():
+    """One turn: the tokenizer's own row and labels_for's labels, cut at the batch's longest row. A
+    conversation (LLaVA's multi-turn data): the turns' rows joined after one <bos>, labels exactly each answer
+    and its <eos>, in order."""
+    tok = vlm.make_tokenizer(_tiny())
+    turns = [("how many circles?", "2"), ("describe the image .", "a red circle at the top left"),
+             ("is there a blue square?", "no")]  # fmt: skip
+    ids, mask, labels = encode_conversations(tok, [[t] for t in turns])
+    ref_ids, ref_mask = tok.encode([f"{p} {a}" for p, a in turns])
+    ref_labels = labels_for(ref_ids, ref_mask, [prompt_length(p) for p, _ in turns])
+    width = int(ref_mask.sum(1).max())
+    assert ids.shape == (3, width)
+    assert torch.equal(ids, ref_ids[:, :width]) and torch.equal(mask, ref_mask[:, :width])
+    assert torch.equal(labels, ref_labels[:, :width])
+
+    def words(text):  # the text's ids between <bos> and <eos>
+        ids, mask = tok.encode(text)
+        return ids[0, 1 : int(mask.sum()) - 1].tolist()
+
+    ids, mask, labels = encode_conversations(tok, [turns, turns[:1]])
+    joined = [tok.bos_id] + [t for p, a in turns for t in [*words(f"{p} {a}"), tok.eos_id]]
+    assert ids[0].tolist() == joined and int(mask[0].sum()) == len(joined)
+    assert tok.decode(ids[0]) == "how many circles? 2 describe the image. a red circle at the top left is there a " \
+                                 "blue square? no"  # fmt: skip
+    kept = labels[0][labels[0] != IGNORE].tolist()
+    assert kept == [t for _, a in turns for t in [*words(a), tok.eos_id]]
+    n = int(mask[1].sum())
+    assert ids[1, n:].eq(tok.pad_id).all() and labels[1, n:].eq(IGNORE).all()
+
+
+def test_a_run_trains_on_conversations(tmp_path, single_thread):
+    """data.turns=2 end to end: the loader's collate keeps each item's turns, the loss reads them, and the run
+    answers single questions as every run does."""
+    cfg = apply_overrides(get_preset("vlm_tiny").build(), ["data.turns=2", "lm_model.context_length=52",
+                                                           "train.steps=3"])  # fmt: skip
+    run = vlm.train(cfg, tmp_path / "talk")
+    model, cfg = vlm.load_model(run)
+    side = cfg.vision_scratch.image_size
+    assert len(vlm.answer(model, cfg, torch.zeros(2, 3, side, side), ["how many circles?"] * 2)) == 2
+
+
 def test_batched_greedy_decoding_is_each_rows_own_argmax():
     """Rows of different prompt lengths, right-padded, decode exactly as each row alone, one full forward
     pass per token (an independent, uncached reading of the same model)."""
@@ -153,6 +194,12 @@ def test_bad_configs_are_named():
         dataclasses.replace(get_preset("vlm_tiny").build(), objective="qformer")
     with pytest.raises(DifflabError, match="context_length 16 is too short for 4 visual tokens and 24 text"):
         _tiny(lm_model=GPTConfig(context_length=16, width=32, depth=2, heads=2))
+    tiny = get_preset("vlm_tiny").build()
+    with pytest.raises(DifflabError, match="context_length 32 is too short for 4 visual tokens and 48 text tokens "
+                                           r"\(2 turn\(s\) of text_length 24\)"):  # fmt: skip
+        vlm.resolve(dataclasses.replace(tiny, data=dataclasses.replace(tiny.data, turns=2)))
+    with pytest.raises(DifflabError, match="data.turns 2: a Q-Former reads one text per image"):
+        dataclasses.replace(tiny, connector="qformer", instruct=True, data=dataclasses.replace(tiny.data, turns=2))
     with pytest.raises(DifflabError, match="vision_layer 5 is outside the ViT's 2 blocks"):
         _tiny(vision_layer=5)
 

@@ -3,6 +3,7 @@ evaluation sets that are deterministic, balanced and drawn from scenes no traini
 
 from __future__ import annotations
 
+import dataclasses
 from collections import Counter
 
 import numpy as np
@@ -78,6 +79,28 @@ def test_the_mix_ratio_is_the_share_of_captions(training):
     for p, want in ((0.0, {"vqa"}), (1.0, {"caption"})):
         data = VQAScenes(VQADataConfig(n=20, questions_per_scene=2, caption_prob=p))
         assert {data[j]["task"] for j in range(len(data))} == want  # the item's task, through __getitem__
+
+
+def test_a_conversation_is_its_scenes_texts_in_order(training):
+    """turns=3: item j is texts 3j, 3j+1, 3j+2 of the same data, all about one scene, drawn once; a loader
+    with vqa.collate keeps each item's turns together (the default collate would transpose them)."""
+    from difflab.data.vqa import collate
+
+    talk = VQAScenes(dataclasses.replace(training.data, turns=3))
+    assert len(talk) == len(training) // 3
+    for j in (0, 7, len(talk) - 1):
+        item = talk[j]
+        assert item["question"] == tuple(training[3 * j + k]["question"] for k in range(3))
+        assert item["answer"] == tuple(training[3 * j + k]["answer"] for k in range(3))
+        assert item["task"] == tuple(training[3 * j + k]["task"] for k in range(3))
+        assert torch.equal(item["image"], training[3 * j]["image"])
+    batch = next(iter(DataLoader(talk, batch_size=4, collate_fn=collate)))
+    assert batch["image"].shape == (4, 3, 64, 64)
+    assert batch["answer"] == [talk[j]["answer"] for j in range(4)]
+    with pytest.raises(DifflabError, match="turns 2 does not divide questions_per_scene 3"):
+        dataclasses.replace(training.data, turns=2)
+    with pytest.raises(IndexError, match=f"item {len(talk)} is out of range"):
+        talk[len(talk)]
 
 
 def test_a_scenes_questions_are_distinct_and_items_deterministic(training):

@@ -92,6 +92,11 @@ class VQADataConfig:
     style ('two green circles', 'a red circle to the left of a square', ...)."""
     heldout_pairs: tuple[str, ...] = tuple(f"{c} {s}" for c, s in HELDOUT_PAIRS)
     """'colour shape' pairs no training image shows and no training text names."""
+    turns: int = 1
+    """Texts per training item: 1, or a conversation of ``turns`` texts about one image, as LLaVA's
+    instruction data are multi-turn conversations (Liu et al. 2023, "Visual Instruction Tuning", Sec. 3 and
+    Table 2; Sec. 4.2: the loss is on every answer of the conversation). One image forward then teaches
+    ``turns`` answers. A divisor of ``questions_per_scene``: item j is texts ``j * turns ...`` of one scene."""
 
     def __post_init__(self) -> None:
         world = world_preset(self.world)
@@ -100,6 +105,11 @@ class VQADataConfig:
         check_int("questions_per_scene", self.questions_per_scene, 1, 100)
         check_float("caption_prob", self.caption_prob, 0.0, 1.0)
         check_float("describe_prob", self.describe_prob, 0.0, 1.0)
+        check_int("turns", self.turns, 1, 100)
+        if self.questions_per_scene % self.turns:
+            raise DifflabError(f"turns {self.turns} does not divide questions_per_scene "
+                               f"{self.questions_per_scene}; expected a divisor, so that a conversation is "
+                               "about one scene")  # fmt: skip
         for pair in self.heldout_pairs:
             words = pair.split()
             if len(words) != 2 or words[0] not in world.colors or words[1] not in world.shapes:
@@ -134,7 +144,9 @@ def _names_pair(spec: ObjectSpec, pairs) -> bool:
 
 class VQAScenes(Dataset):
     """Item j: ``{"image", "task", "question", "answer", "kind"}`` (strings but the image; see the module
-    docstring); :meth:`item` gives the same as a :class:`VQAItem`, with its scene."""
+    docstring); :meth:`item` gives text j as a :class:`VQAItem`, with its scene. With ``turns`` > 1, item j
+    is a conversation: each text field a tuple of its ``turns`` texts (texts ``j * turns ...``); batch such
+    items with :func:`collate`."""
 
     def __init__(self, data: VQADataConfig):
         self.data, self.world = data, data.world_config()
@@ -143,6 +155,11 @@ class VQAScenes(Dataset):
                                       heldout=data.pairs())  # fmt: skip
 
     def __len__(self) -> int:
+        return self.texts // self.data.turns
+
+    @property
+    def texts(self) -> int:
+        """How many texts the data hold (``n * questions_per_scene``), in items of ``turns`` texts."""
         return self.data.n * self.data.questions_per_scene
 
     def scene_questions(self, i: int, scene: Scene) -> list[QA]:
@@ -162,8 +179,8 @@ class VQAScenes(Dataset):
     def text(self, j: int) -> tuple[str, str, str]:
         """Item ``j``'s (question, answer, kind) without drawing its image: ('', caption, 'caption') or a
         question of a kind of :data:`QUESTION_KINDS`."""
-        if not 0 <= j < len(self):
-            raise IndexError(f"item {j} is out of range; expected 0..{len(self) - 1}")
+        if not 0 <= j < self.texts:
+            raise IndexError(f"text {j} is out of range; expected 0..{self.texts - 1}")
         i, k = divmod(j, self.data.questions_per_scene)
         scene = self.scenes.scene(i)
         rng = np.random.default_rng([self.data.seed, i, VLM_CAPTIONS, k])
@@ -178,14 +195,24 @@ class VQAScenes(Dataset):
         return VQAItem(scene_image(scene, self.world), scene, question, answer, kind, heldout_pair=False)
 
     def __getitem__(self, j: int) -> dict:
-        it = self.item(j)
-        return {
-            "image": it.image,
-            "task": it.task,
-            "question": it.question,
-            "answer": it.answer,
-            "kind": it.kind,
-        }
+        t = self.data.turns
+        if t == 1:
+            it = self.item(j)
+            return {"image": it.image, "task": it.task, "question": it.question, "answer": it.answer,
+                    "kind": it.kind}  # fmt: skip
+        if not 0 <= j < len(self):
+            raise IndexError(f"item {j} is out of range; expected 0..{len(self) - 1}")
+        question, answer, kind = zip(*(self.text(j * t + k) for k in range(t)), strict=True)
+        return {"image": scene_image(self.scenes.scene(j * t // self.data.questions_per_scene), self.world),
+                "task": tuple("caption" if k == "caption" else "vqa" for k in kind), "question": question,
+                "answer": answer, "kind": kind}  # fmt: skip
+
+
+def collate(items: list[dict]) -> dict:
+    """A batch of :class:`VQAScenes` items: images stacked (B, 3, S, S), every text field a list of B values
+    (strings, or a conversation's tuples), kept per item where torch's default collate would transpose them."""
+    return {"image": torch.stack([it["image"] for it in items]),
+            **{k: [it[k] for it in items] for k in ("task", "question", "answer", "kind")}}  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------------ evaluation

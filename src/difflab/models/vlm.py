@@ -30,7 +30,7 @@ import torch
 from tqdm.auto import tqdm
 
 from difflab.config import to_dict
-from difflab.data.vqa import VQADataConfig, VQAScenes
+from difflab.data.vqa import VQADataConfig, VQAScenes, collate
 from difflab.errors import MAX_SIZE, DifflabError, check_choice, check_int
 from difflab.models import clip, lm, vlm_eval
 from difflab.models.family import Family, Preset
@@ -39,7 +39,7 @@ from difflab.models.vlm_network import (
     CAPTION_PROMPT,
     FUSIONS,
     VisionLanguageModel,
-    labels_for,
+    encode_conversations,
     prompt_length,
 )
 from difflab.nn.connectors import CONNECTORS
@@ -115,6 +115,9 @@ class VLMConfig:
         check_int("vision_layer", self.vision_layer, -MAX_SIZE, MAX_SIZE)  # negative: from the last block
         if self.instruct and self.connector != "qformer":
             raise DifflabError(f"instruct=true feeds the question to a Q-Former; connector is '{self.connector}'")
+        if (self.instruct or self.objective == "qformer") and self.data.turns != 1:
+            raise DifflabError(f"data.turns {self.data.turns}: a Q-Former reads one text per image (InstructBLIP's "
+                               "question, BLIP-2's caption); expected data.turns=1")  # fmt: skip
         check_choice("objective", self.objective, OBJECTIVES)
         check_choice("loss_average", self.loss_average, LOSS_AVERAGES)
         if self.objective == "qformer" and (self.connector != "qformer" or self.lm_mode != "frozen"
@@ -157,11 +160,12 @@ def resolve(cfg: VLMConfig, *, attach: bool = True) -> VLMConfig:
     if cfg.text_length < longest:
         raise DifflabError(f"text_length {cfg.text_length} cannot hold the '{cfg.data.world}' world's longest "
                            f"caption after '{CAPTION_PROMPT}'; expected at least {longest}")  # fmt: skip
-    need = cfg.text_length + (cfg.visual_tokens if cfg.fusion == "autoregressive" else 0)
+    text = cfg.data.turns * cfg.text_length  # a conversation's row, at most
+    need = text + (cfg.visual_tokens if cfg.fusion == "autoregressive" else 0)
     if cfg.lm_model.context_length < need:
         raise DifflabError(f"lm_model.context_length {cfg.lm_model.context_length} is too short for "
-                           f"{cfg.visual_tokens} visual tokens and {cfg.text_length} text tokens; expected at "
-                           f"least {need}")  # fmt: skip
+                           f"{cfg.visual_tokens} visual tokens and {text} text tokens ({cfg.data.turns} "
+                           f"turn(s) of text_length {cfg.text_length}); expected at least {need}")  # fmt: skip
     return cfg
 
 
@@ -223,10 +227,16 @@ def _load_lm(target: GPT, run_dir: str) -> None:
     target.load_state_dict(state)
 
 
-def _texts(batch_tasks, batch_questions, batch_answers) -> tuple[list[str], list[str]]:
-    """(prompts, full texts) of a batch: a question and its answer, or the caption instruction and a caption."""
-    prompts = [CAPTION_PROMPT if t == "caption" else q for t, q in zip(batch_tasks, batch_questions, strict=True)]
-    return prompts, [lm.qa_text(p, a) for p, a in zip(prompts, batch_answers, strict=True)]
+def conversations(batch: dict) -> list[list[tuple[str, str]]]:
+    """Each row's (prompt, target) turns: a question and its answer, or :data:`CAPTION_PROMPT` and a caption;
+    one turn per row, or a conversation's (``data.turns``)."""
+    rows = []
+    for tasks, questions, answers in zip(batch["task"], batch["question"], batch["answer"], strict=True):
+        if isinstance(tasks, str):  # one text per item
+            tasks, questions, answers = (tasks,), (questions,), (answers,)
+        rows.append([(CAPTION_PROMPT if t == "caption" else q, a)
+                     for t, q, a in zip(tasks, questions, answers, strict=True)])  # fmt: skip
+    return rows
 
 
 def make_loss_fn(cfg: VLMConfig):
@@ -235,11 +245,10 @@ def make_loss_fn(cfg: VLMConfig):
         return _qformer_loss_fn(tokenizer)
 
     def loss_fn(model: VisionLanguageModel, batch: dict, generator: torch.Generator):
-        prompts, texts = _texts(batch["task"], batch["question"], batch["answer"])
-        ids, mask = tokenizer.encode(texts)  # (B, text_length)
-        labels = labels_for(ids, mask, [prompt_length(p) for p in prompts])
+        rows = conversations(batch)
+        ids, mask, labels = encode_conversations(tokenizer, rows)  # (B, longest row)
         device = batch["image"].device
-        instruction = _instruction(tokenizer, prompts, device) if cfg.instruct else None
+        instruction = _instruction(tokenizer, [r[0][0] for r in rows], device) if cfg.instruct else None
         return model.loss(batch["image"], ids.to(device), mask.to(device), labels.to(device), instruction,
                           average=cfg.loss_average)
 
@@ -279,7 +288,7 @@ def train(cfg: VLMConfig, run_dir: str | Path, *, resume: bool = False) -> Path:
                        inputs=("vision_checkpoint", "lm_checkpoint", "init_checkpoint")) as run_dir:  # fmt: skip
         torch.manual_seed(cfg.train.seed)  # the connector's initial weights
         model = _initial_network(cfg)
-        loader = make_loader(VQAScenes(cfg.data), cfg.train)
+        loader = make_loader(VQAScenes(cfg.data), cfg.train, collate_fn=collate)
         Trainer(model, make_loss_fn(cfg), loader, cfg.train, run_dir, model_config=_model_config(cfg)).fit(
             resume=resume
         )

@@ -206,3 +206,34 @@ def labels_for(ids: torch.Tensor, mask: torch.Tensor, prompt_lengths: list[int])
     for i, n in enumerate(prompt_lengths):
         labels[i, :n] = IGNORE
     return labels
+
+
+def encode_conversations(tokenizer, rows: list[list[tuple[str, str]]]) -> tuple[torch.Tensor, ...]:
+    """(ids, mask, labels), each (B, L) with L the longest row, of rows of (prompt, target) turns:
+    ``<bos> p1 t1 <eos> p2 t2 <eos> ...`` - LLaVA's multi-turn instruction data (Liu et al. 2023, Sec. 3 and
+    4.2), whose loss is on every answer. Labels are each turn's target and its ``<eos>``, :data:`IGNORE` on
+    ``<bos>``, the prompts and the padding. A one-turn row is ``tokenizer.encode("p t")`` with
+    :func:`labels_for`, trimmed to the batch's longest row. ``tokenizer`` holds one turn per encoded row
+    (unknown words and over-long turns are its named errors)."""
+    flat = [f"{p} {t}" for row in rows for p, t in row]  # lm.qa_text's layout
+    ids, mask = tokenizer.encode(flat)  # (turns in all, text_length): <bos> p t <eos>
+    seqs, targets, k = [], [], 0
+    for row in rows:
+        seq, target = [tokenizer.bos_id], [IGNORE]
+        for prompt, _ in row:
+            n = int(mask[k].sum())
+            turn = ids[k, 1:n].tolist()  # p t <eos>
+            asked = prompt_length(prompt) - 1
+            seq += turn
+            target += [IGNORE] * asked + turn[asked:]
+            k += 1
+        seqs.append(seq)
+        targets.append(target)
+    width = max(map(len, seqs))
+    out_ids = torch.full((len(rows), width), tokenizer.pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)
+    for i, (seq, target) in enumerate(zip(seqs, targets, strict=True)):
+        out_ids[i, : len(seq)] = torch.tensor(seq)
+        labels[i, : len(seq)] = torch.tensor(target)
+    lengths = torch.tensor([len(s) for s in seqs])
+    return out_ids, torch.arange(width)[None] < lengths[:, None], labels
