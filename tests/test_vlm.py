@@ -129,6 +129,22 @@ def test_a_one_turn_row_is_the_encoded_text_and_a_conversation_labels_every_answ
     assert ids[1, n:].eq(tok.pad_id).all() and labels[1, n:].eq(IGNORE).all()
 
 
+def test_visual_positions_add_one_learned_vector_per_visual_token():
+    """With the table at zero the model is the plain design's, weight for weight; a non-zero table moves
+    visual token k by row k alone, for every image alike."""
+    cfg = _tiny(visual_positions=True)
+    torch.manual_seed(0)
+    model = vlm.build_network(cfg).eval()
+    plain = vlm.build_network(_tiny()).eval()
+    plain.load_state_dict({k: v for k, v in model.state_dict().items() if k != "visual_pos"})
+    images, ids, mask = _batch(cfg)
+    assert model.visual_pos.shape == (cfg.visual_tokens, cfg.lm_model.width)
+    with torch.no_grad():
+        assert torch.equal(model.visual(images), plain.visual(images) + model.visual_pos)
+        model.visual_pos.zero_()
+        assert torch.equal(model(images, ids, mask), plain(images, ids, mask))
+
+
 def test_a_run_trains_on_conversations(tmp_path, single_thread):
     """data.turns=2 end to end: the loader's collate keeps each item's turns, the loss reads them, and the run
     answers single questions as every run does."""

@@ -84,6 +84,9 @@ class VLMConfig:
     visual_tokens: int = 16
     """K, the visual tokens the LM reads: 64 = every patch of a 32x32 image at patch 4; fewer are pooled
     (linear, mlp) or are the resampler's latents / the Q-Former's queries."""
+    visual_positions: bool = False
+    """A learned embedding per visual token, at the tokens' own scale, added to the connector's output: the
+    GPT's additive position embedding is too small beside visual tokens to say where a token lies (docs/vlm.md)."""
     cross_every: int = 1
     """Flamingo: a gated cross-attention layer before every n-th LM block."""
     instruct: bool = False
@@ -181,7 +184,8 @@ def build_network(cfg: VLMConfig, vision: VisionTransformer | None = None, langu
     model = VisionLanguageModel(
         vision or VisionTransformer(cfg.vision_scratch), language or GPT(cfg.lm_model), connector=cfg.connector,
         fusion=cfg.fusion, visual_tokens=cfg.visual_tokens, vision_layer=cfg.vision_layer,
-        freeze_vision=cfg.vision is not None, cross_every=cfg.cross_every, instruct=cfg.instruct)  # fmt: skip
+        freeze_vision=cfg.vision is not None, cross_every=cfg.cross_every, instruct=cfg.instruct,
+        visual_positions=cfg.visual_positions)  # fmt: skip
     if cfg.lm_mode == "lora" and lora:
         add_lora(model.lm, cfg.lora_rank)
     return model
@@ -277,7 +281,7 @@ def _instruction(tokenizer, prompts: list[str], device) -> tuple[torch.Tensor, t
 def _model_config(cfg: VLMConfig) -> dict:
     d = to_dict(cfg)
     keys = ("vision_scratch", "vision_layer", "lm_model", "lm_mode", "lora_rank", "connector", "fusion",
-            "visual_tokens", "cross_every", "instruct", "objective")  # fmt: skip
+            "visual_tokens", "visual_positions", "cross_every", "instruct", "objective")  # fmt: skip
     return {k: d[k] for k in keys}
 
 

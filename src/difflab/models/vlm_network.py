@@ -63,7 +63,8 @@ class VisionLanguageModel(nn.Module):
 
     def __init__(self, vision: VisionTransformer, lm: GPT, *, connector: str, fusion: str, visual_tokens: int,
                  vision_layer: int = -2, freeze_vision: bool = True, cross_every: int = 1,
-                 qformer_depth: int = 2, instruct: bool = False, vocab_size: int | None = None) -> None:  # fmt: skip
+                 qformer_depth: int = 2, instruct: bool = False, vocab_size: int | None = None,
+                 visual_positions: bool = False) -> None:  # fmt: skip
         super().__init__()
         if fusion not in FUSIONS:
             raise DifflabError(f"unknown fusion '{fusion}'; expected one of {', '.join(FUSIONS)}")
@@ -96,6 +97,12 @@ class VisionLanguageModel(nn.Module):
             if fusion == "cross_attention" else None
         )  # fmt: skip
         self.visual_tokens = visual_tokens
+        # Where each visual token sits, written at the visual tokens' own scale. The LM's additive position
+        # embedding (GPT-2's wpe, norm ~0.3) is swamped by connector outputs of norm ~6-10 once a pre-LN block
+        # normalises their sum, so "where is the diamond?" cannot be read from the diamond's token; LLaVA's
+        # LLaMA rotates queries and keys instead (RoPE), which no token norm can drown. std 0.5 per coordinate
+        # is about the connector's initial output norm here (docs/vlm.md).
+        self.visual_pos = nn.Parameter(0.5 * torch.randn(visual_tokens, d_lm)) if visual_positions else None
 
     def unused_parameters(self, objective: str = "lm") -> list[nn.Parameter]:
         """The parameters ``objective`` never reaches, which a training freezes so that the optimizer carries no
@@ -129,8 +136,10 @@ class VisionLanguageModel(nn.Module):
         z = self.features(images)
         if self.connector_name == "qformer":
             ids, mask = instruction if (self.instruct and instruction is not None) else (None, None)
-            return self.qformer_proj(self.connector.encode_image(z, ids, mask))
-        return self.connector(z)
+            h = self.qformer_proj(self.connector.encode_image(z, ids, mask))
+        else:
+            h = self.connector(z)
+        return h if self.visual_pos is None else h + self.visual_pos  # (B, K, d_lm)
 
     def forward(self, images: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor,
                 instruction: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:  # fmt: skip
