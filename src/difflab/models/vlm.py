@@ -85,8 +85,9 @@ class VLMConfig:
     """K, the visual tokens the LM reads: 64 = every patch of a 32x32 image at patch 4; fewer are pooled
     (linear, mlp) or are the resampler's latents / the Q-Former's queries."""
     visual_positions: bool = False
-    """A learned embedding per visual token, at the tokens' own scale, added to the connector's output: the
-    GPT's additive position embedding is too small beside visual tokens to say where a token lies (docs/vlm.md)."""
+    """A learned embedding per visual token, at the tokens' own scale, added to the connector's output: an
+    experiment on position questions (the GPT's additive position embedding is 20 times smaller than a visual
+    token); measured, it did not help them (docs/vlm.md)."""
     cross_every: int = 1
     """Flamingo: a gated cross-attention layer before every n-th LM block."""
     instruct: bool = False
@@ -459,8 +460,8 @@ PRESETS = (
 def _scene32(caption: float | None = None, turns: int = 4, batch: int = 32, **kw) -> VLMConfig:
     """The scene32 designs' shared data and training: the same steps, batch and schedule for every design of the
     comparison (docs/vlm.md). Rows are four-turn conversations about one image (LLaVA's multi-turn data): 32 of
-    them cost a step what 64 one-text rows did and teach twice the answers, and the run leaves the answer prior
-    about twice as early (VQA 0.80 at 1,500 steps against 0.72). A Q-Former reads one text per image, so its
+    them cost a step what 64 one-text rows did and teach twice the answers: VQA 0.78 against 0.72 after 1,500
+    steps, 0.90 against 0.86 after 3,000 (docs/vlm.md). A Q-Former reads one text per image, so its
     first stage and InstructBLIP keep one-text rows, 64 a batch."""
     data = VQADataConfig(world="scene32", turns=turns,
                          **({} if caption is None else {"caption_prob": caption}))  # fmt: skip
