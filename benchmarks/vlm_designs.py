@@ -58,7 +58,8 @@ DESIGNS = {
 DEFAULT = ("llava_mlp", "llava_lora", "flamingo", "flamingo_lora", "llava_linear", "perceiver_ar", "blip2",
            "llava_mlp_64", "llava_two_stage")
 """The designs the issue's four questions need (fusion and LM mode; connector; visual tokens; stages), nine of
-them: three seeds at 1,500 steps fit in two hours on two cores. llava_frozen and instructblip run on request."""
+them: three seeds at 1,500 steps take about two hours on two cores (6.5-11 minutes a run, two at a time).
+llava_frozen and instructblip run on request."""
 SCORES = {
     "vqa": lambda r: r["vqa"]["overall"]["accuracy"],
     "count": lambda r: r["vqa"]["kinds"]["count"]["accuracy"],

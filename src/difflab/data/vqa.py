@@ -177,7 +177,7 @@ class VQAScenes(Dataset):
         return [asked[k % len(asked)] for k in range(q)]
 
     def text(self, j: int) -> tuple[str, str, str]:
-        """Item ``j``'s (question, answer, kind) without drawing its image: ('', caption, 'caption') or a
+        """Text ``j``'s (question, answer, kind) without drawing its image: ('', caption, 'caption') or a
         question of a kind of :data:`QUESTION_KINDS`."""
         if not 0 <= j < self.texts:
             raise IndexError(f"text {j} is out of range; expected 0..{self.texts - 1}")
