@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from difflab.errors import DifflabError
+from difflab.models.lm import qa_text
 from difflab.nn.connectors import build_connector
 from difflab.nn.flamingo import FlamingoLayers
 from difflab.nn.gpt import GPT
@@ -222,17 +223,16 @@ def encode_conversations(tokenizer, rows: list[list[tuple[str, str]]]) -> tuple[
     ``<bos>``, the prompts and the padding. A one-turn row is ``tokenizer.encode("p t")`` with
     :func:`labels_for`, trimmed to the batch's longest row. ``tokenizer`` holds one turn per encoded row
     (unknown words and over-long turns are its named errors)."""
-    flat = [f"{p} {t}" for row in rows for p, t in row]  # lm.qa_text's layout
-    ids, mask = tokenizer.encode(flat)  # (turns in all, text_length): <bos> p t <eos>
+    turns = [turn for row in rows for turn in row]
+    ids, mask = tokenizer.encode([qa_text(p, t) for p, t in turns])  # (turns in all, text_length): <bos> p t <eos>
+    turn_labels = labels_for(ids, mask, [prompt_length(p) for p, _ in turns])
     seqs, targets, k = [], [], 0
     for row in rows:
         seq, target = [tokenizer.bos_id], [IGNORE]
-        for prompt, _ in row:
+        for _ in row:  # each turn without its <bos>: p t <eos>
             n = int(mask[k].sum())
-            turn = ids[k, 1:n].tolist()  # p t <eos>
-            asked = prompt_length(prompt) - 1
-            seq += turn
-            target += [IGNORE] * asked + turn[asked:]
+            seq += ids[k, 1:n].tolist()
+            target += turn_labels[k, 1:n].tolist()
             k += 1
         seqs.append(seq)
         targets.append(target)
