@@ -49,6 +49,30 @@ def test_patch_features_of_the_last_block_are_the_vits_own_tokens():
     assert torch.equal(model.features(images), penultimate)
 
 
+def test_dense_layers_concatenate_earlier_blocks_along_channels():
+    """The Dense Connector's sparse channel integration (Yao et al. 2024, Sec. 3.2): the features the connector
+    reads are each named block's own tokens (computed one layer at a time), concatenated in order, from one
+    pass; the connector's input widens to match. Blocks at or above vision_layer, and repeats, are refused."""
+    from difflab.nn.vit import VisionTransformer
+
+    cfg = _tiny(vision_layer=-1, dense_layers=(0,))
+    vit = VisionTransformer(cfg.vision_scratch)
+    images, ids, mask = _batch(cfg)
+    single = [patch_features(vit, images, layer) for layer in (0, 1)]
+    assert torch.equal(patch_features(vit, images, [0, -1]), torch.cat(single, dim=-1))
+    model = vlm.build_network(cfg, vit).eval()
+    assert model.feature_layers == (0, 1)
+    assert torch.equal(model.features(images), torch.cat(single, dim=-1))
+    with torch.no_grad():
+        assert model(images, ids, mask).shape == (*ids.shape, cfg.lm_model.vocab_size)
+    with pytest.raises(DifflabError, match=r"dense layer 1 is not a ViT block before vision_layer's \(block 1"):
+        _tiny(vision_layer=-1, dense_layers=(1,))
+    with pytest.raises(DifflabError, match="dense layer 0 is not a ViT block before vision_layer's .block 0"):
+        _tiny(dense_layers=(0,))  # vision_layer -2 of two blocks is block 0: nothing comes before it
+    with pytest.raises(DifflabError, match=r"dense_layers \(0, -2\) name a block twice"):
+        vlm.build_network(dataclasses.replace(cfg, dense_layers=(0, -2)))
+
+
 def test_flamingo_fusion_at_closed_gates_is_the_language_model_alone():
     """Flamingo Sec. 2.2: tanh(0) gates, so an untrained VLM with cross-attention fusion gives the LM's logits
     bitwise, whatever the image."""

@@ -23,6 +23,7 @@ world's objects (precision, recall, CHAIR), and POPE's yes/no probes of absent o
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,14 +32,15 @@ from tqdm.auto import tqdm
 
 from difflab.config import to_dict
 from difflab.data.vqa import VQADataConfig, VQAScenes, collate
-from difflab.errors import MAX_SIZE, DifflabError, check_choice, check_int
-from difflab.models import clip, lm, vlm_eval
+from difflab.errors import MAX_SIZE, DifflabError, check_choice, check_float, check_int
+from difflab.models import clip, lm, vlm_eval, vlm_grounding
 from difflab.models.family import Family, Preset
 from difflab.models.runs import checkpoint_id, claim_run_dir, load_latest_weights, load_run_config
 from difflab.models.vlm_network import (
     CAPTION_PROMPT,
     FUSIONS,
     VisionLanguageModel,
+    check_dense_layer,
     encode_conversations,
     prompt_length,
 )
@@ -69,6 +71,11 @@ class VLMConfig:
     otherwise."""
     vision_layer: int = -2
     """The ViT block whose patch tokens the connector reads: -2 is the penultimate (LLaVA's choice)."""
+    dense_layers: tuple[int, ...] = ()
+    """Earlier ViT blocks whose patch tokens are concatenated to ``vision_layer``'s along channels before the
+    connector: the Dense Connector's sparse channel integration (Yao et al. 2024, Sec. 3.2). A frozen CLIP's
+    penultimate tokens each carry the whole scene (a token inside one object names the other's shape nearly as
+    well as its own, docs/vlm.md), so early blocks give the LM what sits where."""
     lm: str | None = None
     """An lm run (the world's text) whose GPT is the language model; None: a GPT of ``lm_model`` from scratch."""
     lm_checkpoint: str | None = None
@@ -98,6 +105,14 @@ class VLMConfig:
     init: str | None = None
     """A vlm run (stage 1) whose weights this run starts from."""
     init_checkpoint: str | None = None
+    grounding: float = 0.0
+    """Weight of the grounding loss (:mod:`difflab.models.vlm_grounding`): the words that name an object (a
+    colour, shape or position question's phrase end, a caption mention's size, colour and noun) sent, by their
+    attention in LM blocks 1 and up, to the visual tokens of that object (the renderer's masks; TokenCompose's
+    token loss). 0: off, the LM loss alone. A training signal
+    only; needs the autoregressive fusion of a pooled patch grid (connector linear or mlp)."""
+    grounding_kinds: tuple[str, ...] = vlm_grounding.GROUNDABLE
+    """The turns ``grounding`` supervises: of 'color', 'shape', 'position' (questions) and 'caption'."""
     loss_average: str = "token"
     """'token': the loss is the mean over every answer and caption token of a batch (LLaVA); 'example': each
     sequence's mean first, so a one-word answer counts as much as a caption."""
@@ -117,6 +132,8 @@ class VLMConfig:
         check_int("text_length", self.text_length, 4, MAX_SIZE)
         check_int("max_new_tokens", self.max_new_tokens, 1, MAX_SIZE)
         check_int("vision_layer", self.vision_layer, -MAX_SIZE, MAX_SIZE)  # negative: from the last block
+        for layer in self.dense_layers:
+            check_int("dense layer", layer, -MAX_SIZE, MAX_SIZE)
         if self.instruct and self.connector != "qformer":
             raise DifflabError(f"instruct=true feeds the question to a Q-Former; connector is '{self.connector}'")
         if (self.instruct or self.objective == "qformer") and self.data.turns != 1:
@@ -124,6 +141,13 @@ class VLMConfig:
                                "question, BLIP-2's caption); expected data.turns=1")  # fmt: skip
         check_choice("objective", self.objective, OBJECTIVES)
         check_choice("loss_average", self.loss_average, LOSS_AVERAGES)
+        check_float("grounding", self.grounding, 0.0, MAX_SIZE)
+        for kind in self.grounding_kinds:
+            check_choice("grounding kind", kind, vlm_grounding.GROUNDABLE)
+        if self.grounding and (self.fusion != "autoregressive" or self.connector not in ("linear", "mlp")):
+            raise DifflabError(f"grounding {self.grounding:g} supervises the LM's attention over a pooled patch "
+                               f"grid; expected fusion=autoregressive and connector linear or mlp, got "
+                               f"{self.fusion} and {self.connector}")  # fmt: skip
         if self.objective == "qformer" and (self.connector != "qformer" or self.lm_mode != "frozen"
                                             or self.data.caption_prob != 1.0):  # fmt: skip
             raise DifflabError(f"objective 'qformer' trains a Q-Former on captions with the LM frozen; expected "
@@ -160,6 +184,8 @@ def resolve(cfg: VLMConfig, *, attach: bool = True) -> VLMConfig:
     if not -depth <= cfg.vision_layer < depth:
         raise DifflabError(f"vision_layer {cfg.vision_layer} is outside the ViT's {depth} blocks; expected "
                            f"{-depth}..{depth - 1}")  # fmt: skip
+    for layer in cfg.dense_layers:
+        check_dense_layer(layer, depth, cfg.vision_layer % depth)
     longest = lm.longest_text(cfg.data.world_config()) + prompt_length(CAPTION_PROMPT) - 1
     if cfg.text_length < longest:
         raise DifflabError(f"text_length {cfg.text_length} cannot hold the '{cfg.data.world}' world's longest "
@@ -186,7 +212,7 @@ def build_network(cfg: VLMConfig, vision: VisionTransformer | None = None, langu
         vision or VisionTransformer(cfg.vision_scratch), language or GPT(cfg.lm_model), connector=cfg.connector,
         fusion=cfg.fusion, visual_tokens=cfg.visual_tokens, vision_layer=cfg.vision_layer,
         freeze_vision=cfg.vision is not None, cross_every=cfg.cross_every, instruct=cfg.instruct,
-        visual_positions=cfg.visual_positions)  # fmt: skip
+        visual_positions=cfg.visual_positions, dense_layers=cfg.dense_layers)  # fmt: skip
     if cfg.lm_mode == "lora" and lora:
         add_lora(model.lm, cfg.lora_rank)
     return model
@@ -249,13 +275,23 @@ def make_loss_fn(cfg: VLMConfig):
     if cfg.objective == "qformer":
         return _qformer_loss_fn(tokenizer)
 
+
     def loss_fn(model: VisionLanguageModel, batch: dict, generator: torch.Generator):
         rows = conversations(batch)
         ids, mask, labels = encode_conversations(tokenizer, rows)  # (B, longest row)
         device = batch["image"].device
         instruction = _instruction(tokenizer, [r[0][0] for r in rows], device) if cfg.instruct else None
-        return model.loss(batch["image"], ids.to(device), mask.to(device), labels.to(device), instruction,
-                          average=cfg.loss_average)
+        if not cfg.grounding:
+            return model.loss(batch["image"], ids.to(device), mask.to(device), labels.to(device), instruction,
+                              average=cfg.loss_average)  # fmt: skip
+        recorder = vlm_grounding.LMAttentionProbs(model.lm, list(range(1, len(model.lm.blocks))))
+        with recorder.recording():
+            lm_loss = model.loss(batch["image"], ids.to(device), mask.to(device), labels.to(device),
+                                 average=cfg.loss_average)  # fmt: skip
+        index, targets = vlm_grounding.supervision(labels, batch["ground"], batch["ground_at"])
+        g = vlm_grounding.visual_grounding_loss(recorder.records, cfg.visual_tokens, index.to(device),
+                                            targets.to(device))  # fmt: skip
+        return lm_loss + cfg.grounding * g, {"loss_lm": lm_loss.detach(), "loss_ground": g.detach()}
 
     return loss_fn
 
@@ -281,7 +317,7 @@ def _instruction(tokenizer, prompts: list[str], device) -> tuple[torch.Tensor, t
 
 def _model_config(cfg: VLMConfig) -> dict:
     d = to_dict(cfg)
-    keys = ("vision_scratch", "vision_layer", "lm_model", "lm_mode", "lora_rank", "connector", "fusion",
+    keys = ("vision_scratch", "vision_layer", "dense_layers", "lm_model", "lm_mode", "lora_rank", "connector", "fusion",
             "visual_tokens", "visual_positions", "cross_every", "instruct", "objective")  # fmt: skip
     return {k: d[k] for k in keys}
 
@@ -293,7 +329,11 @@ def train(cfg: VLMConfig, run_dir: str | Path, *, resume: bool = False) -> Path:
                        inputs=("vision_checkpoint", "lm_checkpoint", "init_checkpoint")) as run_dir:  # fmt: skip
         torch.manual_seed(cfg.train.seed)  # the connector's initial weights
         model = _initial_network(cfg)
-        loader = make_loader(VQAScenes(cfg.data), cfg.train, collate_fn=collate)
+        data = VQAScenes(cfg.data)
+        if cfg.grounding:
+            side = math.isqrt(cfg.visual_tokens)
+            data = vlm_grounding.WithObjectMasks(data, side, make_tokenizer(cfg), cfg.text_length, cfg.grounding_kinds)
+        loader = make_loader(data, cfg.train, collate_fn=vlm_grounding.collate_grounded if cfg.grounding else collate)
         Trainer(model, make_loss_fn(cfg), loader, cfg.train, run_dir, model_config=_model_config(cfg)).fit(
             resume=resume
         )

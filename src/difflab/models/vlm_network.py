@@ -3,7 +3,9 @@ two ways. Every design of the controlled comparison (docs/vlm.md) is this class 
 
     images (B, 3, S, S)
       -> vision encoder: a ViT's patch features at layer ``vision_layer``   (B, N, d_vision)
-         (LLaVA reads CLIP's penultimate layer, Liu et al. 2023, Sec. 4.1; the class token is dropped)
+         (LLaVA reads CLIP's penultimate layer, Liu et al. 2023, Sec. 4.1; the class token is dropped),
+         with the features of the earlier ``dense_layers`` concatenated along channels
+         (the Dense Connector's sparse channel integration, Yao et al. 2024, Sec. 3.2)
       -> connector                                                         (B, K, d)
            linear     LLaVA 1.0: H_v = W Z_v (Eq. 1), after average-pooling the grid to K tokens
            mlp        LLaVA-1.5: Linear -> GELU -> Linear, pooled the same way
@@ -22,6 +24,8 @@ only (LLaVA trains on the answers, never on the instruction, Sec. 4.2).
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -43,18 +47,30 @@ IGNORE = -100
 """Label of a position the loss skips (the visual tokens, ``<bos>``, the prompt, padding)."""
 
 
-def patch_features(vit: VisionTransformer, images: torch.Tensor, layer: int) -> torch.Tensor:
+def patch_features(vit: VisionTransformer, images: torch.Tensor, layer: int | Sequence[int]) -> torch.Tensor:
     """(B, 3, S, S) -> (B, N, width): the ViT's patch tokens after block ``layer`` (negative: from the end;
-    -1 is the last block, before the final LayerNorm), the class token dropped."""
+    -1 is the last block, before the final LayerNorm), the class token dropped. A sequence of layers gives
+    their tokens concatenated along channels in that order, (B, N, width * len(layer)), from one pass."""
     depth = len(vit.transformer.blocks)
-    stop = layer % depth + 1  # blocks [0, stop) run
+    wanted = [i % depth for i in ([layer] if isinstance(layer, int) else layer)]
     b = images.shape[0]
     x = vit.patch_embed(images).flatten(2).transpose(1, 2)  # (B, N, D)
     x = torch.cat([vit.cls_token.expand(b, 1, -1), x], dim=1) + vit.pos_embed  # (B, 1 + N, D)
     x = vit.norm_pre(x)
-    for block in vit.transformer.blocks[:stop]:
+    kept = {}
+    for i, block in enumerate(vit.transformer.blocks[: max(wanted) + 1]):
         x = block(x)
-    return x[:, 1:]
+        kept[i] = x[:, 1:]
+    return torch.cat([kept[i] for i in wanted], dim=-1)  # (B, N, D * len(wanted))
+
+
+def check_dense_layer(layer: int, depth: int, top: int) -> int:
+    """A dense layer's block index (0-based, after negative indices count from the end), which must come
+    before ``top``, the block the connector's main features are read from."""
+    if not isinstance(layer, int) or not -depth <= layer < depth or layer % depth >= top:
+        raise DifflabError(f"dense layer {layer!r} is not a ViT block before vision_layer's (block {top} of "
+                           f"{depth}); expected an int in {-depth}..{depth - 1} naming a block below {top}")
+    return layer % depth
 
 
 class VisionLanguageModel(nn.Module):
@@ -65,7 +81,7 @@ class VisionLanguageModel(nn.Module):
     def __init__(self, vision: VisionTransformer, lm: GPT, *, connector: str, fusion: str, visual_tokens: int,
                  vision_layer: int = -2, freeze_vision: bool = True, cross_every: int = 1,
                  qformer_depth: int = 2, instruct: bool = False, vocab_size: int | None = None,
-                 visual_positions: bool = False) -> None:  # fmt: skip
+                 visual_positions: bool = False, dense_layers: Sequence[int] = ()) -> None:  # fmt: skip
         super().__init__()
         if fusion not in FUSIONS:
             raise DifflabError(f"unknown fusion '{fusion}'; expected one of {', '.join(FUSIONS)}")
@@ -77,14 +93,19 @@ class VisionLanguageModel(nn.Module):
         if not -depth <= vision_layer < depth:
             raise DifflabError(f"vision_layer {vision_layer} is outside the ViT's {depth} blocks; expected "
                                f"{-depth}..{depth - 1}")  # fmt: skip
-        vision.transformer.blocks = vision.transformer.blocks[: vision_layer % depth + 1]
+        top = vision_layer % depth
+        dense = [check_dense_layer(i, depth, top) for i in dense_layers]
+        if len(set(dense)) != len(dense):
+            raise DifflabError(f"dense_layers {tuple(dense_layers)} name a block twice; expected distinct blocks")
+        vision.transformer.blocks = vision.transformer.blocks[: top + 1]
+        self.feature_layers = (*dense, top)  # what features() reads, concatenated along channels in this order
         vision.norm_post = nn.Identity()
         self.vision, self.lm = vision, lm
         self.connector_name, self.fusion, self.instruct = connector, fusion, instruct
         self.freeze_vision = freeze_vision
         if freeze_vision:
             vision.requires_grad_(False)
-        d_vision, d_lm = vision.cfg.width, lm.cfg.width
+        d_vision, d_lm = vision.cfg.width * len(self.feature_layers), lm.cfg.width
         # linear/mlp pool the patch grid to K first; the Q-Former reads the world's words (its ITG head and
         # InstructBLIP's instruction)
         self.connector = build_connector(connector, d_vision, d_lm, visual_tokens, depth=qformer_depth,
@@ -125,9 +146,10 @@ class VisionLanguageModel(nn.Module):
         return self
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
-        """(B, 3, S, S) -> patch features (B, N, d_vision); no graph through a frozen encoder."""
+        """(B, 3, S, S) -> patch features (B, N, d_vision): the ``dense_layers``' tokens and ``vision_layer``'s,
+        concatenated along channels; no graph through a frozen encoder."""
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.freeze_vision):
-            return patch_features(self.vision, images, -1)  # its last block is vision_layer (see __init__)
+            return patch_features(self.vision, images, self.feature_layers)  # (B, N, d_vision)
 
     def visual(self, images: torch.Tensor, instruction: tuple[torch.Tensor, torch.Tensor] | None = None):
         """(B, 3, S, S) -> the K visual tokens (B, K, d_lm) the LM reads. ``instruction``: (ids, mask) of the
