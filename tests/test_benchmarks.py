@@ -231,3 +231,11 @@ def test_t2i_recipes_smallest_setting(tmp_path):
     assert "painter" in records[1]["shipped"] and "painter" not in records[0]["shipped"]
     assert "| layout |" in out.stdout
     assert json.loads((tmp_path / "r.json").read_text())["records"] == records
+
+
+def test_vlm_position_smallest_setting(tiny_vlm):
+    """The five readings on the tiny LLaVA (one object a scene, so the two-object readings are empty)."""
+    out = run_script("vlm_position.py", str(tiny_vlm), "--n", "60").stdout
+    assert "position questions by object count:\n  1 object(s): " in out
+    assert "ridge probe, visual token -> its index: " in out
+    assert "captions: objects named with a shape, and the wrong shapes among them:\n  1 object(s): " in out
