@@ -31,7 +31,7 @@ def test_targets_are_the_named_objects_masks_and_the_marked_tokens_their_words()
     batch = grounding.collate_grounded(items)
     assert batch["ground"].shape == (24, 4 * 2, 4, 4) and batch["ground_at"].shape == (24, 8, 3)
     ids, _, labels = encode_conversations(tok, vlm.conversations(batch))
-    index, targets = grounding.supervision(labels, batch["ground"], batch["ground_at"])
+    index, targets = grounding.token_mask_index(labels, batch["ground_at"]), batch["ground"]
     kinds = set()
     for row, item in enumerate(items):
         scene = data.scenes.scene(row)
@@ -61,7 +61,7 @@ def test_targets_are_the_named_objects_masks_and_the_marked_tokens_their_words()
             expected = 0 if item["kind"][slot // 2] == "caption" else batch["ground"][row, slot]
             assert torch.equal(kept[slot], torch.zeros_like(kept[slot]) + expected)
     with pytest.raises(DifflabError, match="row 0 has 4 answers for 6 grounding slots"):
-        grounding.supervision(labels[:1], batch["ground"][:1, :6], batch["ground_at"][:1, :6])
+        grounding.token_mask_index(labels[:1], batch["ground_at"][:1, :6])
 
 
 def test_the_loss_is_tokencomposes_token_loss_over_the_visual_keys():

@@ -288,9 +288,9 @@ def make_loss_fn(cfg: VLMConfig):
         with recorder.recording():
             lm_loss = model.loss(batch["image"], ids.to(device), mask.to(device), labels.to(device),
                                  average=cfg.loss_average)  # fmt: skip
-        index, targets = vlm_grounding.supervision(labels, batch["ground"], batch["ground_at"])
+        index = vlm_grounding.token_mask_index(labels, batch["ground_at"])
         g = vlm_grounding.visual_grounding_loss(recorder.records, cfg.visual_tokens, index.to(device),
-                                            targets.to(device))  # fmt: skip
+                                                batch["ground"].to(device))  # fmt: skip
         return lm_loss + cfg.grounding * g, {"loss_lm": lm_loss.detach(), "loss_ground": g.detach()}
 
     return loss_fn

@@ -63,11 +63,9 @@ def mentions_per_turn(world: WorldConfig) -> int:
     return max(2, world.max_objects)
 
 
-def named_object_mask(question: str, kind: str, masks: torch.Tensor, scene) -> torch.Tensor:
-    """The (side, side) mask of the one object a colour, shape or position question names; zeros for other
-    kinds (and captions). ``masks`` (K, side, side): :func:`object_masks` of ``scene``."""
-    if kind not in GROUNDED_KINDS:
-        return masks.new_zeros(masks.shape[1:])
+def named_object_mask(question: str, masks: torch.Tensor, scene) -> torch.Tensor:
+    """The (side, side) mask of the one object a colour, shape or position question names (one of
+    :data:`GROUNDED_KINDS`). ``masks`` (K, side, side): :func:`object_masks` of ``scene``."""
     spec = parse_question(question).spec
     found = [k for k, o in enumerate(scene.objects) if matches(spec, o)]
     if len(found) != 1:
@@ -113,7 +111,7 @@ class WithObjectMasks(Dataset):
                     ground[t * m + k] = fields["target_masks"][k]
                     at[t * m + k, : len(words)] = words
             else:
-                ground[t * m] = named_object_mask(question, kind, masks, scene)
+                ground[t * m] = named_object_mask(question, masks, scene)
                 at[t * m, 0] = -2  # '... diamond ?' then the answer
         return {**item, "ground": ground, "ground_at": at}
 
@@ -131,12 +129,10 @@ def target_starts(labels: torch.Tensor) -> list[list[int]]:
     return [torch.nonzero(row).flatten().tolist() for row in begins]
 
 
-def supervision(
-    labels: torch.Tensor, ground: torch.Tensor, ground_at: torch.Tensor
-) -> tuple[torch.Tensor, ...]:
-    """(token_mask_index (B, L), target_masks (B, slots, side, side)) in
-    :func:`difflab.models.attention_supervision.grounding_loss`'s layout: slot s's tokens marked s + 1, every
-    other token 0; ``ground`` and ``ground_at`` as :class:`WithObjectMasks` gives them."""
+def token_mask_index(labels: torch.Tensor, ground_at: torch.Tensor) -> torch.Tensor:
+    """(B, L): slot s's tokens marked s + 1, every other token 0; with the slots' targets (``"ground"``), the
+    layout of :func:`difflab.models.attention_supervision.grounding_loss`. ``ground_at`` (B, slots, 3) as
+    :class:`WithObjectMasks` gives it."""
     b, slots, _ = ground_at.shape
     index = torch.zeros_like(labels)
     for row, starts in enumerate(target_starts(labels)):
@@ -149,7 +145,7 @@ def supervision(
         for s in range(slots):
             offsets = ground_at[row, s][ground_at[row, s] != _UNUSED]
             index[row, starts[s // per_turn] + offsets] = s + 1
-    return index, ground
+    return index
 
 
 class LMAttentionProbs:
@@ -183,7 +179,7 @@ def visual_grounding_loss(
 ) -> torch.Tensor:
     """Mean over the recorded blocks of TokenCompose's ``L_token`` for text queries over the visual keys:
     ``records`` each (B, K + L, K + L) over the LM's whole sequence (K visual tokens first); ``index`` (B, L)
-    and ``targets`` (B, slots, side, side) from :func:`supervision`."""
+    from :func:`token_mask_index` and ``targets`` (B, slots, side, side), the slots' targets."""
     k = visual_tokens
     # (B, K, L): the visual keys in the place of TokenCompose's pixels, the text queries in that of its tokens
     losses = [grounding_loss(p[:, k:, :k].transpose(1, 2), index, targets, pixel_weight=0.0) for p in records]
