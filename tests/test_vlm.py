@@ -11,7 +11,7 @@ import torch
 
 from difflab.config import apply_overrides
 from difflab.errors import DifflabError
-from difflab.models import vlm
+from difflab.models import vlm, vlm_loss
 from difflab.models.registry import get_preset
 from difflab.models.vlm_network import IGNORE, encode_conversations, labels_for, patch_features, prompt_length
 from difflab.nn.gpt import GPTConfig
@@ -107,7 +107,7 @@ def test_every_design_trains_a_step_and_decodes(connector, fusion, instruct):
     labels = labels_for(ids, mask, [prompt_length("how many circles?"), prompt_length("what colour is the square?"),
                                     prompt_length("describe the image .")])  # fmt: skip
     tok = vlm.make_tokenizer(cfg)
-    instruction = vlm._instruction(tok, ["how many circles?"] * 3, "cpu") if instruct else None
+    instruction = vlm_loss.instruction_ids(tok, ["how many circles?"] * 3, "cpu") if instruct else None
     loss = model.loss(images, ids, mask, labels, instruction)
     loss.backward()
     assert torch.isfinite(loss)

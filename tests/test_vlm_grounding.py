@@ -13,7 +13,7 @@ import torch
 from difflab.config import apply_overrides
 from difflab.data.vqa import VQADataConfig, VQAScenes
 from difflab.errors import DifflabError
-from difflab.models import vlm
+from difflab.models import vlm, vlm_loss
 from difflab.models import vlm_grounding as grounding
 from difflab.models.registry import get_preset
 from difflab.models.vlm_network import encode_conversations
@@ -30,7 +30,7 @@ def test_targets_are_the_named_objects_masks_and_the_marked_tokens_their_words()
     items = [grounding.WithObjectMasks(data, 4, tok, cfg.text_length)[j] for j in range(24)]
     batch = grounding.collate_grounded(items)
     assert batch["ground"].shape == (24, 4 * 2, 4, 4) and batch["ground_at"].shape == (24, 8, 3)
-    ids, _, labels = encode_conversations(tok, vlm.conversations(batch))
+    ids, _, labels = encode_conversations(tok, vlm_loss.conversations(batch))
     index, targets = grounding.token_mask_index(labels, batch["ground_at"]), batch["ground"]
     kinds = set()
     for row, item in enumerate(items):
@@ -98,8 +98,9 @@ def test_grounded_training_keeps_the_lm_loss_and_trains(tmp_path, single_thread)
     batch = grounding.collate_grounded([data[j] for j in range(64)])
     torch.manual_seed(0)
     model = vlm.build_network(cfg)
-    plain = vlm.make_loss_fn(dataclasses.replace(cfg, grounding=0.0))(model, batch, torch.Generator())
-    total, parts = vlm.make_loss_fn(cfg)(model, batch, torch.Generator())
+    tok = vlm.make_tokenizer(cfg)
+    plain = vlm_loss.make_loss_fn(dataclasses.replace(cfg, grounding=0.0), tok)(model, batch, torch.Generator())
+    total, parts = vlm_loss.make_loss_fn(cfg, tok)(model, batch, torch.Generator())
     torch.testing.assert_close(parts["loss_lm"], plain.detach(), rtol=0, atol=1e-5)
     torch.testing.assert_close(total.detach(), parts["loss_lm"] + 0.5 * parts["loss_ground"])
     assert 0 < parts["loss_ground"] < 1

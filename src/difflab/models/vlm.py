@@ -36,12 +36,12 @@ from difflab.errors import MAX_SIZE, DifflabError, check_choice, check_float, ch
 from difflab.models import clip, lm, vlm_eval, vlm_grounding
 from difflab.models.family import Family, Preset
 from difflab.models.runs import checkpoint_id, claim_run_dir, load_latest_weights, load_run_config
+from difflab.models.vlm_loss import instruction_ids, make_loss_fn
 from difflab.models.vlm_network import (
     CAPTION_PROMPT,
     FUSIONS,
     VisionLanguageModel,
     check_dense_layer,
-    encode_conversations,
     prompt_length,
 )
 from difflab.nn.connectors import CONNECTORS
@@ -258,63 +258,6 @@ def _load_lm(target: GPT, run_dir: str) -> None:
     target.load_state_dict(state)
 
 
-def conversations(batch: dict) -> list[list[tuple[str, str]]]:
-    """Each row's (prompt, target) turns: a question and its answer, or :data:`CAPTION_PROMPT` and a caption;
-    one turn per row, or a conversation's (``data.turns``)."""
-    rows = []
-    for tasks, questions, answers in zip(batch["task"], batch["question"], batch["answer"], strict=True):
-        if isinstance(tasks, str):  # one text per item
-            tasks, questions, answers = (tasks,), (questions,), (answers,)
-        rows.append([(CAPTION_PROMPT if t == "caption" else q, a)
-                     for t, q, a in zip(tasks, questions, answers, strict=True)])  # fmt: skip
-    return rows
-
-
-def make_loss_fn(cfg: VLMConfig):
-    tokenizer = make_tokenizer(cfg)
-    if cfg.objective == "qformer":
-        return _qformer_loss_fn(tokenizer)
-
-
-    def loss_fn(model: VisionLanguageModel, batch: dict, generator: torch.Generator):
-        rows = conversations(batch)
-        ids, mask, labels = encode_conversations(tokenizer, rows)  # (B, longest row)
-        device = batch["image"].device
-        instruction = _instruction(tokenizer, [r[0][0] for r in rows], device) if cfg.instruct else None
-        if not cfg.grounding:
-            return model.loss(batch["image"], ids.to(device), mask.to(device), labels.to(device), instruction,
-                              average=cfg.loss_average)  # fmt: skip
-        recorder = vlm_grounding.LMAttentionProbs(model.lm, list(range(1, len(model.lm.blocks))))
-        with recorder.recording():
-            lm_loss = model.loss(batch["image"], ids.to(device), mask.to(device), labels.to(device),
-                                 average=cfg.loss_average)  # fmt: skip
-        index = vlm_grounding.token_mask_index(labels, batch["ground_at"])
-        g = vlm_grounding.visual_grounding_loss(recorder.records, cfg.visual_tokens, index.to(device),
-                                                batch["ground"].to(device))  # fmt: skip
-        return lm_loss + cfg.grounding * g, {"loss_lm": lm_loss.detach(), "loss_ground": g.detach()}
-
-    return loss_fn
-
-
-def _qformer_loss_fn(tokenizer):
-    """BLIP-2's representation learning: image-text contrast, matching with hard negatives and image-grounded
-    generation of the caption, summed (Sec. 3.2), on the frozen encoder's patch features."""
-
-    def loss_fn(model: VisionLanguageModel, batch: dict, generator: torch.Generator):
-        ids, mask = tokenizer.encode(list(batch["answer"]))  # the captions
-        device = batch["image"].device
-        losses = stage1_losses(model.connector, model.features(batch["image"]), ids.to(device), mask.to(device),
-                               generator)  # fmt: skip
-        return sum(losses.values()), {f"loss_{k}": v.detach() for k, v in losses.items()}
-
-    return loss_fn
-
-
-def _instruction(tokenizer, prompts: list[str], device) -> tuple[torch.Tensor, torch.Tensor]:
-    ids, mask = tokenizer.encode(prompts)
-    return ids.to(device), mask.to(device)
-
-
 def _model_config(cfg: VLMConfig) -> dict:
     d = to_dict(cfg)
     keys = ("vision_scratch", "vision_layer", "dense_layers", "lm_model", "lm_mode", "lora_rank", "connector", "fusion",
@@ -329,14 +272,15 @@ def train(cfg: VLMConfig, run_dir: str | Path, *, resume: bool = False) -> Path:
                        inputs=("vision_checkpoint", "lm_checkpoint", "init_checkpoint")) as run_dir:  # fmt: skip
         torch.manual_seed(cfg.train.seed)  # the connector's initial weights
         model = _initial_network(cfg)
+        tokenizer = make_tokenizer(cfg)
         data = VQAScenes(cfg.data)
         if cfg.grounding:
             side = math.isqrt(cfg.visual_tokens)
-            data = vlm_grounding.WithObjectMasks(data, side, make_tokenizer(cfg), cfg.text_length, cfg.grounding_kinds)
+            data = vlm_grounding.WithObjectMasks(data, side, tokenizer, cfg.text_length, cfg.grounding_kinds)
         loader = make_loader(data, cfg.train, collate_fn=vlm_grounding.collate_grounded if cfg.grounding else collate)
-        Trainer(model, make_loss_fn(cfg), loader, cfg.train, run_dir, model_config=_model_config(cfg)).fit(
-            resume=resume
-        )
+        trainer = Trainer(model, make_loss_fn(cfg, tokenizer), loader, cfg.train, run_dir,
+                          model_config=_model_config(cfg))  # fmt: skip
+        trainer.fit(resume=resume)
     return run_dir
 
 
@@ -363,7 +307,7 @@ def _generate(model: VisionLanguageModel, cfg: VLMConfig, images: torch.Tensor, 
     ids, mask = tokenizer.encode(prompts)  # unknown words are a named error here
     rows = [row[: int(m.sum()) - 1].tolist() for row, m in zip(ids, mask, strict=True)]  # <bos> prompt, no <eos>
     device = next(model.parameters()).device
-    instruction = _instruction(tokenizer, prompts, device) if cfg.instruct else None
+    instruction = instruction_ids(tokenizer, prompts, device) if cfg.instruct else None
     new = model.generate(images.to(device), rows, max_new_tokens=cfg.max_new_tokens, max_length=cfg.text_length,
                          eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id, instruction=instruction)  # fmt: skip
     return [tokenizer.decode(t) for t in new]
