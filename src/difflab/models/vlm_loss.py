@@ -9,16 +9,11 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 
 from difflab.models import vlm_grounding
 from difflab.models.vlm_network import CAPTION_PROMPT, VisionLanguageModel, encode_conversations
 from difflab.nn.qformer import stage1_losses
-
-if TYPE_CHECKING:
-    from difflab.models.vlm import VLMConfig
 
 
 def conversations(batch: dict) -> list[list[tuple[str, str]]]:
@@ -33,8 +28,9 @@ def conversations(batch: dict) -> list[list[tuple[str, str]]]:
     return rows
 
 
-def make_loss_fn(cfg: VLMConfig, tokenizer):
-    """``loss_fn(model, batch, generator)`` of ``cfg``'s objective over ``tokenizer``'s rows (the LM's)."""
+def make_loss_fn(cfg, tokenizer):
+    """``loss_fn(model, batch, generator)`` of a :class:`~difflab.models.vlm.VLMConfig`'s objective over
+    ``tokenizer``'s rows (the LM's). (The config is not imported here: vlm.py imports this module.)"""
     if cfg.objective == "qformer":
         return _qformer_loss_fn(tokenizer)
 
