@@ -9,6 +9,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from difflab.models import vlm_grounding
@@ -39,13 +41,12 @@ def make_loss_fn(cfg, tokenizer):
         ids, mask, labels = encode_conversations(tokenizer, rows)  # (B, longest row)
         device = batch["image"].device
         instruction = instruction_ids(tokenizer, [r[0][0] for r in rows], device) if cfg.instruct else None
-        if not cfg.grounding:
-            return model.loss(batch["image"], ids.to(device), mask.to(device), labels.to(device), instruction,
-                              average=cfg.loss_average)  # fmt: skip
         recorder = vlm_grounding.LMAttentionProbs(model.lm, list(range(1, len(model.lm.blocks))))
-        with recorder.recording():
+        with recorder.recording() if cfg.grounding else contextlib.nullcontext():
             lm_loss = model.loss(batch["image"], ids.to(device), mask.to(device), labels.to(device), instruction,
                                  average=cfg.loss_average)  # fmt: skip
+        if not cfg.grounding:
+            return lm_loss
         index = vlm_grounding.token_mask_index(labels, batch["ground_at"])
         g = vlm_grounding.visual_grounding_loss(recorder.records, cfg.visual_tokens, index.to(device),
                                                 batch["ground"].to(device))  # fmt: skip
