@@ -64,6 +64,33 @@ def test_targets_are_the_named_objects_masks_and_the_marked_tokens_their_words()
         grounding.token_mask_index(labels[:1], batch["ground_at"][:1, :6])
 
 
+def test_counts_and_existence_probes_are_grounded_on_the_objects_they_are_about():
+    """A count's target is the union of the objects it counts; an existence probe's, of the objects of its
+    shape, whatever their colour (the attribute-binding swap 'is there a red square?' beside a blue square is
+    grounded on the square); neither has a target when there are none. Checked against the masks of a scene
+    built by hand."""
+    from difflab.models.attention_supervision import object_masks
+    from difflab.world.scene import Obj, Scene, WorldConfig
+
+    world = WorldConfig(resolution=32, max_objects=3)
+    scene = Scene([Obj("circle", "red", "large", 0.25, 0.25), Obj("square", "blue", "large", 0.75, 0.75),
+                   Obj("circle", "blue", "small", 0.75, 0.25)])  # fmt: skip
+    masks = object_masks(scene, world, 4)  # (3, 4, 4)
+    assert (masks.flatten(1).amax(1) > 0).all() and not (masks[0] * masks[2]).any()  # apart, each shown
+    union = torch.maximum
+    assert torch.equal(grounding.question_mask("how many circles?", masks, scene), union(masks[0], masks[2]))
+    assert torch.equal(grounding.question_mask("how many blue objects?", masks, scene), union(masks[1], masks[2]))
+    assert torch.equal(grounding.question_mask("is there a red square?", masks, scene), masks[1])
+    assert torch.equal(grounding.question_mask("is there a blue circle?", masks, scene), union(masks[0], masks[2]))
+    assert grounding.question_mask("how many triangles?", masks, scene) is None
+    assert grounding.question_mask("is there a red diamond?", masks, scene) is None
+    assert torch.equal(grounding.question_mask("what colour is the square?", masks, scene), masks[1])
+    with pytest.raises(DifflabError, match="'is there a dog\\?' is not a question of the world"):
+        grounding.question_mask("is there a dog?", masks, scene)
+    with pytest.raises(DifflabError, match="names 2 objects"):
+        grounding.question_mask("what colour is the circle?", masks, scene)
+
+
 def test_the_loss_is_tokencomposes_token_loss_over_the_visual_keys():
     """One query over K = 16 visual tokens and 2 text tokens, its object on 4 visual tokens: attention
     spread evenly over the visual tokens leaves 1/4 inside, so L = (1 - 1/4)^2; all of it inside gives 0, and
@@ -116,5 +143,5 @@ def test_grounding_needs_a_pooled_grid_in_the_lms_sequence():
         dataclasses.replace(tiny, grounding=1.0, connector="perceiver")
     with pytest.raises(DifflabError, match="grounding"):
         dataclasses.replace(tiny, grounding=-1.0)
-    with pytest.raises(DifflabError, match="unknown grounding kind 'count'"):
-        dataclasses.replace(tiny, grounding=1.0, grounding_kinds=("position", "count"))
+    with pytest.raises(DifflabError, match="unknown grounding kind 'counts'"):
+        dataclasses.replace(tiny, grounding=1.0, grounding_kinds=("position", "counts"))

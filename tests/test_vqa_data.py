@@ -23,7 +23,7 @@ from difflab.data.vqa import (
 )
 from difflab.errors import DifflabError
 from difflab.world.geneval import HELDOUT_PAIRS, mentions_heldout
-from difflab.world.language import QUESTION_KINDS, Question, answer, describe
+from difflab.world.language import QUESTION_KINDS, Question, answer, describe, swapped_pairs
 from difflab.world.parse import parse_caption, parse_question
 from difflab.world.prompts import ObjectSpec
 from difflab.world.scene import scene_at, world_preset
@@ -231,3 +231,27 @@ def test_pope_negatives_follow_their_setting():
 def test_bad_eval_requests_are_one_line_errors(call, message):
     with pytest.raises(DifflabError, match=message):
         call()
+
+
+def test_existence_swaps_make_the_training_negatives_attribute_swaps():
+    """existence_swaps=1: every existence question answered 'no' asks a swapped pair of its scene (the
+    adversarial POPE rule, :func:`swapped_pairs`), none a held-out pair; 0 (the default) keeps the random
+    absent pairs, among which swaps are rare."""
+
+    def negatives(swaps: float) -> list[tuple]:
+        data = VQAScenes(VQADataConfig(world="scene32", n=300, questions_per_scene=4, existence_swaps=swaps))
+        out = []
+        for j in range(data.texts):
+            question, answer_, kind = data.text(j)
+            if kind == "existence" and answer_ == "no":
+                scene = data.scenes.scene(j // 4)
+                spec = parse_question(question).spec
+                out.append(((spec.color, spec.shape), swapped_pairs(scene, data.world.colors, data.world.shapes)))
+        return out
+
+    swapped, plain = negatives(1.0), negatives(0.0)
+    assert len(swapped) > 60 and len(plain) > 60
+    assert all(pair in pairs and pair not in PAIRS for pair, pairs in swapped)
+    assert sum(pair in pairs for pair, pairs in plain) < len(plain) / 4
+    with pytest.raises(DifflabError, match="existence_swaps"):
+        VQADataConfig(existence_swaps=1.5)

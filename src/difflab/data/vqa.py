@@ -30,7 +30,16 @@ from difflab.data.captioned import Caption, CaptionedScenes
 from difflab.data.toy import scene_image
 from difflab.errors import MAX_COUNT, DifflabError, check_choice, check_float, check_int, check_seed
 from difflab.world.geneval import HELDOUT_PAIRS, mentions_heldout
-from difflab.world.language import QA, QUESTION_KINDS, Question, caption, describe, description, questions
+from difflab.world.language import (
+    QA,
+    QUESTION_KINDS,
+    Question,
+    caption,
+    describe,
+    description,
+    questions,
+    swapped_pairs,
+)
 from difflab.world.prompts import ObjectSpec
 from difflab.world.scene import Scene, WorldConfig, sample_scene, world_preset
 
@@ -97,6 +106,11 @@ class VQADataConfig:
     instruction data are multi-turn conversations (Liu et al. 2023, "Visual Instruction Tuning", Sec. 3 and
     Table 2; Sec. 4.2: the loss is on every answer of the conversation). One image forward then teaches
     ``turns`` answers. A divisor of ``questions_per_scene``: item j is texts ``j * turns ...`` of one scene."""
+    existence_swaps: float = 0.0
+    """Share of the existence questions answered 'no' that ask an attribute swap of the scene ('is there a
+    red square?' beside a red circle and a blue square; :func:`~difflab.world.language.swapped_pairs`), the
+    hard negatives of LRV-Instruction (Liu et al. 2023). 0: every absent pair is drawn at random, and a
+    two-object scene's swaps are then about 2 of the 38 absent pairs."""
 
     def __post_init__(self) -> None:
         world = world_preset(self.world)
@@ -105,6 +119,7 @@ class VQADataConfig:
         check_int("questions_per_scene", self.questions_per_scene, 1, 100)
         check_float("caption_prob", self.caption_prob, 0.0, 1.0)
         check_float("describe_prob", self.describe_prob, 0.0, 1.0)
+        check_float("existence_swaps", self.existence_swaps, 0.0, 1.0)
         check_int("turns", self.turns, 1, 100)
         if self.questions_per_scene % self.turns:
             raise DifflabError(f"turns {self.turns} does not divide questions_per_scene "
@@ -169,7 +184,7 @@ class VQAScenes(Dataset):
         # Twice as many as needed, so that dropping those naming a held-out pair still leaves distinct ones.
         asked = [
             qa
-            for qa in questions(scene, rng, 2 * q, self.world)
+            for qa in questions(scene, rng, 2 * q, self.world, swaps=self.data.existence_swaps)
             if not _names_pair(qa.struct.spec, self._pairs)
         ]
         if not asked:
@@ -278,9 +293,7 @@ def _absent_pair(scene: Scene, world: WorldConfig, setting: str, heldout: set, r
     if setting == "popular":
         absent = [p for p in absent if p not in heldout] or absent
     elif setting == "adversarial":
-        colours, shapes = {o.color for o in scene.objects}, {o.shape for o in scene.objects}
-        shared = [(c in colours) + (s in shapes) for c, s in absent]
-        absent = [p for p, k in zip(absent, shared, strict=True) if k == max(shared)]
+        absent = swapped_pairs(scene, world.colors, world.shapes)
     return absent[int(rng.integers(len(absent)))]
 
 

@@ -111,8 +111,9 @@ class VLMConfig:
     attention in LM blocks 1 and up, to the visual tokens of that object (the renderer's masks; TokenCompose's
     token loss). 0: off, the LM loss alone. A training signal
     only; needs the autoregressive fusion of a pooled patch grid (connector linear or mlp)."""
-    grounding_kinds: tuple[str, ...] = vlm_grounding.GROUNDABLE
-    """The turns ``grounding`` supervises: of 'color', 'shape', 'position' (questions) and 'caption'."""
+    grounding_kinds: tuple[str, ...] = vlm_grounding.DEFAULT_KINDS
+    """The turns ``grounding`` supervises, of :data:`~difflab.models.vlm_grounding.GROUNDABLE`: 'color',
+    'shape', 'position', 'count', 'existence' (questions) and 'caption'."""
     loss_average: str = "token"
     """'token': the loss is the mean over every answer and caption token of a batch (LLaVA); 'example': each
     sequence's mean first, so a one-word answer counts as much as a caption."""

@@ -21,8 +21,11 @@ M_j                 the visual tokens its object covers (any of it: ``object_mas
 ``L``               ``L_LM + grounding * mean over blocks of L_token``
 ==================  ===============================================================================
 
-Colour, shape and position questions name exactly one object and are grounded; counts and existence probes
-are trained by the LM loss alone. Captions bind words to objects the same way questions do: without their
+Colour, shape and position questions name exactly one object. Counts and existence probes may name several or
+none: a count is grounded on the objects it counts, an existence probe ('is there a red square ?') on the
+objects of its shape, the word its phrase ends on, whether or not the colour is theirs: the 'no' beside a
+blue square is read on the square (POPE's adversarial probes are such swaps, docs/vlm.md); neither is
+supervised where its objects are absent. Captions bind words to objects the same way questions do: without their
 own grounding, 43 of 58 wrong shapes in a grounded-questions model's captions were the other object's
 (docs/vlm.md). The model, its inputs and its sampling are unchanged: the masks are a training signal only,
 and every evaluation reads pixels alone.
@@ -45,13 +48,17 @@ from difflab.models.attention_supervision import grounding_loss, object_masks, s
 from difflab.models.vlm_network import IGNORE
 from difflab.nn.gpt import GPT
 from difflab.world.parse import parse_caption, parse_question
-from difflab.world.prompts import matches
+from difflab.world.prompts import ObjectSpec, matches
 from difflab.world.scene import WorldConfig
 
 GROUNDED_KINDS = ("color", "shape", "position")
 """The question kinds that name exactly one object (:func:`difflab.world.language.answer`)."""
-GROUNDABLE = (*GROUNDED_KINDS, "caption")
+SET_KINDS = ("count", "existence")
+"""The question kinds about a set of objects, maybe empty (:func:`question_mask`)."""
+GROUNDABLE = (*GROUNDED_KINDS, *SET_KINDS, "caption")
 """What ``VLMConfig.grounding_kinds`` may name: those questions, and captions."""
+DEFAULT_KINDS = (*GROUNDED_KINDS, "caption")
+"""``VLMConfig.grounding_kinds`` unless set: the one-object questions and the captions."""
 TOKENS_PER_MENTION = 3
 """A mention's supervised words: its size, colour and noun, at most."""
 _UNUSED = -(10**6)
@@ -73,6 +80,22 @@ def named_object_mask(question: str, masks: torch.Tensor, scene) -> torch.Tensor
     return masks[found[0]]
 
 
+def question_mask(question: str, masks: torch.Tensor, scene) -> torch.Tensor | None:
+    """The (side, side) target of a question's phrase end: :func:`named_object_mask` for the kinds of
+    :data:`GROUNDED_KINDS`; for a count, the union of the objects it counts; for an existence probe, of the
+    objects of its shape (its noun), so that the answer is read on them. None where there are none."""
+    parsed = parse_question(question)
+    if parsed is None:
+        raise DifflabError(f"'{question}' is not a question of the world; expected one of its question forms")
+    if parsed.kind in GROUNDED_KINDS:
+        return named_object_mask(question, masks, scene)
+    spec = parsed.spec
+    if parsed.kind == "existence" and spec.shape is not None:
+        spec = ObjectSpec(shape=spec.shape)
+    found = [k for k, o in enumerate(scene.objects) if matches(spec, o)]
+    return masks[found].amax(dim=0) if found else None
+
+
 class WithObjectMasks(Dataset):
     """:class:`VQAScenes` items with their grounding, in slots of ``mentions_per_turn`` per turn (slot
     ``turn * M + m``): ``"ground"`` (turns * M, side, side), each slot's target (the share of each visual
@@ -81,7 +104,7 @@ class WithObjectMasks(Dataset):
     ``tokenizer`` and ``length``: the LM's, to place a caption's words (:func:`phrase_tokens`); ``kinds``: the
     turns grounded (of :data:`GROUNDABLE`), the others left unsupervised."""
 
-    def __init__(self, scenes: VQAScenes, side: int, tokenizer, length: int, kinds=GROUNDABLE):
+    def __init__(self, scenes: VQAScenes, side: int, tokenizer, length: int, kinds=DEFAULT_KINDS):
         self.scenes, self.side, self.tokenizer, self.length = scenes, side, tokenizer, length
         self.mentions = mentions_per_turn(scenes.world)
         self.kinds = frozenset(kinds)
@@ -110,8 +133,8 @@ class WithObjectMasks(Dataset):
                     )  # caption word 1 at 0
                     ground[t * m + k] = fields["target_masks"][k]
                     at[t * m + k, : len(words)] = words
-            else:
-                ground[t * m] = named_object_mask(question, masks, scene)
+            elif (target := question_mask(question, masks, scene)) is not None:
+                ground[t * m] = target
                 at[t * m, 0] = -2  # '... diamond ?' then the answer
         return {**item, "ground": ground, "ground_at": at}
 

@@ -294,7 +294,23 @@ def _absent(rng, scene, vocab, attributes) -> ObjectSpec | None:
     return None
 
 
-def _question(kind: str, scene: Scene, rng: np.random.Generator, vocab: dict) -> Question | None:
+def swapped_pairs(scene: Scene, colors, shapes) -> list[tuple[str, str]]:
+    """The absent (colour, shape) pairs of the vocabulary that share the most attributes with ``scene``: a
+    shown colour on another shown shape where the scene allows ('a red square' beside a red circle and a
+    blue square), otherwise a shown object with its colour or its shape changed. What a model that does not
+    bind colour to shape answers 'yes' to: POPE's adversarial probes here (:func:`difflab.data.vqa.pope_cases`)
+    and the existent-object manipulations of LRV-Instruction's negative instructions (Liu et al. 2023,
+    "Mitigating Hallucination in Large Multi-Modal Models via Robust Instruction Tuning", Sec. 3)."""
+    present = {(o.color, o.shape) for o in scene.objects}
+    absent = [(c, s) for s in shapes for c in colors if (c, s) not in present]
+    shown_colors, shown_shapes = {o.color for o in scene.objects}, {o.shape for o in scene.objects}
+    shared = [(c in shown_colors) + (s in shown_shapes) for c, s in absent]
+    return [p for p, k in zip(absent, shared, strict=True) if k == max(shared)]
+
+
+def _question(
+    kind: str, scene: Scene, rng: np.random.Generator, vocab: dict, swaps: float = 0.0
+) -> Question | None:
     objs = scene.objects
     if kind in ("color", "shape", "position"):
         refs = [s for s in (refer(o, scene, exclude=(kind,)) for o in objs) if s is not None]
@@ -303,22 +319,26 @@ def _question(kind: str, scene: Scene, rng: np.random.Generator, vocab: dict) ->
         attributes = _pick(rng, [("shape",), ("color",), ("color", "shape")])
         spec = _absent(rng, scene, vocab, attributes) if rng.random() < 0.25 else None
         return Question(kind, spec or spec_of(_pick(rng, objs), attributes))
-    # Existence: 'yes' and 'no' equally often; a size is named now and then.
+    # Existence: 'yes' and 'no' equally often; a size is named now and then; a share ``swaps`` of the 'no's
+    # are attribute swaps (no draw is made for it when 0: the default question stream stays as it was).
     attributes = ("size", "color", "shape") if rng.random() < 0.3 else ("color", "shape")
-    spec = (
-        spec_of(_pick(rng, objs), attributes)
-        if rng.random() < 0.5
-        else _absent(rng, scene, vocab, attributes)
-    )
+    if rng.random() < 0.5:
+        spec = spec_of(_pick(rng, objs), attributes)
+    elif swaps and rng.random() < swaps:
+        color, shape = _pick(rng, swapped_pairs(scene, vocab["color"], vocab["shape"]))
+        spec = ObjectSpec(color=color, shape=shape)
+    else:
+        spec = _absent(rng, scene, vocab, attributes)
     return Question(kind, spec) if spec is not None else None
 
 
 def questions(
-    scene: Scene, rng: np.random.Generator, n: int, cfg: WorldConfig | None = None, kinds=QUESTION_KINDS
-) -> list[QA]:
+    scene: Scene, rng: np.random.Generator, n: int, cfg: WorldConfig | None = None, kinds=QUESTION_KINDS,
+    swaps: float = 0.0,
+) -> list[QA]:  # fmt: skip
     """``n`` question/answer pairs about ``scene`` (distinct where the scene allows), each kind equally
     likely. Counts and 'no' answers draw absent shapes and colours from ``cfg``'s vocabulary (default:
-    the whole world's)."""
+    the whole world's); a share ``swaps`` of the existence 'no's ask a :func:`swapped_pairs` pair instead."""
     if not scene.objects:
         raise DifflabError("cannot ask about an empty scene; expected at least one object")
     for k in kinds:
@@ -329,7 +349,7 @@ def questions(
     for attempt in range(20 * n):
         if len(out) == n:
             break
-        q = _question(_pick(rng, list(kinds)), scene, rng, vocab)
+        q = _question(_pick(rng, list(kinds)), scene, rng, vocab, swaps)
         if q is None or (attempt < 10 * n and any(q == qa.struct for qa in out)):
             continue
         out.append(QA(q.text(), answer(q, scene), q.kind, q))
