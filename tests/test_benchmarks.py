@@ -239,3 +239,13 @@ def test_vlm_position_smallest_setting(tiny_vlm):
     assert "position questions by object count:\n  1 object(s): " in out
     assert "ridge probe, visual token -> its index: " in out
     assert "captions: objects named with a shape, and the wrong shapes among them:\n  1 object(s): " in out
+
+
+def test_vlm_binding_smallest_setting(tiny_vlm):
+    """The three binding accuracies of the tiny LLaVA, each a share in [0, 1] over its n cases."""
+    out = run_script("vlm_binding.py", str(tiny_vlm), "--n", "40").stdout
+    header, row = out.splitlines()
+    assert header.split()[:2] == ["run", "swap:"]
+    fields = row.split()
+    assert fields[0] == str(tiny_vlm) and fields[2] == "(n=20)"
+    assert all(0 <= float(x) <= 1 for x in (fields[1], fields[3], fields[4]))
