@@ -114,7 +114,7 @@ def where_the_noun_looks(model, cfg, cases, limit: int = 200) -> dict:
     with torch.no_grad():
         for kind in ("color", "position"):
             for c in [c for c in cases if c.kind == kind and len(c.scene.objects) == 2][:limit]:
-                target = grounding.named_object_mask(c.question, object_masks(c.scene, world, side), c.scene)
+                target = grounding.question_mask(c.question, object_masks(c.scene, world, side), c.scene)
                 covered = target.flatten() > 0  # (K,)
                 ids, mask = tokenizer.encode([c.question])
                 n = int(mask[0].sum()) - 1  # <bos> question, without <eos>

@@ -70,29 +70,20 @@ def mentions_per_turn(world: WorldConfig) -> int:
     return max(2, world.max_objects)
 
 
-def named_object_mask(question: str, masks: torch.Tensor, scene) -> torch.Tensor:
-    """The (side, side) mask of the one object a colour, shape or position question names (one of
-    :data:`GROUNDED_KINDS`). ``masks`` (K, side, side): :func:`object_masks` of ``scene``."""
-    spec = parse_question(question).spec
-    found = [k for k, o in enumerate(scene.objects) if matches(spec, o)]
-    if len(found) != 1:
-        raise DifflabError(f"the question '{question}' names {len(found)} objects of its scene; expected one")
-    return masks[found[0]]
-
-
 def question_mask(question: str, masks: torch.Tensor, scene) -> torch.Tensor | None:
-    """The (side, side) target of a question's phrase end: :func:`named_object_mask` for the kinds of
-    :data:`GROUNDED_KINDS`; for a count, the union of the objects it counts; for an existence probe, of the
-    objects of its shape (its noun), so that the answer is read on them. None where there are none."""
+    """The (side, side) target of a question's phrase end. ``masks`` (K, side, side): :func:`object_masks` of
+    ``scene``. A colour, shape or position question (:data:`GROUNDED_KINDS`): the mask of the one object it
+    names; a count: the union of the objects it counts; an existence probe: of the objects of its shape (its
+    noun), so that the answer is read on them. None where a count or probe has no such objects."""
     parsed = parse_question(question)
     if parsed is None:
         raise DifflabError(f"'{question}' is not a question of the world; expected one of its question forms")
-    if parsed.kind in GROUNDED_KINDS:
-        return named_object_mask(question, masks, scene)
     spec = parsed.spec
     if parsed.kind == "existence" and spec.shape is not None:
         spec = ObjectSpec(shape=spec.shape)
     found = [k for k, o in enumerate(scene.objects) if matches(spec, o)]
+    if parsed.kind in GROUNDED_KINDS and len(found) != 1:
+        raise DifflabError(f"the question '{question}' names {len(found)} objects of its scene; expected one")
     return masks[found].amax(dim=0) if found else None
 
 
