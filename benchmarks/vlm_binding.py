@@ -9,8 +9,8 @@ number), and the existence probes themselves, on held-out scenes of one evaluati
     run                      swap: 'is there?'   swap: 'how many?'   shown: 'how many?'
     runs/grounded            0.984 (n=500)       0.886               0.984
 
-Each column is exact-match accuracy: 'no' to the swapped existence probe, '0' to its count, the true number
-to the shown pair's count.
+Each column is an accuracy as ``difflab eval`` reads answers: 'no' to the swapped existence probe (POPE's
+reading), '0' to its count and the true number to the shown pair's count (exact match).
 
     python benchmarks/vlm_binding.py runs/grounded runs/llava --n 1000 --seed 5
 """
@@ -21,36 +21,40 @@ import argparse
 
 import torch
 
-from difflab.data.vqa import pope_cases
+from difflab.data.vqa import VQAItem, pope_cases
 from difflab.models import vlm
+from difflab.models.vlm_eval import batched, score_pope, score_vqa
 from difflab.world.language import Question, answer
 from difflab.world.parse import parse_question
 
 
 def binding(run: str, n: int, seed: int) -> dict:
-    """Accuracies on ``n`` adversarial POPE cases (half shown pairs, half swaps) and their counts."""
+    """Accuracies on ``n`` adversarial POPE cases (half shown pairs, half swaps) and their counts, read as
+    the evaluator reads them (:func:`score_pope`, :func:`score_vqa`)."""
     model, cfg = vlm.load_model(run)
-    cases = pope_cases(cfg.data.world_config(), n, seed=seed, setting="adversarial", heldout=cfg.data.pairs())
-    counts = [Question("count", parse_question(c.question).spec) for c in cases]
-    said_exists, said_count = [], []
-    with torch.no_grad():
-        for i in range(0, len(cases), 100):
-            chunk = cases[i : i + 100]
-            images = torch.stack([c.image for c in chunk])  # (b, 3, S, S)
-            said_exists += vlm.answer(model, cfg, images, [c.question for c in chunk])
-            said_count += vlm.answer(model, cfg, images, [q.text() for q in counts[i : i + 100]])
-    swap = [k for k, c in enumerate(cases) if c.answer == "no"]
-    shown = [k for k, c in enumerate(cases) if c.answer == "yes"]
+    probes = pope_cases(cfg.data.world_config(), n, seed=seed, setting="adversarial", heldout=cfg.data.pairs())
+    counts = []
+    for c in probes:
+        question = Question("count", parse_question(c.question).spec)
+        counts.append(VQAItem(c.image, c.scene, question.text(), answer(question, c.scene), "count", c.heldout_pair))
 
-    def share(ks, right) -> float:
-        return sum(right(k) for k in ks) / len(ks)
+    def answer_fn(images, questions):
+        return vlm.answer(model, cfg, images, questions)
+
+    with torch.no_grad():
+        said_exists, said_count = batched(answer_fn, probes, 100, True), batched(answer_fn, counts, 100, True)
+    swap = [k for k, c in enumerate(probes) if c.answer == "no"]
+    shown = [k for k, c in enumerate(probes) if c.answer == "yes"]
+
+    def count_accuracy(ks) -> float:
+        return score_vqa([counts[k] for k in ks], [said_count[k] for k in ks])["overall"]["accuracy"]
 
     return {
         "run": run,
         "n": len(swap),
-        "swap_exists": share(swap, lambda k: said_exists[k].strip() == "no"),
-        "swap_count": share(swap, lambda k: said_count[k].strip() == "0"),
-        "shown_count": share(shown, lambda k: said_count[k].strip() == answer(counts[k], cases[k].scene)),
+        "swap_exists": score_pope([probes[k] for k in swap], [said_exists[k] for k in swap])["adversarial"]["accuracy"],
+        "swap_count": count_accuracy(swap),
+        "shown_count": count_accuracy(shown),
     }
 
 

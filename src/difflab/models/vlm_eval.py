@@ -205,7 +205,9 @@ def score_pope(cases: Sequence[VQAItem], answers: Sequence[str]) -> dict:
 # ------------------------------------------------------------------------------------------ all three
 
 
-def _batched(fn: Callable, cases: Sequence[VQAItem], batch_size: int, with_questions: bool) -> list[str]:
+def batched(fn: Callable, cases: Sequence[VQAItem], batch_size: int, with_questions: bool) -> list[str]:
+    """``fn``'s outputs over ``cases``, ``batch_size`` images at a time: ``fn(images, questions)`` (an answerer)
+    or ``fn(images)`` (a captioner), one output per case."""
     out: list[str] = []
     for start in range(0, len(cases), batch_size):
         batch = cases[start : start + batch_size]
@@ -231,7 +233,7 @@ def evaluate_vlm(answer_fn: Callable, caption_fn: Callable, world: WorldConfig |
         "world": world if isinstance(world, str) else dataclasses.asdict(world),
         "scenes": f"evaluation streams of seed {EVAL_SEED + seed} (data.vqa.EVAL_SEED + {seed}), unseen in training",
         "heldout_pairs": [" ".join(p) for p in heldout],
-        "vqa": score_vqa(vqa, _batched(answer_fn, vqa, batch_size, True)),
-        "captions": score_captions(captions, _batched(caption_fn, captions, batch_size, False), world_cfg),
-        "pope": score_pope(pope, _batched(answer_fn, pope, batch_size, True)),
+        "vqa": score_vqa(vqa, batched(answer_fn, vqa, batch_size, True)),
+        "captions": score_captions(captions, batched(caption_fn, captions, batch_size, False), world_cfg),
+        "pope": score_pope(pope, batched(answer_fn, pope, batch_size, True)),
     }
