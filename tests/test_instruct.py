@@ -15,9 +15,12 @@ from difflab.config import apply_overrides
 from difflab.data.toy import scene_image
 from difflab.errors import DifflabError
 from difflab.models import instruct, instruct_eval, t2i
+from difflab.models.codecs import Latents, Pixels
 from difflab.models.conditioners import InstructedPrompts, Instructions, TextPrompts
 from difflab.models.registry import get_preset
 from difflab.models.t2i_network import build_network
+from difflab.nn.attention import SpatialAttention
+from difflab.nn.vae import KLAutoencoder
 from difflab.world.edits import Edit, edit_holds
 from difflab.world.prompts import ObjectSpec
 from difflab.world.scene import Obj, Scene, world_preset
@@ -34,15 +37,19 @@ def editor_run(tiny_t2i_base, tmp_path_factory):
 # ------------------------------------------------------------------------------------------ the network
 
 
-@pytest.mark.parametrize("recipe", ["sd", "layout"])
-def test_a_fresh_editor_is_the_base_bitwise_whatever_the_image(recipe):
-    """Sec. 3.2.1: the added input channels start at zero, so before training the editor is the base."""
+@pytest.mark.parametrize("recipe,added", [("sd", ()), ("layout", ()), ("layout", (16,))])
+def test_a_fresh_editor_is_the_base_bitwise_whatever_the_image(recipe, added):
+    """Sec. 3.2.1: the added input channels start at zero, so before training the editor is the base; so
+    do the attention layers it adds where the base has none (their output projections are zero)."""
     cfg = t2i.resolve(get_preset(f"t2i_{'layout_' if recipe == 'layout' else ''}tiny").build(), attach=False)
     torch.manual_seed(0)
     base = build_network(cfg)
     for p in base.parameters():  # a base whose output layer is not a fresh zero
         p.data.normal_(0, 0.1)
-    editor = instruct.InstructNet(copy.deepcopy(base), cfg.unet.in_channels)
+    editor = instruct.InstructNet(copy.deepcopy(base), cfg.unet.in_channels, added)
+    # the tiny presets attend at 8x8 and in the middle; at side 16 one resblock down and two up gain a layer
+    new = [m for m in editor.modules() if isinstance(m, SpatialAttention) and not m.self_attn.to_out.weight.any()]
+    assert len(new) == 3 * len(added)
     side, c = cfg.unet.image_size, cfg.unet.in_channels
     g = torch.Generator().manual_seed(1)
     x, t = torch.randn(2, c, side, side, generator=g), torch.tensor([5, 800])
@@ -52,6 +59,15 @@ def test_a_fresh_editor_is_the_base_bitwise_whatever_the_image(recipe):
         assert torch.equal(editor(x, t, edit_image=image, **cond), want)
     conv = getattr(editor.net, "unet", editor.net).conv_in
     assert conv.weight.shape[1] == 2 * c and not conv.weight[:, c:].any()
+    if added:  # the new layers train: a step moves their zero output projections
+        editor(x, t, edit_image=x, **cond).square().mean().backward()
+        assert all(a.self_attn.to_out.weight.grad.abs().sum() > 0 for a in new)
+
+
+def test_added_attention_names_a_side_the_unet_lacks():
+    cfg = t2i.resolve(get_preset("t2i_layout_tiny").build(), attach=False)
+    with pytest.raises(DifflabError, match=r"added_attention 8 is not a side .* expected one of \[16\]"):
+        instruct.InstructNet(build_network(cfg), cfg.unet.in_channels, (8,))
 
 
 def test_the_dropouts_partition_fifteen_percent_of_the_steps(tiny_t2i_base):
@@ -122,6 +138,19 @@ def test_the_judge_passes_the_asked_for_scene_and_fails_the_untouched_input():
     assert gone["success"] is False and gone["preserved"] is False
 
 
+def test_the_codec_ceiling_is_exact_in_pixels_and_below_it_through_an_autoencoder():
+    """Pixels pass the asked-for scene unchanged, so a perfect pixel editor scores 1; an (untrained)
+    autoencoder's reconstructions are what a perfect latent editor could output at best."""
+    world = world_preset("scene32")
+    cases = instruct_eval.edit_cases(world, 6)
+    exact = instruct_eval.through_codec(Pixels(), cases, world)
+    assert torch.equal(exact, torch.stack([scene_image(c.after, world) for c in cases]))
+    assert all(instruct_eval.judge(c, e, world)["success"] for c, e in zip(cases, exact, strict=True))
+    blurred = instruct_eval.through_codec(Latents(KLAutoencoder(get_preset("vae_tiny").build().vae), 1.0), cases,
+                                          world, batch_size=4)  # fmt: skip
+    assert blurred.shape == exact.shape and not torch.equal(blurred, exact)
+
+
 # ------------------------------------------------------------------------------------------ training
 
 
@@ -138,6 +167,7 @@ def test_a_tiny_editor_learns_recolouring_far_above_the_untrained_one(editor_run
     assert trained["success"] >= 0.9, report
     assert trained["success"] >= untrained["success"] + 0.3, (trained, untrained)
     assert trained["psnr_background"] >= naive["psnr_background"] + 6, (trained, naive)
+    assert report["codec"]["all"]["success"] == 1.0  # a pixel base: the ceiling is the rendered scene itself
     lines = [json.loads(line) for line in (editor_run / "edits.jsonl").read_text().splitlines()]
     assert lines[-1]["step"] == cfg.train.steps and (editor_run / "pairs.png").exists()
 

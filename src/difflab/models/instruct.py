@@ -45,8 +45,10 @@ from difflab.models.runs import checkpoint_id, load_latest_weights, load_run_con
 from difflab.models.system import DiffusionSystem, ImageNoise, TrainingParts, train_system
 from difflab.models.t2i_network import build_network
 from difflab.models.text_encoder import load_text_encoder
+from difflab.nn.attention import SpatialAttention
 from difflab.nn.controlnet import unet_of
-from difflab.nn.unet import UNetConfig, example_inputs
+from difflab.nn.resblock import Downsample, Upsample
+from difflab.nn.unet import UNet, UNetConfig, example_inputs
 from difflab.train.config import TrainConfig
 from difflab.train.metrics import log_curve_point
 from difflab.world.edits import Edit, edit_at
@@ -66,6 +68,11 @@ class InstructConfig:
     ``sample.cfg_scale``)."""
     edit_seed: int = 0
     """The seed of the training edits: scene i of the base's training set gets edit (edit_seed, i)."""
+    added_attention: tuple[int, ...] = ()
+    """Sides of the base's feature maps (e.g. 16: the latent's full size) where the editor adds attention
+    layers the base lacks, self-attention and cross-attention to the instruction, zero at the start
+    (:func:`add_attention`). An edit's failures are bindings, the instruction's noun meeting the wrong
+    object (docs/editing.md); at 16x16 a word can meet an object's own pixels."""
     loss_weighting: str | None = "uniform"
     """The loss weighting over noise levels (:mod:`difflab.diffusion.objectives`); None: the base's. The input
     image matters most at high noise, where min-SNR's weight on a v-loss, SNR / (SNR + 1), goes to zero: on
@@ -122,10 +129,11 @@ class InstructNet(nn.Module):
     zero"), so that ``forward(x, t, edit_image, **cond)`` = the base's ``forward(x, t, **cond)`` before
     training, whatever the image. A missing image is the null image, zeros."""
 
-    def __init__(self, base: nn.Module, image_channels: int):
+    def __init__(self, base: nn.Module, image_channels: int, added_attention: tuple[int, ...] = ()):
         super().__init__()
         self.net = base
         unet = unet_of(base)
+        add_attention(unet, added_attention)
         old = unet.conv_in
         wide = nn.Conv2d(
             old.in_channels + image_channels, old.out_channels, old.kernel_size, padding=old.padding
@@ -143,9 +151,44 @@ class InstructNet(nn.Module):
         return self.net(torch.cat([x, image], dim=1), t, **cond)  # (B, 2c, h, w) into the widened conv
 
 
+def add_attention(unet: UNet, sides: tuple[int, ...]) -> int:
+    """Give each residual block of ``unet`` that works at a side in ``sides`` and has no attention layer
+    one: self-attention, then cross-attention to the text, as the base's own layers are built
+    (:class:`difflab.nn.attention.SpatialAttention`). Both output projections start at zero, so each new
+    layer adds nothing until trained (the same zero start as ControlNet's convolutions and the editor's new
+    input channels): the untrained editor stays the base exactly. Returns the number of layers added."""
+    cfg = unet.cfg
+    free = sorted({cfg.image_size // 2**level for level in range(len(cfg.channel_mult))}
+                  - set(cfg.attention_resolutions))  # fmt: skip
+    for side in sides:
+        if side not in free:
+            raise DifflabError(f"added_attention {side} is not a side of this UNet's feature maps without "
+                               f"attention; expected one of {free}")  # fmt: skip
+    added = 0
+
+    def walk(layers: nn.ModuleList, side: int, resample: type, scale: float) -> None:
+        nonlocal added
+        for layer in layers:
+            if isinstance(layer, resample):
+                side = int(side * scale)
+            elif side in sides and isinstance(layer[1], nn.Identity):  # a (resblock, attention) pair
+                width = layer[0].conv2.out_channels
+                attention = SpatialAttention(width, cfg.heads_at(width), cfg.norm_groups, cfg.context_dim)
+                for projection in (attention.self_attn, attention.cross_attn):
+                    if projection is not None:
+                        nn.init.zeros_(projection.to_out.weight)
+                        nn.init.zeros_(projection.to_out.bias)
+                layer[1] = attention
+                added += 1
+
+    walk(unet.down, cfg.image_size, Downsample, 0.5)
+    walk(unet.up, cfg.image_size // 2 ** (len(cfg.channel_mult) - 1), Upsample, 2)
+    return added
+
+
 def build_editor(cfg: InstructConfig, base_cfg) -> InstructNet:
     """The editor's architecture: the base's network, widened (weights as a fresh base's until loaded)."""
-    return InstructNet(build_network(base_cfg), cfg.unet.in_channels)
+    return InstructNet(build_network(base_cfg), cfg.unet.in_channels, cfg.added_attention)
 
 
 # ----------------------------------------------------------------------------------------------- data
@@ -246,14 +289,15 @@ def train(cfg: InstructConfig, run_dir: str | Path, *, resume: bool = False) -> 
 
     def network() -> InstructNet:
         base = load_latest_weights(cfg.base, build_network(base_cfg), ema=True)
-        return InstructNet(base, cfg.unet.in_channels)
+        return InstructNet(base, cfg.unet.in_channels, cfg.added_attention)
 
     return train_system(cfg, run_dir, resume=resume, load_config=load_config, inputs=("base_checkpoint",),
                         parts=parts, network=network, model_config=_network_record(cfg))  # fmt: skip
 
 
 def _network_record(cfg: InstructConfig) -> dict:
-    return {"instruct_of": dataclasses.asdict(cfg.unet), "image_channels": cfg.unet.in_channels}
+    record = {"instruct_of": dataclasses.asdict(cfg.unet), "image_channels": cfg.unet.in_channels}
+    return record | ({"added_attention": list(cfg.added_attention)} if cfg.added_attention else {})
 
 
 def load_model(

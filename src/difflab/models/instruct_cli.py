@@ -129,7 +129,7 @@ def _evaluate(args) -> int:
     print(f"{'method':<10} {'s_I':>4} {'s_T':>4} {'edit':<8} {'n':>4} {'success':>8} {'preserved':>9} {'PSNR bg':>8}")
     for r in reports:
         s = r["settings"]
-        for method in ("instruct", "naive", "p2p"):
+        for method in ("instruct", "naive", "p2p", "codec"):
             for kind, row in r.get(method, {}).items():
                 scales_cell = f"{s['image_scale']:>4} {s['text_scale']:>4}" if method == "instruct" else "   -    -"
                 if row["n"] == 0:

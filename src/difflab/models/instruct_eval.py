@@ -113,7 +113,8 @@ def summarise(cases: list[EditCase], verdicts: list[dict]) -> dict:
 
 def evaluate(editor, cfg, n: int, *, seed: int = 0, case_seed: int = EVAL_SEED, baseline: bool = True,
              p2p: bool = False, device: str = "cpu", progress: bool = False, **editing) -> dict:  # fmt: skip
-    """An editor on ``n`` held-out edits, and with ``baseline`` the naive regeneration by its base.
+    """An editor on ``n`` held-out edits, and with ``baseline`` the naive regeneration by its base and the
+    codec's ceiling (the asked-for scenes through the base's autoencoder, :func:`through_codec`).
     ``editor(request, seed) -> images`` edits (:func:`difflab.models.instruct.evaluate_editor` binds a loaded
     run to it); ``cfg`` is its record; ``editing`` (image_scale, text_scale, sampler, steps) is reported, and
     its sampler and steps are the baseline's. ``p2p``: also the recolours by Prompt-to-Prompt on the base
@@ -133,10 +134,24 @@ def evaluate(editor, cfg, n: int, *, seed: int = 0, case_seed: int = EVAL_SEED, 
         sampling = {k: editing[k] for k in ("sampler", "steps") if editing.get(k) is not None}
         drawn = t2i.generate(base, base_cfg, [describe(c.after) for c in cases], seed=seed, **sampling)
         report["naive"] = summarise(cases, [judge(c, d, world) for c, d in zip(cases, drawn.cpu(), strict=True)])
+        ceiling = through_codec(base.codec, cases, world)
+        report["codec"] = summarise(cases, [judge(c, d, world) for c, d in zip(cases, ceiling, strict=True)])
     if p2p:
         recolours = [c for c in cases if c.edit.kind == "recolor"]
         report["p2p"] = summarise(recolours, prompt_to_prompt_recolours(base, base_cfg, recolours, progress=progress))
     return report
+
+
+@torch.no_grad()
+def through_codec(codec, cases: list[EditCase], world: WorldConfig, batch_size: int = 256) -> torch.Tensor:
+    """The asked-for scenes, rendered exactly and passed through the base's codec (encode, then decode): a
+    perfect editor's output once it lives in the base's latents, so the ceiling of any editor of this base.
+    Pixels pass unchanged; an autoencoder blurs small shapes (docs/editing.md)."""
+    device = next(codec.parameters(), torch.zeros(())).device
+    target = torch.stack([scene_image(c.after, world) for c in cases])  # (N, C, H, W)
+    parts = [codec.decode(codec.encode(target[i : i + batch_size].to(device))).cpu()
+             for i in range(0, len(target), batch_size)]  # fmt: skip
+    return torch.cat(parts)
 
 
 def prompt_to_prompt_recolours(base, base_cfg, cases: list[EditCase], *, progress: bool = False) -> list[dict]:
