@@ -151,12 +151,12 @@ class InstructNet(nn.Module):
         return self.net(torch.cat([x, image], dim=1), t, **cond)  # (B, 2c, h, w) into the widened conv
 
 
-def add_attention(unet: UNet, sides: tuple[int, ...]) -> int:
+def add_attention(unet: UNet, sides: tuple[int, ...]) -> None:
     """Give each residual block of ``unet`` that works at a side in ``sides`` and has no attention layer
     one: self-attention, then cross-attention to the text, as the base's own layers are built
     (:class:`difflab.nn.attention.SpatialAttention`). Both output projections start at zero, so each new
     layer adds nothing until trained (the same zero start as ControlNet's convolutions and the editor's new
-    input channels): the untrained editor stays the base exactly. Returns the number of layers added."""
+    input channels): the untrained editor stays the base exactly."""
     cfg = unet.cfg
     free = sorted({cfg.image_size // 2**level for level in range(len(cfg.channel_mult))}
                   - set(cfg.attention_resolutions))  # fmt: skip
@@ -164,10 +164,8 @@ def add_attention(unet: UNet, sides: tuple[int, ...]) -> int:
         if side not in free:
             raise DifflabError(f"added_attention {side} is not a side of this UNet's feature maps without "
                                f"attention; expected one of {free}")  # fmt: skip
-    added = 0
 
     def walk(layers: nn.ModuleList, side: int, resample: type, scale: float) -> None:
-        nonlocal added
         for layer in layers:
             if isinstance(layer, resample):
                 side = int(side * scale)
@@ -179,11 +177,9 @@ def add_attention(unet: UNet, sides: tuple[int, ...]) -> int:
                         nn.init.zeros_(projection.to_out.weight)
                         nn.init.zeros_(projection.to_out.bias)
                 layer[1] = attention
-                added += 1
 
     walk(unet.down, cfg.image_size, Downsample, 0.5)
     walk(unet.up, cfg.image_size // 2 ** (len(cfg.channel_mult) - 1), Upsample, 2)
-    return added
 
 
 def build_editor(cfg: InstructConfig, base_cfg) -> InstructNet:
@@ -272,9 +268,7 @@ def train(cfg: InstructConfig, run_dir: str | Path, *, resume: bool = False) -> 
         data = training_pairs(cfg, base_cfg, encoder.tokenizer, getattr(codec, "autoencoder", None))
 
         def on_grid(images: torch.Tensor, step: int, run_dir: Path) -> None:
-            verdicts = [
-                instruct_eval.judge(c, image, world) for c, image in zip(cases, images.cpu(), strict=True)
-            ]
+            verdicts = instruct_eval.judge_all(cases, images, world)
             log_curve_point(run_dir / "edits.jsonl", step, instruct_eval.summarise(cases, verdicts)["all"])
             if step >= cfg.train.steps:
                 instruct_eval.save_examples(

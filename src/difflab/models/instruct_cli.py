@@ -117,8 +117,7 @@ def _evaluate(args) -> int:
         cases = instruct_eval.edit_cases(world, min(8, args.eval), args.case_seed, cfg.data.pairs())
         edits = instruct.edit(model, cfg, instruct_eval.request(cases, world), seed=args.seed,
                               image_scale=args.image_cfg, text_scale=args.cfg, **sampling).cpu()  # fmt: skip
-        verdicts = [instruct_eval.judge(c, e, world) for c, e in zip(cases, edits, strict=True)]
-        instruct_eval.save_examples(cases, edits, verdicts, world, examples)
+        instruct_eval.save_examples(cases, edits, instruct_eval.judge_all(cases, edits, world), world, examples)
     if plot is not None:
         instruct_eval.plot_tradeoff(reports, plot)
     report = {"run": str(args.run_dir)} | (reports[0] if len(reports) == 1 else {"sweep": reports})

@@ -98,6 +98,11 @@ def judge(case: EditCase, image: torch.Tensor, world: WorldConfig) -> dict:
             "psnr_background": psnr(source[:, free], image[:, free])}  # fmt: skip
 
 
+def judge_all(cases: list[EditCase], images: torch.Tensor, world: WorldConfig) -> list[dict]:
+    """:func:`judge` of image i (N, C, H, W) against case i."""
+    return [judge(c, image, world) for c, image in zip(cases, images.cpu(), strict=True)]
+
+
 def summarise(cases: list[EditCase], verdicts: list[dict]) -> dict:
     """Rates overall and per kind of edit, with their n."""
 
@@ -126,16 +131,15 @@ def evaluate(editor, cfg, n: int, *, seed: int = 0, case_seed: int = EVAL_SEED, 
     world = cfg.data.world_config()
     cases = edit_cases(world, n, case_seed, cfg.data.pairs())
     edits = editor(request(cases, world), seed)
-    verdicts = [judge(c, e, world) for c, e in zip(cases, edits.cpu(), strict=True)]
-    report = {"n": n, "settings": _settings(cfg, seed, case_seed, editing), "instruct": summarise(cases, verdicts)}
+    report = {"n": n, "settings": _settings(cfg, seed, case_seed, editing),
+              "instruct": summarise(cases, judge_all(cases, edits, world))}  # fmt: skip
     if baseline or p2p:
         base, base_cfg = t2i.load_model(cfg.base, device=device)
     if baseline:
         sampling = {k: editing[k] for k in ("sampler", "steps") if editing.get(k) is not None}
         drawn = t2i.generate(base, base_cfg, [describe(c.after) for c in cases], seed=seed, **sampling)
-        report["naive"] = summarise(cases, [judge(c, d, world) for c, d in zip(cases, drawn.cpu(), strict=True)])
-        ceiling = through_codec(base.codec, cases, world)
-        report["codec"] = summarise(cases, [judge(c, d, world) for c, d in zip(cases, ceiling, strict=True)])
+        report["naive"] = summarise(cases, judge_all(cases, drawn, world))
+        report["codec"] = summarise(cases, judge_all(cases, through_codec(base.codec, cases, world), world))
     if p2p:
         recolours = [c for c in cases if c.edit.kind == "recolor"]
         report["p2p"] = summarise(recolours, prompt_to_prompt_recolours(base, base_cfg, recolours, progress=progress))
