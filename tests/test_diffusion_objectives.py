@@ -131,3 +131,17 @@ def test_denoiser_errors():
         diffusion_loss(
             LINEAR, "epsilon", torch.zeros(1, 2), torch.zeros(1, 2), 0, torch.zeros(1, 2), weighting="snr"
         )
+
+
+@pytest.mark.parametrize("power", [1.0, 2.0, 0.5])
+def test_power_timesteps_follow_their_closed_form_cdf(power):
+    """t/T = u^(1/p): P(t < k) = (k/T)^p, checked at every tenth of the levels on 200,000 draws (the
+    standard error of each frequency is below 0.0012)."""
+    from difflab.models.recipe import power_timesteps
+
+    t = power_timesteps(power)(200_000, 1000, torch.Generator().manual_seed(0), "cpu")
+    assert t.dtype == torch.long and 0 <= t.min() and t.max() <= 999
+    for k in range(100, 1000, 100):
+        assert abs((t < k).double().mean().item() - (k / 1000) ** power) < 0.005
+    with pytest.raises(DifflabError, match="timestep power 0"):
+        power_timesteps(0)

@@ -19,6 +19,7 @@ from difflab.models.codecs import Latents, Pixels
 from difflab.models.conditioners import InstructedPrompts, Instructions, TextPrompts
 from difflab.models.registry import get_preset
 from difflab.models.t2i_network import build_network
+from difflab.models.text_encoder import TextEncoding
 from difflab.nn.attention import SpatialAttention
 from difflab.nn.vae import KLAutoencoder
 from difflab.world.edits import Edit, edit_holds
@@ -63,6 +64,43 @@ def test_a_fresh_editor_is_the_base_bitwise_whatever_the_image(recipe, added):
         editor(x, t, edit_image=x, **cond).square().mean().backward()
         assert all(a.self_attn.to_out.weight.grad.abs().sum() > 0 for a in new)
 
+
+
+def test_without_global_text_the_editor_starts_as_the_base_reading_the_empty_prompt():
+    """global_text=False removes the two paths that add the whole sentence to every block (pooled
+    embedding, mean token feature); the constant in their place is what they added for "", so the fresh
+    editor is the base on the empty prompt, and no prompt reaches it but through cross-attention."""
+    cfg = t2i.resolve(apply_overrides(get_preset("t2i_layout_tiny").build(),
+                                      ["unet.context_pool=true", "text_refiner_layers=1"]), attach=False)  # fmt: skip
+    torch.manual_seed(0)
+    base = build_network(cfg)
+    for p in base.parameters():
+        p.data.normal_(0, 0.1)
+    side, c, width = cfg.unet.image_size, cfg.unet.in_channels, cfg.unet.context_dim
+    g = torch.Generator().manual_seed(1)
+    x, t = torch.randn(2, c, side, side, generator=g), torch.tensor([5, 800])
+
+    def encoding(n_tokens: int) -> TextEncoding:  # a text encoder's output, unit-length pooled as CLIP's
+        tokens, pooled = torch.randn(1, 6, width, generator=g), torch.randn(1, cfg.unet.pooled_dim, generator=g)
+        return TextEncoding(tokens, torch.arange(6)[None] < n_tokens, pooled / pooled.norm())
+
+    empty, prompt = encoding(2), encoding(5)  # '<bos> <eos>', and a five-token prompt
+
+    def cond(e: TextEncoding) -> dict:
+        return {"context": e.tokens.expand(2, -1, -1), "context_mask": e.mask.expand(2, -1),
+                "pooled": e.pooled.expand(2, -1)}  # fmt: skip
+
+    editor = instruct.InstructNet(copy.deepcopy(base), c, global_text=False, null_text=empty)
+    unet = editor.net.unet
+    assert unet.pooled_embed is None and unet.context_pool is None
+    out = editor(x, t, edit_image=torch.randn_like(x), **cond(empty))
+    torch.testing.assert_close(out, base(x, t, **cond(empty)), rtol=0, atol=1e-5)
+    other = prompt._replace(pooled=-prompt.pooled)  # another sentence vector, the same tokens
+    assert torch.equal(editor(x, t, **cond(prompt)), editor(x, t, **cond(other)))
+    assert not torch.allclose(base(x, t, **cond(prompt)), base(x, t, **cond(other)))
+    reloaded = instruct.InstructNet(build_network(cfg), c, global_text=False)  # the constant is a weight
+    reloaded.load_state_dict(editor.state_dict())
+    assert torch.equal(reloaded(x, t, **cond(prompt)), editor(x, t, **cond(prompt)))
 
 def test_added_attention_names_a_side_the_unet_lacks():
     cfg = t2i.resolve(get_preset("t2i_layout_tiny").build(), attach=False)

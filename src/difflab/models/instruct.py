@@ -27,7 +27,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from torch import nn
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
@@ -40,15 +39,21 @@ from difflab.models import instruct_eval, t2i
 from difflab.models.codecs import cached_latents
 from difflab.models.conditioners import InstructedPrompts, Instructions, TextPrompts
 from difflab.models.family import Family, Preset
-from difflab.models.recipe import GUIDANCE_RANGE, DiffusionConfig, SampleConfig, check_sampling, run_sampler
+from difflab.models.instruct_network import InstructNet
+from difflab.models.recipe import (
+    GUIDANCE_RANGE,
+    DiffusionConfig,
+    SampleConfig,
+    check_sampling,
+    make_loss_fn,
+    power_timesteps,
+    run_sampler,
+)
 from difflab.models.runs import checkpoint_id, load_latest_weights, load_run_config
 from difflab.models.system import DiffusionSystem, ImageNoise, TrainingParts, train_system
 from difflab.models.t2i_network import build_network
 from difflab.models.text_encoder import load_text_encoder
-from difflab.nn.attention import SpatialAttention
-from difflab.nn.controlnet import unet_of
-from difflab.nn.resblock import Downsample, Upsample
-from difflab.nn.unet import UNet, UNetConfig, example_inputs
+from difflab.nn.unet import UNetConfig, example_inputs
 from difflab.train.config import TrainConfig
 from difflab.train.metrics import log_curve_point
 from difflab.world.edits import Edit, edit_at
@@ -73,6 +78,18 @@ class InstructConfig:
     layers the base lacks, self-attention and cross-attention to the instruction, zero at the start
     (:func:`add_attention`). An edit's failures are bindings, the instruction's noun meeting the wrong
     object (docs/editing.md); at 16x16 a word can meet an object's own pixels."""
+    attention_positions: bool = False
+    """True: a learned position embedding, zero at the start, in each of the editor's attention layers
+    (:func:`add_positions`): a move carries an object one cell over, which attention without positions
+    cannot aim."""
+    global_text: bool = True
+    """False: the instruction reaches the editor through cross-attention alone. The base adds the whole
+    sentence to every residual block's embedding as well (the pooled embedding, SDXL's, and the mean of the
+    token features, Imagen's): one vector for all pixels, which can say 'blue' but not which object."""
+    timestep_power: float = 1.0
+    """Training noise levels t/T = u^(1/p) (:func:`difflab.models.recipe.power_timesteps`): 1 is uniform, as
+    the paper; 2 trains the noisy levels more. Where x_t still shows the target the editor only denoises,
+    which the base already does; which object changes, and how, is decided at high noise."""
     loss_weighting: str | None = "uniform"
     """The loss weighting over noise levels (:mod:`difflab.diffusion.objectives`); None: the base's. The input
     image matters most at high noise, where min-SNR's weight on a v-loss, SNR / (SNR + 1), goes to zero: on
@@ -91,6 +108,7 @@ class InstructConfig:
             raise DifflabError(f"drops {self.drops} is invalid; expected three probabilities (instruction, image, "
                                "both) that sum to less than 1")  # fmt: skip
         check_float("image_scale", self.image_scale, *GUIDANCE_RANGE)
+        check_float("timestep_power", self.timestep_power, 0.0, lo_open=True)
         if self.loss_weighting is not None:
             check_choice("loss weighting", self.loss_weighting, LOSS_WEIGHTINGS)
 
@@ -123,68 +141,10 @@ def load_config(run_dir: str | Path) -> InstructConfig:
 # -------------------------------------------------------------------------------------------- network
 
 
-class InstructNet(nn.Module):
-    """The base network with its first convolution taking ``image_channels`` more input channels, zero at
-    the start (Sec. 3.2.1: "weights that operate on the newly added input channels are initialized to
-    zero"), so that ``forward(x, t, edit_image, **cond)`` = the base's ``forward(x, t, **cond)`` before
-    training, whatever the image. A missing image is the null image, zeros."""
-
-    def __init__(self, base: nn.Module, image_channels: int, added_attention: tuple[int, ...] = ()):
-        super().__init__()
-        self.net = base
-        unet = unet_of(base)
-        add_attention(unet, added_attention)
-        old = unet.conv_in
-        wide = nn.Conv2d(
-            old.in_channels + image_channels, old.out_channels, old.kernel_size, padding=old.padding
-        )
-        with torch.no_grad():
-            wide.weight.zero_()
-            wide.weight[:, : old.in_channels] = old.weight
-            wide.bias.copy_(old.bias)
-        unet.conv_in = wide
-
-    def forward(self, x: torch.Tensor, t: torch.Tensor, edit_image: torch.Tensor | None = None, **cond):
-        image = torch.zeros_like(x) if edit_image is None else edit_image.to(x.dtype)
-        if image.shape[0] == 1 and x.shape[0] > 1:
-            image = image.expand(x.shape[0], -1, -1, -1)
-        return self.net(torch.cat([x, image], dim=1), t, **cond)  # (B, 2c, h, w) into the widened conv
-
-
-def add_attention(unet: UNet, sides: tuple[int, ...]) -> None:
-    """Give each residual block of ``unet`` that works at a side in ``sides`` and has no attention layer
-    one: self-attention, then cross-attention to the text, as the base's own layers are built
-    (:class:`difflab.nn.attention.SpatialAttention`). Both output projections start at zero, so each new
-    layer adds nothing until trained (the same zero start as ControlNet's convolutions and the editor's new
-    input channels): the untrained editor stays the base exactly."""
-    cfg = unet.cfg
-    free = sorted({cfg.image_size // 2**level for level in range(len(cfg.channel_mult))}
-                  - set(cfg.attention_resolutions))  # fmt: skip
-    for side in sides:
-        if side not in free:
-            raise DifflabError(f"added_attention {side} is not a side of this UNet's feature maps without "
-                               f"attention; expected one of {free}")  # fmt: skip
-
-    def walk(layers: nn.ModuleList, side: int, resample: type, scale: float) -> None:
-        for layer in layers:
-            if isinstance(layer, resample):
-                side = int(side * scale)
-            elif side in sides and isinstance(layer[1], nn.Identity):  # a (resblock, attention) pair
-                width = layer[0].conv2.out_channels
-                attention = SpatialAttention(width, cfg.heads_at(width), cfg.norm_groups, cfg.context_dim)
-                for projection in (attention.self_attn, attention.cross_attn):
-                    if projection is not None:
-                        nn.init.zeros_(projection.to_out.weight)
-                        nn.init.zeros_(projection.to_out.bias)
-                layer[1] = attention
-
-    walk(unet.down, cfg.image_size, Downsample, 0.5)
-    walk(unet.up, cfg.image_size // 2 ** (len(cfg.channel_mult) - 1), Upsample, 2)
-
-
 def build_editor(cfg: InstructConfig, base_cfg) -> InstructNet:
     """The editor's architecture: the base's network, widened (weights as a fresh base's until loaded)."""
-    return InstructNet(build_network(base_cfg), cfg.unet.in_channels, cfg.added_attention)
+    return InstructNet(build_network(base_cfg), cfg.unet.in_channels, cfg.added_attention, cfg.global_text,
+                       positions=cfg.attention_positions)  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------------------- data
@@ -278,12 +238,16 @@ def train(cfg: InstructConfig, run_dir: str | Path, *, resume: bool = False) -> 
         def draw(system: DiffusionSystem, request: Instructions, callback) -> torch.Tensor:
             return edit(system, cfg, request, seed=0, callback=callback)
 
+        timesteps = None if cfg.timestep_power == 1 else power_timesteps(cfg.timestep_power)
         return TrainingParts(conditioner(cfg, encoder, codec), codec, data, on_grid=on_grid, draw=draw,
-                             grid_request=instruct_eval.request(cases, world))  # fmt: skip
+                             grid_request=instruct_eval.request(cases, world),
+                             loss_fn=functools.partial(make_loss_fn, timesteps=timesteps))  # fmt: skip
 
     def network() -> InstructNet:
         base = load_latest_weights(cfg.base, build_network(base_cfg), ema=True)
-        return InstructNet(base, cfg.unet.in_channels, cfg.added_attention)
+        null_text = None if cfg.global_text else _base_parts(cfg, base_cfg)[0]([""])
+        return InstructNet(base, cfg.unet.in_channels, cfg.added_attention, cfg.global_text, null_text,
+                           cfg.attention_positions)  # fmt: skip
 
     return train_system(cfg, run_dir, resume=resume, load_config=load_config, inputs=("base_checkpoint",),
                         parts=parts, network=network, model_config=_network_record(cfg))  # fmt: skip
@@ -291,7 +255,9 @@ def train(cfg: InstructConfig, run_dir: str | Path, *, resume: bool = False) -> 
 
 def _network_record(cfg: InstructConfig) -> dict:
     record = {"instruct_of": dataclasses.asdict(cfg.unet), "image_channels": cfg.unet.in_channels}
-    return record | ({"added_attention": list(cfg.added_attention)} if cfg.added_attention else {})
+    record |= {"added_attention": list(cfg.added_attention)} if cfg.added_attention else {}
+    record |= {"attention_positions": True} if cfg.attention_positions else {}
+    return record | ({} if cfg.global_text else {"global_text": False})
 
 
 def load_model(
