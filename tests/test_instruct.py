@@ -38,16 +38,21 @@ def editor_run(tiny_t2i_base, tmp_path_factory):
 # ------------------------------------------------------------------------------------------ the network
 
 
-@pytest.mark.parametrize("recipe,added", [("sd", ()), ("layout", ()), ("layout", (16,))])
-def test_a_fresh_editor_is_the_base_bitwise_whatever_the_image(recipe, added):
+@pytest.mark.parametrize("recipe,added,positions", [("sd", (), False), ("layout", (), False),
+                                                    ("layout", (16,), False), ("layout", (16,), True)])  # fmt: skip
+def test_a_fresh_editor_is_the_base_bitwise_whatever_the_image(recipe, added, positions):
     """Sec. 3.2.1: the added input channels start at zero, so before training the editor is the base; so
-    do the attention layers it adds where the base has none (their output projections are zero)."""
+    do the attention layers it adds where the base has none (their output projections are zero) and the
+    position embeddings it gives every attention layer (zero)."""
     cfg = t2i.resolve(get_preset(f"t2i_{'layout_' if recipe == 'layout' else ''}tiny").build(), attach=False)
     torch.manual_seed(0)
     base = build_network(cfg)
     for p in base.parameters():  # a base whose output layer is not a fresh zero
         p.data.normal_(0, 0.1)
-    editor = instruct.InstructNet(copy.deepcopy(base), cfg.unet.in_channels, added)
+    editor = instruct.InstructNet(copy.deepcopy(base), cfg.unet.in_channels, added, positions=positions)
+    attention = [m for m in editor.modules() if isinstance(m, SpatialAttention)]
+    embeddings = [m.pos for m in attention if m.pos is not None]
+    assert len(embeddings) == (len(attention) if positions else 0) and not any(p.any() for p in embeddings)
     # the tiny presets attend at 8x8 and in the middle; at side 16 one resblock down and two up gain a layer
     new = [m for m in editor.modules() if isinstance(m, SpatialAttention) and not m.self_attn.to_out.weight.any()]
     assert len(new) == 3 * len(added)
@@ -60,9 +65,11 @@ def test_a_fresh_editor_is_the_base_bitwise_whatever_the_image(recipe, added):
         assert torch.equal(editor(x, t, edit_image=image, **cond), want)
     conv = getattr(editor.net, "unet", editor.net).conv_in
     assert conv.weight.shape[1] == 2 * c and not conv.weight[:, c:].any()
-    if added:  # the new layers train: a step moves their zero output projections
+    if added:  # the new layers train: a step moves their zero output projections (and the positions)
         editor(x, t, edit_image=x, **cond).square().mean().backward()
         assert all(a.self_attn.to_out.weight.grad.abs().sum() > 0 for a in new)
+        # positions of the base's layers move at once (a new layer's, once its output projection has)
+        assert all(m.pos.grad.abs().sum() > 0 for m in attention if positions and m not in new)
 
 
 
