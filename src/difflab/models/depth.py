@@ -47,7 +47,7 @@ from difflab.models.conditioners import TextPrompts
 from difflab.models.depth_align import align_scale_shift, ensemble_depth
 from difflab.models.depth_eval import depth_image, grid_images, grid_panels
 from difflab.models.family import Family, Preset
-from difflab.models.instruct import InstructNet
+from difflab.models.instruct_network import InstructNet
 from difflab.models.recipe import DiffusionConfig, SampleConfig, check_sampling, run_sampler
 from difflab.models.runs import checkpoint_id, load_latest_weights, load_run_config, read_run_config
 from difflab.models.system import DiffusionSystem, ImageNoise, TrainingParts, train_system

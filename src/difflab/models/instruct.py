@@ -88,8 +88,9 @@ class InstructConfig:
     token features, Imagen's): one vector for all pixels, which can say 'blue' but not which object."""
     timestep_power: float = 1.0
     """Training noise levels t/T = u^(1/p) (:func:`difflab.models.recipe.power_timesteps`): 1 is uniform, as
-    the paper; 2 trains the noisy levels more. Where x_t still shows the target the editor only denoises,
-    which the base already does; which object changes, and how, is decided at high noise."""
+    the paper; larger p trains the noisy levels more (instruct_demo: 3). Where x_t still shows the target the
+    editor only denoises, which the base already does; which object changes, and how, is decided at high
+    noise."""
     loss_weighting: str | None = "uniform"
     """The loss weighting over noise levels (:mod:`difflab.diffusion.objectives`); None: the base's. The input
     image matters most at high noise, where min-SNR's weight on a v-loss, SNR / (SNR + 1), goes to zero: on

@@ -94,7 +94,8 @@ def add_attention(unet: UNet, sides: tuple[int, ...]) -> None:
 def add_positions(unet: UNet) -> None:
     """A learned position embedding in every attention layer of ``unet`` that has none, zero at the start
     (so the editor starts as the base). Self-attention alone cannot tell where a pixel is, so it cannot
-    carry an object one cell 'to the left'; with positions, a query can find the key one cell away."""
+    carry an object one cell 'to the left'; with positions, a query can find the key one cell away. (Measured:
+    it did not help the editor learn moves, docs/editing.md.)"""
     lowest = unet.cfg.image_size // 2 ** (len(unet.cfg.channel_mult) - 1)
     layers = [(layer[1], side) for layer, side in _pairs(unet) if isinstance(layer[1], SpatialAttention)]
     for attention, side in [*layers, (unet.mid_attn, lowest)]:

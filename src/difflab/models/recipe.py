@@ -7,7 +7,8 @@ asks which; it calls them through their small interfaces.
 
 Training step (Algorithm 1 of Ho et al. 2020, with the objective chosen in ``DiffusionConfig``):
     1. x_0 = codec.training_input(batch)             (pixels, or z' = scale * z with z ~ q(z|x))
-    2. t ~ U{0..T-1}, eps ~ N(0, I)                 (drawn from the trainer's generator: exact resume)
+    2. t ~ U{0..T-1}, eps ~ N(0, I)                 (drawn from the trainer's generator: exact resume; a
+                                                     family may draw t from another density, power_timesteps)
     3. x_t = alpha_t x_0 + sigma_t eps              (difflab.diffusion.forward.q_sample)
     4. c = conditioner.for_training(batch)            (label or caption -> null with prob. cond_drop, so one
                                                      network learns p(x|c) and p(x), for CFG)
