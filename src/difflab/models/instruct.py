@@ -223,9 +223,10 @@ def train(cfg: InstructConfig, run_dir: str | Path, *, resume: bool = False) -> 
     base_cfg = t2i.load_config(cfg.base)
     world = cfg.data.world_config()
     cases = instruct_eval.edit_cases(world, cfg.sample.grid, heldout=cfg.data.pairs())
+    base_parts = functools.cache(lambda: _base_parts(cfg, base_cfg))  # the parts and the network share them
 
     def parts(run_dir: Path) -> TrainingParts:
-        encoder, codec = _base_parts(cfg, base_cfg)
+        encoder, codec = base_parts()
         data = training_pairs(cfg, base_cfg, encoder.tokenizer, getattr(codec, "autoencoder", None))
 
         def on_grid(images: torch.Tensor, step: int, run_dir: Path) -> None:
@@ -246,7 +247,7 @@ def train(cfg: InstructConfig, run_dir: str | Path, *, resume: bool = False) -> 
 
     def network() -> InstructNet:
         base = load_latest_weights(cfg.base, build_network(base_cfg), ema=True)
-        null_text = None if cfg.global_text else _base_parts(cfg, base_cfg)[0]([""])
+        null_text = None if cfg.global_text else base_parts()[0]([""])
         return InstructNet(base, cfg.unet.in_channels, cfg.added_attention, cfg.global_text, null_text,
                            cfg.attention_positions)  # fmt: skip
 
