@@ -144,8 +144,8 @@ def load_config(run_dir: str | Path) -> InstructConfig:
 
 def build_editor(cfg: InstructConfig, base_cfg) -> InstructNet:
     """The editor's architecture: the base's network, widened (weights as a fresh base's until loaded)."""
-    return InstructNet(build_network(base_cfg), cfg.unet.in_channels, cfg.added_attention, cfg.global_text,
-                       positions=cfg.attention_positions)  # fmt: skip
+    return InstructNet(build_network(base_cfg), cfg.unet.in_channels, cfg.added_attention,
+                       global_text=cfg.global_text, positions=cfg.attention_positions)  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------------------- data
@@ -240,6 +240,7 @@ def train(cfg: InstructConfig, run_dir: str | Path, *, resume: bool = False) -> 
         def draw(system: DiffusionSystem, request: Instructions, callback) -> torch.Tensor:
             return edit(system, cfg, request, seed=0, callback=callback)
 
+        # p = 1 keeps the recipe's own uniform draw, so a run of the paper's recipe trains as it always did
         timesteps = None if cfg.timestep_power == 1 else power_timesteps(cfg.timestep_power)
         return TrainingParts(conditioner(cfg, encoder, codec), codec, data, on_grid=on_grid, draw=draw,
                              grid_request=instruct_eval.request(cases, world),
@@ -248,8 +249,8 @@ def train(cfg: InstructConfig, run_dir: str | Path, *, resume: bool = False) -> 
     def network() -> InstructNet:
         base = load_latest_weights(cfg.base, build_network(base_cfg), ema=True)
         null_text = None if cfg.global_text else base_parts()[0]([""])
-        return InstructNet(base, cfg.unet.in_channels, cfg.added_attention, cfg.global_text, null_text,
-                           cfg.attention_positions)  # fmt: skip
+        return InstructNet(base, cfg.unet.in_channels, cfg.added_attention, global_text=cfg.global_text,
+                           null_text=null_text, positions=cfg.attention_positions)  # fmt: skip
 
     return train_system(cfg, run_dir, resume=resume, load_config=load_config, inputs=("base_checkpoint",),
                         parts=parts, network=network, model_config=_network_record(cfg))  # fmt: skip

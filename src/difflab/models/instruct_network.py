@@ -127,14 +127,10 @@ def drop_global_text(unet: UNet, null_text: dict | None = None) -> None:
     instruction its cross-attention alone. In their place a learned constant, set from ``null_text`` (the
     UNet's keyword arguments for the empty prompt) when given: so the editor starts as the base does for the
     empty prompt."""
-    width = unet.time_embed(torch.zeros(1)).shape[-1]
-    shift = torch.zeros(width)
+    shifted = _Shifted(unet.time_embed, unet.time_embed.mlp[-1].out_features)
     if null_text is not None:
         with torch.no_grad():  # UNet.embed's two sentence terms, without the time embedding
-            t = torch.zeros(1, dtype=torch.long)
-            x = torch.zeros(1, 1, 1, 1)
-            shift = (unet.embed(x, t, **null_text) - unet.time_embed(t))[0]
+            t, x = torch.zeros(1, dtype=torch.long), torch.zeros(1, 1, 1, 1)
+            shifted.shift.copy_((unet.embed(x, t, **null_text) - unet.time_embed(t))[0])
     unet.pooled_embed = unet.context_pool = None
-    unet.time_embed = _Shifted(unet.time_embed, width)
-    with torch.no_grad():
-        unet.time_embed.shift.copy_(shift)
+    unet.time_embed = shifted
